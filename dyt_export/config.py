@@ -1,0 +1,160 @@
+"""The one description of a DyT model: geometry, where tokens are dispatched, and the adapters.
+
+Everything that builds, saves, exports or inspects a model reads this dataclass, so a
+checkpoint in the toolkit's own format (config in its metadata) rebuilds the exact model
+without flags, and ONNX metadata is written from the same fields.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import UserError
+
+VARIANTS: tuple[str, ...] = ("mlp", "attn", "attn_mlp", "layer")
+"""Where a dispatcher sits (reference, "Model Variants")."""
+
+UNITS_OF_VARIANT: dict[str, tuple[str, ...]] = {
+    "mlp": ("mlp",),
+    "attn": ("attn",),
+    "attn_mlp": ("attn", "mlp"),
+    "layer": ("layer",),
+}
+"""The dispatched units of one block, in execution order; each has a dispatcher and an adapter."""
+
+DISPATCH_MODES: tuple[str, ...] = ("dynamic", "masked", "dense")
+"""dynamic: gather active tokens, compute only those (what we ship).
+masked: training-time dense multiply by the mask (same numbers, no savings).
+dense: every token active, dispatchers unused (the AdaptFormer baseline)."""
+
+THRESHOLD_LOGIT: float = 0.0
+"""A token is active iff its dispatcher logit is > 0 (sigmoid > 0.5); exactly 0 is inactive."""
+
+# ViT convention for heads when nothing in a checkpoint says it (reference, "Checkpoints").
+HEADS_BY_DIM: dict[int, int] = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}
+
+
+def unit_module_names(unit: str) -> tuple[str, str]:
+    """(adapter, dispatcher) attribute names of a unit on a block.
+
+    The MLP names are the public DyT training code's (`adaptmlp`, `mlp_token_select`), so
+    its checkpoints load key for key; the other units follow the same pattern.
+    """
+    return f"adapt{unit}", f"{unit}_token_select"
+
+
+@dataclass(frozen=True)
+class DyTConfig:
+    """A DyT ViT: a timm ViT geometry plus per-block dispatched units and adapters."""
+
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_hidden_dim: int = 3072
+    patch_size: int = 16
+    img_size: int = 224
+    in_chans: int = 3
+    num_classes: int = 1000
+    variant: str = "mlp"
+    bottleneck: int = 64
+    adapter_scale: float = 1.0
+    experts: int = 0
+    """0: a plain adapter per unit; E >= 1: an MoE-adapter with E experts per unit."""
+    dispatch_blocks: tuple[int, ...] | None = None
+    """Blocks that carry dispatchers (None: all). The public code's `keep_layers` leaves the
+    first blocks without one; those blocks run every token and still have their adapters."""
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+    """Free-form provenance (e.g. calibration, source) carried into metadata; never read back
+    as structure."""
+
+    def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise UserError(f"unknown variant {self.variant!r}; choose one of {', '.join(VARIANTS)}")
+        positive = ("embed_dim", "depth", "num_heads", "mlp_hidden_dim", "patch_size", "img_size",
+                    "in_chans", "num_classes", "bottleneck")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise UserError(f"{name} must be a positive integer, got {value!r}")
+        if self.experts < 0:
+            raise UserError(f"experts must be >= 0 (0 = plain adapter), got {self.experts}")
+        if self.embed_dim % self.num_heads:
+            raise UserError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+        if self.img_size % self.patch_size:
+            raise UserError(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
+        if self.dispatch_blocks is not None:
+            blocks = tuple(sorted(set(int(b) for b in self.dispatch_blocks)))
+            if any(b < 0 or b >= self.depth for b in blocks):
+                raise UserError(f"dispatch_blocks {blocks} outside 0..{self.depth - 1}")
+            object.__setattr__(self, "dispatch_blocks", None if len(blocks) == self.depth else blocks)
+
+    @property
+    def units(self) -> tuple[str, ...]:
+        return UNITS_OF_VARIANT[self.variant]
+
+    @property
+    def num_patches(self) -> int:
+        return (self.img_size // self.patch_size) ** 2
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_patches + 1
+
+    def has_dispatcher(self, block: int) -> bool:
+        return self.dispatch_blocks is None or block in self.dispatch_blocks
+
+    @property
+    def dispatcher_names(self) -> list[str]:
+        """`blocks.{i}.{unit}` for every dispatcher, in execution order (the mask output's axis 1)."""
+        return [f"blocks.{i}.{u}" for i in range(self.depth) if self.has_dispatcher(i) for u in self.units]
+
+    def replace(self, **changes: Any) -> "DyTConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["dispatch_blocks"] = None if self.dispatch_blocks is None else list(self.dispatch_blocks)
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "DyTConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise UserError(f"config has unknown fields: {', '.join(unknown)}")
+        d = dict(d)
+        if d.get("dispatch_blocks") is not None:
+            d["dispatch_blocks"] = tuple(d["dispatch_blocks"])
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls, text: str) -> "DyTConfig":
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UserError(f"config metadata is not valid JSON: {e}") from None
+        if not isinstance(d, dict):
+            raise UserError("config metadata is not a JSON object")
+        return cls.from_dict(d)
+
+
+def vit_config(name: str, **overrides: Any) -> DyTConfig:
+    """DyTConfig for a named ViT geometry ('tiny', 'small', 'base', 'large', 'huge').
+
+    A shortcut for tests and the demo; `dyt-export init` resolves timm names itself.
+    """
+    geometries = {
+        "tiny": dict(embed_dim=192, depth=12, num_heads=3, mlp_hidden_dim=768),
+        "small": dict(embed_dim=384, depth=12, num_heads=6, mlp_hidden_dim=1536),
+        "base": dict(embed_dim=768, depth=12, num_heads=12, mlp_hidden_dim=3072),
+        "large": dict(embed_dim=1024, depth=24, num_heads=16, mlp_hidden_dim=4096),
+        "huge": dict(embed_dim=1280, depth=32, num_heads=16, mlp_hidden_dim=5120),
+    }
+    if name not in geometries:
+        raise UserError(f"unknown ViT size {name!r}; choose one of {', '.join(geometries)}")
+    return DyTConfig(**{**geometries[name], **overrides})

@@ -1,0 +1,14 @@
+"""Errors the user can act on.
+
+The command line turns a `UserError` into one line on stderr and exit code 2; anything
+else is a bug in the toolkit (exit 1). Raising UserError is a promise that the message
+alone tells the user what to change.
+"""
+
+
+class UserError(Exception):
+    """Bad input: a file, flag or model the toolkit refuses, with a one-line reason."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint that cannot be read or does not describe a model the toolkit can build."""

@@ -1,0 +1,89 @@
+"""A timm ViT block with DyT's dispatched units.
+
+Subclassing timm's `Block` keeps its parameter names (`norm1`, `attn.qkv`, `mlp.fc1`, ...),
+so state dicts of timm and of the public DyT code load key for key; only the forward pass
+is DyT's. One block holds one or two dispatched units (`cfg.units`); each unit has an
+adapter on all tokens and, unless the block was left without one, a dispatcher.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import Block
+from torch import nn
+
+from ..config import DyTConfig, unit_module_names
+from .adapter import build_adapter
+from .attention import attention
+from .dispatcher import TokenDispatcher
+from .gather import rowwise_gathered, sequence_gathered, sequence_masked
+
+
+class DispatchRecord(NamedTuple):
+    """What one dispatcher decided: mask [B, N] (CLS first) and logits [B, N-1] (None when
+    the dispatcher was bypassed in dense mode)."""
+
+    mask: torch.Tensor
+    logits: torch.Tensor | None
+
+
+def norm32(ln: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    """LayerNorm in float32 whatever x's dtype: fp16 LayerNorm overflows on ViT activations.
+    In an fp32 model the casts vanish from the exported graph."""
+    out = F.layer_norm(x.float(), ln.normalized_shape, ln.weight.float(), ln.bias.float(), ln.eps)
+    return out.to(x.dtype)
+
+
+class DyTBlock(Block):
+    """timm `Block` + DyT units. Call `attach_units` once after construction."""
+
+    units: tuple[str, ...] = ()
+    dispatched: bool = False
+
+    def attach_units(self, cfg: DyTConfig, index: int) -> None:
+        self.units = cfg.units
+        self.dispatched = cfg.has_dispatcher(index)
+        for unit in cfg.units:
+            adapter_name, dispatcher_name = unit_module_names(unit)
+            self.add_module(adapter_name, build_adapter(cfg.embed_dim, cfg.bottleneck, cfg.adapter_scale, cfg.experts))
+            if self.dispatched:
+                self.add_module(dispatcher_name, TokenDispatcher(cfg.embed_dim))
+
+    # Residual branches. Sequence branches take an additive key bias (or None).
+    def _attn_branch(self, x: torch.Tensor, key_bias: torch.Tensor | None) -> torch.Tensor:
+        return attention(self.attn, norm32(self.norm1, x), key_bias)
+
+    def _mlp_branch(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(norm32(self.norm2, x))
+
+    def _layer_branch(self, x: torch.Tensor, key_bias: torch.Tensor | None) -> torch.Tensor:
+        a = self._attn_branch(x, key_bias)
+        return a + self._mlp_branch(x + a)
+
+    def _unit(self, unit: str, x: torch.Tensor, mode: str, records: list[DispatchRecord] | None) -> torch.Tensor:
+        adapter_name, dispatcher_name = unit_module_names(unit)
+        adapter = getattr(self, adapter_name)
+        sequence = unit != "mlp"
+        branch = {"mlp": self._mlp_branch, "attn": self._attn_branch, "layer": self._layer_branch}[unit]
+        if not self.dispatched or mode == "dense":
+            delta = branch(x, None) if sequence else branch(x)
+            if self.dispatched and records is not None:
+                records.append(DispatchRecord(torch.ones_like(x[:, :, 0], dtype=torch.bool), None))
+        else:
+            mask, logits = getattr(self, dispatcher_name)(x)
+            if records is not None:
+                records.append(DispatchRecord(mask, logits))
+            if mode == "masked":
+                delta = sequence_masked(x, mask, branch) if sequence else branch(x) * mask.unsqueeze(-1).to(x.dtype)
+            else:
+                delta = sequence_gathered(x, mask, branch) if sequence else rowwise_gathered(x, mask, branch)
+        return x + delta + adapter(x)
+
+    def forward(self, x: torch.Tensor, mode: str = "dynamic", records: list[DispatchRecord] | None = None) -> torch.Tensor:
+        if self.units == ("layer",):
+            return self._unit("layer", x, mode, records)
+        x = self._unit("attn", x, mode, records) if "attn" in self.units else x + self._attn_branch(x, None)
+        x = self._unit("mlp", x, mode, records) if "mlp" in self.units else x + self._mlp_branch(x)
+        return x

@@ -1,0 +1,82 @@
+"""Compute a unit on the active tokens only, in forms the dynamo exporter turns into
+data-dependent ONNX (NonZero / TopK, Gather, Scatter) that ONNX Runtime and OpenVINO run.
+
+Two shapes of work exist. A row-wise unit (the MLP) treats tokens independently, so the
+active tokens of the whole batch are flattened into one `[K, C]` matrix. A unit with
+attention (attention, whole layer) must keep each image's tokens apart, so each image's
+active tokens are compacted to the front of its row and padded to the batch's largest
+active count; padded slots are masked out of attention and write zeros back.
+
+Indices, never boolean-mask assignment or `masked_scatter`: the dynamo exporter has been
+reported to get those wrong (pytorch #186146), and index tensors lower to plain Gather.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+RowFn = Callable[[torch.Tensor], torch.Tensor]
+"""[K, C] -> [K, C]: a unit's residual branch applied to token rows."""
+SeqFn = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+"""([B, T, C], additive key bias [B, 1, 1, T] or None) -> [B, T, C]: a branch with attention."""
+
+
+def rowwise_gathered(x: torch.Tensor, mask: torch.Tensor, fn: RowFn) -> torch.Tensor:
+    """fn on the active rows of the flattened batch, scattered back into zeros: [B, N, C]."""
+    b, n, c = x.shape
+    flat = x.reshape(b * n, c)
+    index = torch.nonzero(mask.reshape(-1)).squeeze(1)
+    # CLS is always active, so 1 <= K <= B*N; telling the exporter keeps its guards quiet.
+    torch._check(index.shape[0] >= 1)
+    torch._check(index.shape[0] <= b * n)
+    rows = flat.index_select(0, index)
+    delta = torch.zeros_like(flat).index_put((index,), fn(rows))
+    return delta.reshape(b, n, c)
+
+
+def compact_order(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image, token positions with the active ones first (in original order), cut to the
+    batch's largest active count; and which of those slots are active. [B, T] each.
+
+    TopK on `mask * N + (N - 1 - position)` sorts active tokens ahead of inactive ones and
+    keeps both groups in position order; values stay below 2N, exact in float32.
+    """
+    b, n = mask.shape
+    longest = int(mask.sum(dim=1).max().item())
+    torch._check(longest >= 1)
+    torch._check(longest <= n)
+    position = torch.arange(n, device=mask.device, dtype=torch.float32)
+    key = mask.to(torch.float32) * n + (n - 1 - position)
+    order = key.topk(longest, dim=1, sorted=True).indices
+    return order, torch.gather(mask, 1, order)
+
+
+def key_padding_bias(valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive attention bias [B, 1, 1, T]: 0 for valid keys, -inf for padding or inactive."""
+    zero = torch.zeros((), dtype=dtype, device=valid.device)
+    neg = torch.full((), float("-inf"), dtype=dtype, device=valid.device)
+    return torch.where(valid, zero, neg)[:, None, None, :]
+
+
+def sequence_gathered(x: torch.Tensor, mask: torch.Tensor, fn: SeqFn) -> torch.Tensor:
+    """fn on each image's active tokens only (attention never crosses images or reaches an
+    inactive token), scattered back into zeros: [B, N, C].
+
+    Padded slots point at inactive tokens of their own image and write zeros, so no
+    scatter index repeats and no active result is overwritten.
+    """
+    b, n, c = x.shape
+    order, valid = compact_order(mask)
+    index = order.unsqueeze(-1).expand(-1, -1, c)
+    compact = torch.gather(x, 1, index)
+    out = fn(compact, key_padding_bias(valid, torch.float32))
+    out = out * valid.unsqueeze(-1).to(out.dtype)
+    return torch.zeros_like(x).scatter(1, index, out)
+
+
+def sequence_masked(x: torch.Tensor, mask: torch.Tensor, fn: SeqFn) -> torch.Tensor:
+    """The training-time formulation: fn on every token with inactive keys masked out,
+    then the branch multiplied by the mask. Same numbers as `sequence_gathered`, no savings."""
+    out = fn(x, key_padding_bias(mask, torch.float32))
+    return out * mask.unsqueeze(-1).to(out.dtype)

@@ -1,0 +1,111 @@
+"""The DyT Vision Transformer: a timm `VisionTransformer` whose blocks carry DyT units.
+
+Subclassing timm keeps the parameter layout of every timm ViT (patch embedding, CLS token,
+learned position embedding, pre-norm blocks, final LayerNorm, linear head on CLS; eps 1e-6,
+erf GELU, qkv bias), so timm weights and the public DyT checkpoints load without renaming.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from timm.models.vision_transformer import VisionTransformer
+
+from ..config import DISPATCH_MODES, DyTConfig
+from ..errors import UserError
+from .block import DispatchRecord, DyTBlock, norm32
+
+
+class Trace(NamedTuple):
+    """A forward pass with everything the dispatchers decided, for parity checks.
+
+    masks: [B, D, N] bool, one row per dispatcher (`cfg.dispatcher_names`), CLS first.
+    dispatch_logits: [B, D, N-1] float32; NaN where dispatchers were bypassed (dense mode).
+    """
+
+    logits: torch.Tensor
+    masks: torch.Tensor
+    dispatch_logits: torch.Tensor
+
+
+class DyTVisionTransformer(VisionTransformer):
+    """DyT ViT in eval semantics: no dropout, no Gumbel noise, mask = logit > 0.
+
+    `dispatch_mode` and `return_masks` shape what `forward` returns and what gets exported;
+    `trace` returns masks and dispatcher logits for any mode without changing them.
+    """
+
+    def __init__(self, cfg: DyTConfig, *, init_weights: bool = True) -> None:
+        ratio = cfg.mlp_hidden_dim / cfg.embed_dim
+        if int(cfg.embed_dim * ratio) != cfg.mlp_hidden_dim:  # float rounding in timm's int(dim * ratio)
+            ratio = (cfg.mlp_hidden_dim + 0.5) / cfg.embed_dim
+        super().__init__(
+            img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans,
+            num_classes=cfg.num_classes, global_pool="token", embed_dim=cfg.embed_dim,
+            depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=ratio, qkv_bias=True,
+            class_token=True, block_fn=DyTBlock, weight_init="" if init_weights else "skip",
+        )
+        self.dyt_config = cfg
+        for index, block in enumerate(self.blocks):
+            block.attach_units(cfg, index)
+        self._dispatch_mode = "dynamic"
+        self.return_masks = False
+        self.io_dtype = torch.float32
+        self.eval()
+
+    @property
+    def dispatch_mode(self) -> str:
+        return self._dispatch_mode
+
+    @dispatch_mode.setter
+    def dispatch_mode(self, mode: str) -> None:
+        if mode not in DISPATCH_MODES:
+            raise UserError(f"unknown dispatch mode {mode!r}; choose one of {', '.join(DISPATCH_MODES)}")
+        self._dispatch_mode = mode
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.patch_embed.proj.weight.dtype
+
+    def _run(self, pixel_values: torch.Tensor, mode: str, records: list[DispatchRecord] | None) -> torch.Tensor:
+        x = self.patch_embed(pixel_values.to(self.compute_dtype))
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        for block in self.blocks:
+            x = block(x, mode, records)
+        x = norm32(self.norm, x)
+        return self.head(x[:, 0]).to(self.io_dtype)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if not self.return_masks:
+            return self._run(pixel_values, self._dispatch_mode, None)
+        records: list[DispatchRecord] = []
+        logits = self._run(pixel_values, self._dispatch_mode, records)
+        return logits, torch.stack([r.mask for r in records], dim=1)
+
+    @torch.no_grad()
+    def trace(self, pixel_values: torch.Tensor, mode: str | None = None) -> Trace:
+        mode = mode or self._dispatch_mode
+        if mode not in DISPATCH_MODES:
+            raise UserError(f"unknown dispatch mode {mode!r}; choose one of {', '.join(DISPATCH_MODES)}")
+        records: list[DispatchRecord] = []
+        logits = self._run(pixel_values, mode, records)
+        b, n = pixel_values.shape[0], self.dyt_config.num_tokens
+        if not records:  # a model without dispatchers
+            empty = torch.zeros(b, 0, n, dtype=torch.bool)
+            return Trace(logits, empty, torch.zeros(b, 0, n - 1))
+        nan = torch.full((b, n - 1), float("nan"))
+        return Trace(
+            logits,
+            torch.stack([r.mask for r in records], dim=1),
+            torch.stack([nan if r.logits is None else r.logits for r in records], dim=1),
+        )
+
+
+def build_model(cfg: DyTConfig, *, seed: int | None = None, init_weights: bool = True) -> DyTVisionTransformer:
+    """A DyT model in eval mode. `seed` makes the random initialisation reproducible;
+    `init_weights=False` skips it when a state dict will overwrite every tensor anyway."""
+    if seed is not None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return DyTVisionTransformer(cfg, init_weights=init_weights)
+    return DyTVisionTransformer(cfg, init_weights=init_weights)
