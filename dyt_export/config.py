@@ -59,6 +59,7 @@ class DyTConfig:
     num_classes: int = 1000
     variant: str = "mlp"
     bottleneck: int = 64
+    """Adapter bottleneck r; 0 means no adapters (a plain timm ViT, exported dense)."""
     adapter_scale: float = 1.0
     experts: int = 0
     """0: a plain adapter per unit; E >= 1: an MoE-adapter with E experts per unit."""
@@ -73,13 +74,17 @@ class DyTConfig:
         if self.variant not in VARIANTS:
             raise UserError(f"unknown variant {self.variant!r}; choose one of {', '.join(VARIANTS)}")
         positive = ("embed_dim", "depth", "num_heads", "mlp_hidden_dim", "patch_size", "img_size",
-                    "in_chans", "num_classes", "bottleneck")
+                    "in_chans", "num_classes")
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise UserError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.bottleneck, int) or self.bottleneck < 0:
+            raise UserError(f"bottleneck must be an integer >= 0 (0 = no adapters), got {self.bottleneck!r}")
         if self.experts < 0:
             raise UserError(f"experts must be >= 0 (0 = plain adapter), got {self.experts}")
+        if self.experts and not self.bottleneck:
+            raise UserError("an MoE-adapter needs a bottleneck > 0")
         if self.embed_dim % self.num_heads:
             raise UserError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
         if self.img_size % self.patch_size:

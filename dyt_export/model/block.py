@@ -47,7 +47,8 @@ class DyTBlock(Block):
         self.dispatched = cfg.has_dispatcher(index)
         for unit in cfg.units:
             adapter_name, dispatcher_name = unit_module_names(unit)
-            self.add_module(adapter_name, build_adapter(cfg.embed_dim, cfg.bottleneck, cfg.adapter_scale, cfg.experts))
+            if cfg.bottleneck:
+                self.add_module(adapter_name, build_adapter(cfg.embed_dim, cfg.bottleneck, cfg.adapter_scale, cfg.experts))
             if self.dispatched:
                 self.add_module(dispatcher_name, TokenDispatcher(cfg.embed_dim))
 
@@ -64,7 +65,7 @@ class DyTBlock(Block):
 
     def _unit(self, unit: str, x: torch.Tensor, mode: str, records: list[DispatchRecord] | None) -> torch.Tensor:
         adapter_name, dispatcher_name = unit_module_names(unit)
-        adapter = getattr(self, adapter_name)
+        adapter = getattr(self, adapter_name, None)
         sequence = unit != "mlp"
         branch = {"mlp": self._mlp_branch, "attn": self._attn_branch, "layer": self._layer_branch}[unit]
         if not self.dispatched or mode == "dense":
@@ -79,7 +80,7 @@ class DyTBlock(Block):
                 delta = sequence_masked(x, mask, branch) if sequence else branch(x) * mask.unsqueeze(-1).to(x.dtype)
             else:
                 delta = sequence_gathered(x, mask, branch) if sequence else rowwise_gathered(x, mask, branch)
-        return x + delta + adapter(x)
+        return x + delta + adapter(x) if adapter is not None else x + delta
 
     def forward(self, x: torch.Tensor, mode: str = "dynamic", records: list[DispatchRecord] | None = None) -> torch.Tensor:
         if self.units == ("layer",):
