@@ -26,8 +26,11 @@ def check_output_path(out: Path, *inputs: Path) -> None:
     parent = out_resolved.parent
     if not parent.is_dir():
         raise UserError(f"output directory {parent} does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(f"output directory {parent} is not writable")
+    try:  # a real probe: os.access says yes to root even on read-only filesystems
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as e:
+        raise UserError(f"output directory {parent} is not writable ({e.strerror})") from None
 
 
 @contextlib.contextmanager

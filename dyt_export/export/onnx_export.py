@@ -64,6 +64,8 @@ def export_onnx(model: DyTVisionTransformer, path: str | Path, *, opset: int = D
         raise UserError(f"unknown dispatch mode {dispatch!r}; choose one of {', '.join(DISPATCH_MODES)}")
     if fp16_io and not fp16:
         raise UserError("--fp16-io needs --fp16")
+    if with_masks and not model.dyt_config.dispatcher_names:
+        raise UserError("--with-masks: this model has no token dispatchers")
     if example_batch < 2:
         raise UserError("example_batch must be >= 2 (the exporter specialises batch 0 and 1)")
     path = Path(path)
