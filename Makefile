@@ -30,5 +30,13 @@ export: setup
 	@test -n "$(CKPT)" || { echo "usage: make export CKPT=model.pt [ARGS='--opset 18 --with-masks']"; exit 2; }
 	$(BIN)/dyt-export $(CKPT) $(ARGS)
 
+# C++ library dyt::model and dyt_infer (runtimes/cpp): ONNX Runtime and OpenVINO libraries
+# from the wheels in .venv, ONNX Runtime headers fetched once into the build tree.
+# Extra CMake flags: make cpp CPP_ARGS='-DONNXRUNTIME_ROOT=/opt/onnxruntime'
+CPP_ARGS ?=
+cpp: setup
+	cmake -S runtimes/cpp -B runtimes/cpp/build -DCMAKE_BUILD_TYPE=Release -DDYT_PYTHON=$(abspath $(BIN)/python) $(CPP_ARGS)
+	cmake --build runtimes/cpp/build --parallel 2
+
 clean:
 	rm -rf build dist *.egg-info .pytest_cache

@@ -1,0 +1,122 @@
+// The runtime-independent half of dyt::Model: choosing a runtime, checking the graph
+// against the exporter's contract, and checking every batch before a runtime sees it,
+// so that bad input is a one-line dyt::Error rather than whatever the runtime does.
+#include <algorithm>
+#include <cmath>
+#include <sstream>
+#include <system_error>
+
+#include "backends.hpp"
+
+namespace dyt {
+namespace {
+
+std::string join(const std::vector<std::string>& names) {
+    std::string out;
+    for (const auto& name : names) out += (out.empty() ? "" : ", ") + name;
+    return out.empty() ? "none" : out;
+}
+
+bool contains(const std::vector<std::string>& names, std::string_view name) {
+    return std::find(names.begin(), names.end(), name) != names.end();
+}
+
+std::string format_shape(const int64_t* dims, size_t rank) {
+    std::ostringstream out;
+    out << '[';
+    for (size_t i = 0; i < rank; ++i) {
+        out << (i ? "," : "");
+        if (dims[i] < 0) out << '?'; else out << dims[i];
+    }
+    out << ']';
+    return out.str();
+}
+
+}  // namespace
+
+Runtime parse_runtime(std::string_view name) {
+    if (name == "ort" || name == "onnxruntime") return Runtime::OnnxRuntime;
+    if (name == "openvino") return Runtime::OpenVINO;
+    throw Error("unknown runtime '" + std::string(name) + "': choose ort or openvino");
+}
+
+std::string_view runtime_name(Runtime runtime) {
+    return runtime == Runtime::OnnxRuntime ? "onnxruntime" : "openvino";
+}
+
+bool runtime_built_in(Runtime runtime) {
+#ifdef DYT_WITH_ONNXRUNTIME
+    if (runtime == Runtime::OnnxRuntime) return true;
+#endif
+#ifdef DYT_WITH_OPENVINO
+    if (runtime == Runtime::OpenVINO) return true;
+#endif
+    return false;
+}
+
+std::unique_ptr<Model> Model::load(Runtime runtime, const std::filesystem::path& path,
+                                   const Options& options) {
+    if (!runtime_built_in(runtime))
+        throw Error("this build of dyt::model has no " + std::string(runtime_name(runtime)) +
+                    " (configure with -DDYT_WITH_" +
+                    (runtime == Runtime::OnnxRuntime ? "ONNXRUNTIME" : "OPENVINO") + "=ON)");
+    std::error_code ec;
+    if (!std::filesystem::is_regular_file(path, ec))
+        throw Error("model file not found: " + path.string());
+    if (options.threads < 0) throw Error("threads must be >= 0, got " + std::to_string(options.threads));
+#ifdef DYT_WITH_ONNXRUNTIME
+    if (runtime == Runtime::OnnxRuntime) return detail::load_onnxruntime(path, options);
+#endif
+#ifdef DYT_WITH_OPENVINO
+    if (runtime == Runtime::OpenVINO) return detail::load_openvino(path, options);
+#endif
+    throw Error("unreachable: runtime not built in");
+}
+
+Result Model::run(const float* pixels, const std::array<int64_t, 4>& shape) {
+    const auto& want = image_shape_;
+    bool fits = shape[0] >= 1;
+    for (size_t i = 0; i < 3; ++i) fits = fits && (want[i] < 0 ? shape[i + 1] >= 1 : shape[i + 1] == want[i]);
+    if (!fits) {
+        const int64_t expected[4] = {-1, want[0], want[1], want[2]};
+        throw Error("input shape " + format_shape(shape.data(), 4) + " does not fit the model, which takes " +
+                    format_shape(expected, 4) + " (batch >= 1)");
+    }
+    const int64_t count = shape[0] * shape[1] * shape[2] * shape[3];
+    if (!std::all_of(pixels, pixels + count, [](float v) { return std::isfinite(v); }))
+        throw Error("input holds NaN or infinite values");
+    return infer(pixels, shape);
+}
+
+namespace detail {
+
+bool check_contract(const std::vector<std::string>& inputs, const std::vector<std::string>& outputs) {
+    if (inputs.size() != 1 || inputs[0] != kInput || !contains(outputs, kLogits))
+        throw Error("not a DyT export: expected input '" + std::string(kInput) + "' and output '" +
+                    std::string(kLogits) + "', found inputs (" + join(inputs) + ") and outputs (" +
+                    join(outputs) + ")");
+    return contains(outputs, kMasks);
+}
+
+std::array<int64_t, 3> image_shape_from(const std::vector<int64_t>& dims) {
+    if (dims.size() != 4 || dims[1] == 0 || dims[2] == 0 || dims[3] == 0)
+        throw Error("not a DyT export: input '" + std::string(kInput) + "' has shape " +
+                    format_shape(dims.data(), dims.size()) + ", expected [batch,3,H,W]");
+    return {dims[1], dims[2], dims[3]};
+}
+
+std::string one_line(std::string_view message) {
+    std::string out;
+    for (char c : message) {
+        if (c == '\n' || c == '\r') {
+            if (!out.empty() && out.back() != ' ') out += ' ';
+        } else {
+            out += c;
+        }
+    }
+    while (!out.empty() && out.back() == ' ') out.pop_back();
+    return out;
+}
+
+}  // namespace detail
+}  // namespace dyt

@@ -1,0 +1,105 @@
+// dyt::Model on the OpenVINO C++ API (CPU plugin).
+//
+// Inference precision is pinned to f32: on CPUs with AVX512-BF16 or AMX the plugin
+// otherwise runs in bf16 and the logits drift by ~1e-3 from every other backend.
+// The performance hint is LATENCY (one stream, synchronous calls), the setting under which
+// runtimes are compared.
+#include <openvino/frontend/manager.hpp>
+#include <openvino/runtime/core.hpp>
+#include <regex>
+
+#include "backends.hpp"
+
+namespace dyt::detail {
+namespace {
+
+/// OpenVINO prefixes messages with "Exception from src/<file>:<line>:" once per frame.
+std::string message(const ov::Exception& e) {
+    static const std::regex frame("Exception from \\S+:\\d+:\\s*");
+    return one_line(std::regex_replace(e.what(), frame, ""));
+}
+
+class OpenVinoModel final : public Model {
+public:
+    OpenVinoModel(ov::CompiledModel compiled, std::array<int64_t, 3> image_shape, bool has_masks)
+        : Model(Runtime::OpenVINO, image_shape, has_masks),
+          compiled_(std::move(compiled)),
+          request_(compiled_.create_infer_request()) {}
+
+protected:
+    Result infer(const float* pixels, const std::array<int64_t, 4>& shape) override {
+        Result result;
+        try {
+            // Wraps the caller's buffer; OpenVINO reads it during infer() only.
+            const ov::Shape dims(shape.begin(), shape.end());
+            request_.set_tensor(std::string(kInput), ov::Tensor(ov::element::f32, dims, const_cast<float*>(pixels)));
+            request_.infer();
+            const ov::Tensor logits = request_.get_tensor(std::string(kLogits));
+            const ov::Shape logits_shape = logits.get_shape();
+            if (logits_shape.size() != 2 || logits.get_element_type() != ov::element::f32)
+                throw Error("openvino: 'logits' is not float32 [batch, classes]");
+            result.logits_shape = {int64_t(logits_shape[0]), int64_t(logits_shape[1])};
+            result.logits.assign(logits.data<const float>(), logits.data<const float>() + logits.get_size());
+            if (has_masks()) {
+                const ov::Tensor masks = request_.get_tensor(std::string(kMasks));
+                const ov::Shape masks_shape = masks.get_shape();
+                if (masks_shape.size() != 3 || masks.get_element_type() != ov::element::boolean)
+                    throw Error("openvino: 'token_masks' is not bool [batch, dispatchers, tokens]");
+                result.masks_shape = {int64_t(masks_shape[0]), int64_t(masks_shape[1]), int64_t(masks_shape[2])};
+                // element::boolean is stored one byte per value, 0 or 1.
+                const auto* bytes = static_cast<const uint8_t*>(masks.data());
+                result.masks.assign(bytes, bytes + masks.get_size());
+            }
+        } catch (const ov::Exception& e) {
+            throw Error("openvino: " + message(e));
+        }
+        return result;
+    }
+
+private:
+    ov::CompiledModel compiled_;
+    ov::InferRequest request_;
+};
+
+/// Reads the file with the ONNX frontend only: Core::read_model would try every frontend
+/// in turn, and the TensorFlow one logs parse errors to stderr for a file that isn't ONNX.
+std::shared_ptr<ov::Model> read_onnx(const std::filesystem::path& path) {
+    const ov::frontend::FrontEnd::Ptr onnx = ov::frontend::FrontEndManager().load_by_framework("onnx");
+    if (!onnx->supported(path.string())) throw Error("not an ONNX model: " + path.string());
+    return onnx->convert(onnx->load(path.string()));
+}
+
+std::vector<std::string> port_names(const std::vector<ov::Output<const ov::Node>>& ports) {
+    std::vector<std::string> out;
+    for (const auto& port : ports)
+        for (const auto& name : port.get_names()) out.push_back(name);
+    return out;
+}
+
+}  // namespace
+
+std::unique_ptr<Model> load_openvino(const std::filesystem::path& path, const Options& options) {
+    try {
+        const std::shared_ptr<const ov::Model> model = read_onnx(path);
+        const bool has_masks = check_contract(port_names(model->inputs()), port_names(model->outputs()));
+        const ov::Output<const ov::Node> input = model->input(std::string(kInput));
+        if (input.get_element_type() != ov::element::f32)
+            throw Error("model input '" + std::string(kInput) + "' is not float32 (exported with fp16 I/O?)");
+        std::vector<int64_t> dims;
+        for (const auto& dim : input.get_partial_shape()) dims.push_back(dim.is_static() ? dim.get_length() : -1);
+        const auto image_shape = image_shape_from(dims);
+
+        ov::AnyMap config{ov::hint::inference_precision(ov::element::f32),
+                          ov::hint::performance_mode(ov::hint::PerformanceMode::LATENCY)};
+        if (options.threads > 0) {
+            config.emplace(ov::inference_num_threads(options.threads));
+            config.emplace(ov::hint::enable_cpu_pinning(false));
+        }
+        ov::CompiledModel compiled = ov::Core().compile_model(model, "CPU", config);
+        return std::make_unique<OpenVinoModel>(std::move(compiled), image_shape, has_masks);
+    } catch (const ov::Exception& e) {
+        throw Error("openvino cannot load " + path.string() + ": " + message(e));
+    }
+}
+
+}  // namespace dyt::detail
