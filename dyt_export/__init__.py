@@ -2,15 +2,27 @@
 
 The Python API mirrors the command line: `load_checkpoint` reads any checkpoint the
 toolkit recognises, `export_onnx` writes the ONNX graph, `save` writes the toolkit's
-self-describing safetensors format.
+self-describing safetensors format. Names resolve on first use, so `dyt-export --help`
+does not pay for importing torch.
 """
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 __version__ = "0.1.0"
 
-from .checkpoint import load_checkpoint, save, write_public_checkpoint  # noqa: E402
-from .config import DyTConfig, vit_config  # noqa: E402
-from .errors import CheckpointError, UserError  # noqa: E402
-from .export import export_onnx  # noqa: E402
-from .model import DyTVisionTransformer, build_model  # noqa: E402
+_EXPORTS = {
+    "load_checkpoint": "checkpoint", "save": "checkpoint", "write_public_checkpoint": "checkpoint",
+    "DyTConfig": "config", "vit_config": "config",
+    "CheckpointError": "errors", "UserError": "errors",
+    "export_onnx": "export",
+    "DyTVisionTransformer": "model", "build_model": "model",
+}
+__all__ = ["__version__", *_EXPORTS]
 
-__all__ = ["__version__", "load_checkpoint", "save", "write_public_checkpoint", "DyTConfig", "vit_config",
-           "CheckpointError", "UserError", "export_onnx", "DyTVisionTransformer", "build_model"]
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module 'dyt_export' has no attribute {name!r}")

@@ -29,6 +29,11 @@ DISPATCH_MODES: tuple[str, ...] = ("dynamic", "masked", "dense")
 masked: training-time dense multiply by the mask (same numbers, no savings).
 dense: every token active, dispatchers unused (the AdaptFormer baseline)."""
 
+OPSETS: tuple[int, ...] = (17, 18, 19, 20, 21)
+"""ONNX opsets tested end to end. 18 is the default: the newest that ONNX Runtime's CUDA EP
+covers for ScatterND (runtime notes)."""
+DEFAULT_OPSET: int = 18
+
 THRESHOLD_LOGIT: float = 0.0
 """A token is active iff its dispatcher logit is > 0 (sigmoid > 0.5); exactly 0 is inactive."""
 

@@ -1,4 +1,7 @@
-"""Timed steps with a spinner on stderr, so long exports show life and end with a timing table."""
+"""Timed steps: a transient spinner on a terminal while a step runs, a timing table at the end.
+
+Nothing is printed per step, so a failure leaves exactly one line on stderr: the error.
+"""
 from __future__ import annotations
 
 import contextlib
@@ -26,5 +29,9 @@ class Steps:
         else:
             yield
         self.timings[name] = time.perf_counter() - start
-        if self.show:
-            self.console.print(f"  {name}: {self.timings[name]:.2f} s", highlight=False)
+
+    def report(self) -> str:
+        """One line per step with its duration, then the total."""
+        lines = [f"  {name:<28} {seconds:7.2f} s" for name, seconds in self.timings.items()]
+        lines.append(f"  {'total':<28} {sum(self.timings.values()):7.2f} s")
+        return "\n".join(lines)

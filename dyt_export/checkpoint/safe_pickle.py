@@ -20,9 +20,11 @@ import torch
 from ..errors import CheckpointError
 
 _NUMPY_SCALAR = getattr(np, "_core", np.core).multiarray.scalar  # numpy 2 moved it to numpy._core
-ALLOWED_GLOBALS: list[Any] = [argparse.Namespace, _NUMPY_SCALAR, np.dtype]
+_NUMPY_DTYPES = sorted({type(np.dtype(code)) for code in "?bhilqBHILQefdFD"}, key=str)  # Float64DType, ...
+ALLOWED_GLOBALS: list[Any] = [argparse.Namespace, _NUMPY_SCALAR, np.dtype, *_NUMPY_DTYPES]
 ALLOWED_NAMES = {"argparse.Namespace", "numpy._core.multiarray.scalar", "numpy.core.multiarray.scalar", "numpy.dtype"}
 _UNSUPPORTED = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+_BLOCKED = re.compile(r"GLOBAL ([\w.]+) whose module (\w+) is blocked")
 _MAX_PLACEHOLDERS = 64
 
 
@@ -73,6 +75,10 @@ def load_pickle(path: Path, *, trust: bool = False) -> Any:
             return _load(path, placeholders)
         except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError, ... for bad files
             message = str(e)
+            blocked = _BLOCKED.search(message)
+            if blocked:  # torch never lets these modules load, allow-listed or not
+                raise CheckpointError(f"{path} calls {blocked.group(1)} (module {blocked.group(2)} can run commands); "
+                                      "refused even with --trust-checkpoint") from None
             found = _UNSUPPORTED.search(message)
             if found and found.group(1) not in placeholders:
                 if not trust:

@@ -2,6 +2,7 @@
 subcommand. Bad input exits 2 with one line on stderr, a bug exits 1; --debug shows tracebacks."""
 from __future__ import annotations
 
+import argparse
 import sys
 import traceback
 from types import ModuleType
@@ -19,7 +20,7 @@ def _parser(name: str | None) -> Parser:
     module = SUBCOMMANDS[name] if name else export_cmd
     prog = f"dyt-export {name}" if name else "dyt-export"
     parser = Parser(prog=prog, description=module.DESCRIPTION, epilog=getattr(module, "EXAMPLES", None),
-                    formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"dyt-export {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     module.add_arguments(parser)

@@ -5,11 +5,8 @@ import argparse
 import resource
 from pathlib import Path
 
-from ..atomic import check_output_path
-from ..checkpoint import load_checkpoint
-from ..config import DISPATCH_MODES
-from ..export import DEFAULT_OPSET, OPSETS, export_onnx, summarize
-from ..progress import Steps
+from ..config import DEFAULT_OPSET, DISPATCH_MODES, OPSETS
+from ..errors import UserError
 from .common import add_checkpoint_overrides, checkpoint_overrides
 
 DESCRIPTION = "Export a DyT checkpoint to ONNX with data-dependent token dispatch."
@@ -42,6 +39,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..atomic import check_output_path
+    from ..checkpoint import load_checkpoint
+    from ..export import export_onnx, summarize
+    from ..progress import Steps
+
+    if args.fp16_io and not args.fp16:
+        raise UserError("--fp16-io needs --fp16")
     out: Path = args.output or args.checkpoint.with_suffix(".onnx")
     check_output_path(out, args.checkpoint)
     steps = Steps(show=True)
@@ -57,5 +61,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {out} ({size_mb:.1f} MB{', weights in ' + result.external_data.name if result.external_data else ''})")
     print(f"  {cfg.variant} dispatch, {args.dispatch} mode, opset {args.opset}, "
           f"{len(cfg.dispatcher_names)} dispatchers, dispatch ops: {ops}")
-    print(f"  total {sum(steps.timings.values()):.1f} s, peak memory {peak_mb:.0f} MB")
+    print(steps.report())
+    print(f"  peak memory {peak_mb:.0f} MB (resident, whole process)")
     return 0

@@ -6,10 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import load_checkpoint
 from ..config import DyTConfig
-from ..export import config_from_metadata, summarize
-from ..export.metadata import PREFIX
 from .common import add_checkpoint_overrides, checkpoint_overrides
 
 DESCRIPTION = "Describe a DyT checkpoint or an exported ONNX file."
@@ -38,6 +35,7 @@ def _config_facts(cfg: DyTConfig) -> dict[str, Any]:
 
 
 def describe_checkpoint(path: Path, overrides: dict) -> dict[str, Any]:
+    from ..checkpoint import load_checkpoint
     model = load_checkpoint(path, **overrides)
     total = sum(p.numel() for p in model.parameters())
     # DyT trains adapters and dispatchers (the head too, counted apart as PEFT papers do).
@@ -49,6 +47,8 @@ def describe_checkpoint(path: Path, overrides: dict) -> dict[str, Any]:
 
 
 def describe_onnx(path: Path) -> dict[str, Any]:
+    from ..export import config_from_metadata, summarize
+    from ..export.metadata import PREFIX
     summary = summarize(path)
     facts: dict[str, Any] = {"file": str(path), "kind": "onnx", "opset": summary.opset,
                              "inputs": summary.inputs, "outputs": summary.outputs,

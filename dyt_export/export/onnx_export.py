@@ -17,16 +17,12 @@ from pathlib import Path
 import torch
 
 from ..atomic import check_output_path, staged_outputs
-from ..config import DISPATCH_MODES
+from ..config import DEFAULT_OPSET, DISPATCH_MODES, OPSETS
 from ..errors import UserError
 from ..model import DyTVisionTransformer, to_fp16
 from ..progress import Steps
 from .metadata import build_metadata
 
-OPSETS: tuple[int, ...] = (17, 18, 19, 20, 21)
-"""Opsets tested end to end. 18 is the default: the newest that ONNX Runtime's CUDA EP covers
-for ScatterND (runtime notes)."""
-DEFAULT_OPSET = 18
 EXTERNAL_DATA_BYTES = 1_800_000_000
 """Weights above this go to `<name>.data` beside the model: protobuf caps a file at 2 GB."""
 
