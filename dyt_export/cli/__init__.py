@@ -9,10 +9,10 @@ from types import ModuleType
 
 from .. import __version__
 from ..errors import UserError
-from . import export_cmd, inspect_cmd
+from . import export_cmd, init_cmd, inspect_cmd
 from .common import Parser
 
-SUBCOMMANDS: dict[str, ModuleType] = {"inspect": inspect_cmd}
+SUBCOMMANDS: dict[str, ModuleType] = {"init": init_cmd, "inspect": inspect_cmd}
 """Each module has DESCRIPTION, add_arguments(parser) and run(args) -> exit code."""
 
 

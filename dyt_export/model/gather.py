@@ -43,7 +43,7 @@ def compact_order(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     keeps both groups in position order; values stay below 2N, exact in float32.
     """
     b, n = mask.shape
-    longest = int(mask.sum(dim=1).max().item())
+    longest = mask.sum(dim=1).max().item()
     torch._check(longest >= 1)
     torch._check(longest <= n)
     position = torch.arange(n, device=mask.device, dtype=torch.float32)

@@ -1,0 +1,198 @@
+"""All four dispatch variants x {plain adapter, MoE E=1, MoE E=4}: exact on ONNX Runtime, batch
+results equal one-by-one results, masked and gathered paths agree, MoE E=1 is the adapter.
+
+Each dispatcher is steered so that one image of the batch of 5 activates 0 patch tokens, one
+exactly 1 and one all of them (different images at different dispatchers), beside images with
+partial counts: the ragged batches the gathered attention must keep apart. Exports are shared
+by every test of a model through a file cache that xdist workers take turns on.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from filelock import FileLock
+from timm.models.vision_transformer import Attention
+
+from dyt_export import build_model, export_onnx
+from dyt_export.calibrate import set_dispatcher_biases
+from dyt_export.config import VARIANTS, unit_module_names
+from dyt_export.model import DyTVisionTransformer
+from dyt_export.model.adapter import MoEAdapter
+from dyt_export.model.attention import attention
+from dyt_export.model.gather import rowwise_gathered, sequence_gathered
+
+from conftest import image_batch, small_config
+from steering import ALL, steer
+
+ORT_TOLERANCE = 1e-4    # max |diff| <= this x max |logit| (ONNX Runtime vs PyTorch)
+BATCH_TOLERANCE = 1e-5  # the same, batch of 5 vs five single-image runs, and masked vs gathered
+TARGETS = [0, ALL, 1]
+"""Active patch tokens some image reaches at each dispatcher, cycling: 3 blocks give every
+variant a 0, an all and a 1; attn_mlp's 6 dispatchers get each twice."""
+ADAPTERS = {"adapter": 0, "moe1": 1, "moe4": 4}
+CASES = [(variant, name) for variant in VARIANTS for name in ADAPTERS]
+
+
+def _images() -> torch.Tensor:
+    return torch.from_numpy(image_batch(5, seed=3))
+
+
+def steered_model(variant: str, experts: int) -> DyTVisionTransformer:
+    model = build_model(small_config(variant=variant, experts=experts), seed=0)
+    steer(model, _images(), TARGETS)
+    return model
+
+
+def _relative(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+@dataclass
+class Case:
+    model: DyTVisionTransformer
+    session: ort.InferenceSession
+    images: torch.Tensor
+
+    def ort(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        logits, masks = self.session.run(["logits", "token_masks"], {"pixel_values": images.numpy()})
+        return logits, masks
+
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory, worker_id) -> Path:
+    """One directory for all xdist workers, so each model is exported once per run."""
+    root = tmp_path_factory.getbasetemp()
+    path = (root if worker_id == "master" else root.parent) / "variant-exports"
+    path.mkdir(exist_ok=True)
+    return path
+
+
+@pytest.fixture(scope="module", params=CASES, ids=[f"{v}-{a}" for v, a in CASES])
+def case(request, export_dir) -> Case:
+    variant, adapter = request.param
+    model = steered_model(variant, ADAPTERS[adapter])
+    path = export_dir / f"{variant}-{adapter}.onnx"
+    with FileLock(str(path) + ".lock"):
+        if not path.exists():
+            export_onnx(model, path, with_masks=True)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    return Case(model, ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]), _images())
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_steering_produces_the_edge_cases(variant):
+    """The construction the other tests rely on: at each dispatcher some image has exactly
+    0, 1 or all patch tokens active, and the batch is ragged there."""
+    model = steered_model(variant, 0)
+    masks = model.trace(_images()).masks[:, :, 1:].sum(dim=2)  # [B, D] active patch tokens
+    patches = model.dyt_config.num_patches
+    for d in range(masks.shape[1]):
+        count = TARGETS[d % len(TARGETS)]
+        assert (patches if count == ALL else count) in masks[:, d].tolist(), (d, masks[:, d])
+        assert len(set(masks[:, d].tolist())) > 1, f"dispatcher {d}: every image has the same count"
+
+
+def test_ort_matches_pytorch_at_batch_5_and_1(case):
+    ref = case.model.trace(case.images)
+    logits, masks = case.ort(case.images)
+    np.testing.assert_array_equal(masks, ref.masks.numpy())
+    assert _relative(logits, ref.logits) <= ORT_TOLERANCE
+    for i in range(len(case.images)):
+        single_ref = case.model.trace(case.images[i:i + 1])
+        single, single_masks = case.ort(case.images[i:i + 1])
+        np.testing.assert_array_equal(single_masks, single_ref.masks.numpy())
+        assert _relative(single, single_ref.logits) <= ORT_TOLERANCE, f"image {i}"
+
+
+def test_batch_equals_one_by_one(case):
+    """Ragged per-image attention never mixes images, on ORT and in PyTorch, including the
+    single-image runs where a layer has only CLS (0 patches) or every token active."""
+    batch_logits, batch_masks = case.ort(case.images)
+    singles = [case.ort(case.images[i:i + 1]) for i in range(len(case.images))]
+    np.testing.assert_array_equal(np.concatenate([m for _, m in singles]), batch_masks)
+    assert _relative(np.concatenate([l for l, _ in singles]), batch_logits) <= BATCH_TOLERANCE
+
+    torch_batch = case.model.trace(case.images).logits
+    torch_singles = torch.cat([case.model.trace(case.images[i:i + 1]).logits for i in range(len(case.images))])
+    assert _relative(torch_singles, torch_batch) <= BATCH_TOLERANCE
+
+
+@pytest.mark.parametrize("variant,adapter", CASES, ids=[f"{v}-{a}" for v, a in CASES])
+def test_masked_and_gathered_paths_agree(variant, adapter):
+    model = steered_model(variant, ADAPTERS[adapter])
+    masked = model.trace(_images(), "masked")
+    gathered = model.trace(_images(), "dynamic")
+    assert torch.equal(masked.masks, gathered.masks)
+    assert _relative(gathered.logits, masked.logits) <= BATCH_TOLERANCE
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_all_active_dispatch_equals_dense(variant):
+    """A dispatcher that passes every token must be the dense model (adapters included)."""
+    model = build_model(small_config(variant=variant, experts=4), seed=0)
+    set_dispatcher_biases(model, _images(), lambda d, raw: float(raw.abs().max()) + 1.0)
+    for mode in ("masked", "dynamic"):
+        assert _relative(model.trace(_images(), mode).logits, model.trace(_images(), "dense").logits) <= BATCH_TOLERANCE
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_moe_with_one_expert_is_the_plain_adapter(variant):
+    plain = build_model(small_config(variant=variant, adapter_scale=1.0), seed=0)
+    moe = build_model(small_config(variant=variant, adapter_scale=1.0, experts=1), seed=1)
+    state = {k: v for k, v in plain.state_dict().items() if ".adapt" not in k}
+    moe.load_state_dict(state, strict=False)
+    for block_plain, block_moe in zip(plain.blocks, moe.blocks):
+        for unit in plain.dyt_config.units:
+            name = unit_module_names(unit)[0]
+            adapter, expert = getattr(block_plain, name), getattr(block_moe, name)
+            assert isinstance(expert, MoEAdapter) and expert.experts == 1
+            with torch.no_grad():
+                expert.down_weight.copy_(adapter.down_proj.weight[None])
+                expert.down_bias.copy_(adapter.down_proj.bias[None])
+                expert.up_weight.copy_(adapter.up_proj.weight[None])
+                expert.up_bias.copy_(adapter.up_proj.bias[None])
+    steer(plain, _images(), TARGETS)
+    steer(moe, _images(), TARGETS)  # same weights, so the same biases
+    for mode in ("dynamic", "masked"):
+        ref, out = plain.trace(_images(), mode), moe.trace(_images(), mode)
+        assert torch.equal(ref.masks, out.masks)
+        assert _relative(out.logits, ref.logits) <= BATCH_TOLERANCE
+
+
+def _edge_masks(n: int) -> torch.Tensor:
+    """Rows: CLS only, everything, CLS + last token, a scattered half."""
+    masks = torch.zeros(4, n, dtype=torch.bool)
+    masks[:, 0] = True
+    masks[1] = True
+    masks[2, -1] = True
+    masks[3, ::2] = True
+    return masks
+
+
+def test_sequence_gathered_is_attention_over_each_images_active_tokens():
+    """Against an independent oracle: timm's own Attention run on each image's active subset."""
+    torch.manual_seed(0)
+    attn = Attention(48, num_heads=4, qkv_bias=True).eval()
+    x = torch.randn(4, 9, 48)
+    masks = _edge_masks(9)
+    with torch.no_grad():
+        out = sequence_gathered(x, masks, lambda t, bias: attention(attn, t, bias))
+        for b in range(4):
+            active = masks[b]
+            expected = torch.zeros_like(x[b])
+            expected[active] = attn(x[b:b + 1, active])[0]
+            torch.testing.assert_close(out[b], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_rowwise_gathered_touches_only_active_rows():
+    x = torch.randn(4, 9, 16)
+    masks = _edge_masks(9)
+    out = rowwise_gathered(x, masks, lambda rows: rows * 2 + 1)
+    torch.testing.assert_close(out, torch.where(masks[..., None], x * 2 + 1, torch.zeros(())))
