@@ -1,6 +1,7 @@
 """`dyt-export init` and its library: timm names to DyT checkpoints, calibrated activation."""
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -103,7 +104,7 @@ def test_weights_of_another_architecture_are_refused(timm_weights):
         init_model("vit_tiny_patch16_384", weights=timm_weights)
 
 
-def test_cli_writes_a_checkpoint_that_says_it_was_calibrated(tmp_path, run_cli):
+def test_cli_init_then_inspect_says_it_was_calibrated(tmp_path, run_cli):
     out = tmp_path / "model.safetensors"
     result = run_cli("init", "--backbone", BACKBONE, "--variant", "attn_mlp", "--experts", "4", "--bottleneck", "16",
                      "--adapter-scale", "1.0", "--num-classes", "100", "--seed", "0", "--activation", "0.5", "-o", out)
@@ -117,6 +118,17 @@ def test_cli_writes_a_checkpoint_that_says_it_was_calibrated(tmp_path, run_cli):
     # and an ONNX file exported from it carries the same words in its metadata
     assert "not trained" in build_metadata(cfg, dispatch="dynamic", precision="fp32", opset=18, with_masks=False,
                                            provenance=None)["dyt.config"]
+
+    described = run_cli("inspect", out, "--json")
+    assert described.returncode == 0, described.stderr
+    facts = json.loads(described.stdout)
+    assert facts["variant"] == "attn_mlp" and facts["adapter"]["experts"] == 4
+    assert [d["name"] for d in facts["dispatchers"]] == cfg.dispatcher_names
+    assert [d["calibrated_rate"] for d in facts["dispatchers"]] == cfg.extra["init"]["calibration"]["rates"]
+    assert facts["dispatchers"][1]["bias"] == pytest.approx(float(model.blocks[0].mlp_token_select.mlp_head.bias), abs=1e-6)
+    assert facts["origin"]["trained"] is False
+    text = run_cli("inspect", out).stdout
+    assert "MoE-adapter, 4 experts" in text and "name=blocks.11.mlp" in text and "calibrated_rate=" in text
 
 
 @pytest.mark.parametrize("args,message", [

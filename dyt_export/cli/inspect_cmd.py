@@ -23,15 +23,38 @@ def _is_onnx(path: Path) -> bool:
     return path.suffix.lower() == ".onnx"
 
 
-def _config_facts(cfg: DyTConfig) -> dict[str, Any]:
-    return {
+def _dispatcher_facts(cfg: DyTConfig, model: Any = None) -> list[dict[str, Any]]:
+    """One entry per dispatcher: where it sits, its bias (checkpoints; ONNX initializer names
+    are the exporter's) and, for `dyt-export init` models, the rate it was calibrated to."""
+    from ..config import unit_module_names
+    rates = cfg.extra.get("init", {}).get("calibration", {}).get("rates")
+    facts = []
+    for index, name in enumerate(cfg.dispatcher_names):
+        _, block, unit = name.split(".")
+        entry: dict[str, Any] = {"name": name, "block": int(block), "unit": unit}
+        if model is not None:
+            head = getattr(model.blocks[int(block)], unit_module_names(unit)[1]).mlp_head
+            entry["bias"] = round(float(head.bias.detach()), 6)
+        if rates:
+            entry["calibrated_rate"] = rates[index]
+        facts.append(entry)
+    return facts
+
+
+def _config_facts(cfg: DyTConfig, model: Any = None) -> dict[str, Any]:
+    facts = {
         "geometry": {"embed_dim": cfg.embed_dim, "depth": cfg.depth, "num_heads": cfg.num_heads,
                      "mlp_hidden_dim": cfg.mlp_hidden_dim, "patch_size": cfg.patch_size,
                      "img_size": cfg.img_size, "tokens": cfg.num_tokens, "num_classes": cfg.num_classes},
         "variant": cfg.variant,
-        "adapter": {"bottleneck": cfg.bottleneck, "scale": cfg.adapter_scale, "experts": cfg.experts},
-        "dispatchers": cfg.dispatcher_names,
+        "dispatched_units": f"{', '.join(cfg.units)} per block; a token is active iff its logit > 0",
+        "adapter": {"kind": f"MoE-adapter, {cfg.experts} experts" if cfg.experts else "adapter" if cfg.bottleneck else "none",
+                    "bottleneck": cfg.bottleneck, "scale": cfg.adapter_scale, "experts": cfg.experts},
+        "dispatchers": _dispatcher_facts(cfg, model),
     }
+    if "init" in cfg.extra:  # made by `dyt-export init`: say what is random and what was calibrated
+        facts["origin"] = {k: v for k, v in cfg.extra["init"].items() if k != "calibration"}
+    return facts
 
 
 def describe_checkpoint(path: Path, overrides: dict) -> dict[str, Any]:
@@ -42,7 +65,7 @@ def describe_checkpoint(path: Path, overrides: dict) -> dict[str, Any]:
     dyt = sum(p.numel() for n, p in model.named_parameters() if ".adapt" in n or "_token_select." in n)
     head = sum(p.numel() for p in model.head.parameters())
     return {"file": str(path), "kind": "checkpoint", "format": model.provenance["format"],
-            "sha256": model.provenance["sha256"], **_config_facts(model.dyt_config),
+            "sha256": model.provenance["sha256"], **_config_facts(model.dyt_config, model),
             "parameters": {"total": total, "trainable_adapters_dispatchers": dyt, "head": head}}
 
 
@@ -67,6 +90,10 @@ def _print_text(facts: dict[str, Any]) -> None:
             print(f"{key}:")
             for k, v in value.items():
                 print(f"  {k}: {v}")
+        elif isinstance(value, list) and value and isinstance(value[0], dict):
+            print(f"{key}: {len(value)}")
+            for entry in value:
+                print("  " + "  ".join(f"{k}={v}" for k, v in entry.items()))
         elif isinstance(value, list):
             print(f"{key}: {len(value)}" + (f" ({', '.join(map(str, value[:4]))}{', ...' if len(value) > 4 else ''})" if value else ""))
         else:
