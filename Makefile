@@ -11,7 +11,7 @@ OUT     ?=
 CKPT    ?=
 ARGS    ?=
 
-.PHONY: setup test demo export validate bench cpp setup-cuda clean
+.PHONY: setup test demo export validate pictures bench cpp setup-cuda clean
 
 setup: $(STAMP)
 
@@ -29,6 +29,28 @@ demo: setup
 export: setup
 	@test -n "$(CKPT)" || { echo "usage: make export CKPT=model.pt [ARGS='--opset 18 --with-masks']"; exit 2; }
 	$(BIN)/dyt-export $(CKPT) $(ARGS)
+
+# Parity, accuracy and throughput of MODEL (default: the demo model) on RUNTIME against the
+# PyTorch reference (REF, default: the checkpoint recorded in MODEL); record in OUT.
+validate: setup
+	$(BIN)/python -m validation --runtime $(RUNTIME) $(if $(MODEL),--model $(MODEL)) $(if $(REF),--ref $(REF)) $(if $(OUT),--out $(OUT)) $(ARGS)
+
+# Activation-rate chart and token overlays of MODEL (default: the demo model) into docs/img.
+pictures: setup
+	$(BIN)/python -m validation.pictures $(MODEL) $(ARGS)
+
+# ONNX Runtime with CUDA for RUNTIME=ort-cuda: swaps the onnxruntime wheel for onnxruntime-gpu
+# (both install the `onnxruntime` module, so only one can be present) with the CUDA 12 and
+# cuDNN 9 libraries from pip. Needs an NVIDIA GPU and driver. Rerun after `make setup`
+# reinstalls onnxruntime; undo with: .venv/bin/pip uninstall onnxruntime-gpu && make setup
+setup-cuda: setup
+	@v=$$($(BIN)/python -c 'from importlib.metadata import version; print(version("onnxruntime"))' 2>/dev/null); \
+	$(BIN)/python -m pip uninstall --quiet -y onnxruntime; \
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check "onnxruntime-gpu[cuda,cudnn]==$$v" \
+	  || $(BIN)/python -m pip install --quiet --disable-pip-version-check "onnxruntime-gpu[cuda,cudnn]" \
+	  || { echo "onnxruntime-gpu could not be installed; restoring onnxruntime $$v"; \
+	       $(BIN)/python -m pip install --quiet "onnxruntime==$$v"; exit 1; }
+	$(BIN)/python -c "import runtimes; print(runtimes.get_backend('ort-cuda').availability())"
 
 # C++ library dyt::model and dyt_infer (runtimes/cpp): ONNX Runtime and OpenVINO libraries
 # from the wheels in .venv, ONNX Runtime headers fetched once into the build tree.

@@ -2,15 +2,24 @@
 
 A backend loads one model and runs numpy inputs; it knows nothing about DyT. Comparing
 outputs, tolerances and reports belong to `validation`, not here.
+
+Every backend checks its inputs against the model's declared inputs before running them
+(`check_inputs`): a runtime fed a wrong dtype or shape fails deep inside with a message
+about some internal node, and NaN/inf inputs would make a parity check pass or fail for
+reasons that have nothing to do with the runtime.
 """
 from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Mapping
 
 import numpy as np
+
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
+"""What a caller may ask for. 'fp32' means: run the graph in the precision it was exported
+in, lowering nothing on your own. 'bf16' lets a runtime that can (OpenVINO) lower on purpose."""
 
 
 class BackendError(Exception):
@@ -26,15 +35,74 @@ class Availability:
         return self.available
 
 
+@dataclass(frozen=True)
+class TensorSpec:
+    """A model input as the runtime declares it; None in `shape` is a dynamic axis."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[int | None, ...]
+
+    def describe(self) -> str:
+        dims = ",".join("?" if d is None else str(d) for d in self.shape)
+        return f"{self.name} {self.dtype} [{dims}]"
+
+
+def check_inputs(inputs: Mapping[str, Any], specs: list[TensorSpec]) -> dict[str, np.ndarray]:
+    """`inputs` as contiguous numpy arrays, or BackendError naming the first thing wrong."""
+    expected = {s.name for s in specs}
+    missing = sorted(expected - set(inputs))
+    unexpected = sorted(set(inputs) - expected)
+    if missing or unexpected:
+        want = ", ".join(s.describe() for s in specs)
+        detail = f"missing {', '.join(missing)}" if missing else f"unexpected {', '.join(unexpected)}"
+        raise BackendError(f"bad inputs ({detail}); the model takes {want}")
+    checked: dict[str, np.ndarray] = {}
+    for spec in specs:
+        value = inputs[spec.name]
+        if not isinstance(value, np.ndarray):
+            raise BackendError(f"input {spec.name} must be a numpy array, got {type(value).__name__}")
+        if value.dtype != spec.dtype:
+            raise BackendError(f"input {spec.name} has dtype {value.dtype}; the model takes {spec.describe()}")
+        if value.ndim != len(spec.shape) or any(d is not None and d != v for d, v in zip(spec.shape, value.shape)):
+            raise BackendError(f"input {spec.name} has shape {list(value.shape)}; the model takes {spec.describe()}")
+        if 0 in value.shape:
+            raise BackendError(f"input {spec.name} is empty (shape {list(value.shape)})")
+        if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
+            bad = int((~np.isfinite(value)).sum())
+            raise BackendError(f"input {spec.name} holds {bad} NaN/inf value(s)")
+        checked[spec.name] = np.ascontiguousarray(value)
+    return checked
+
+
+def require_file(model: Path | str, backend: str) -> Path:
+    """The model path, or BackendError when there is no file to load."""
+    path = Path(model)
+    if not path.exists():
+        raise BackendError(f"{backend}: model file {path} does not exist")
+    if not path.is_file():
+        raise BackendError(f"{backend}: {path} is not a file")
+    return path
+
+
+def first_line(error: BaseException) -> str:
+    """Runtimes raise multi-line messages with C++ frames; a user needs the first line."""
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0][:300]
+
+
 class Backend(abc.ABC):
     """Load once in __init__, then `run` any number of times.
 
     Options common to all: `threads` (None: the runtime's default) and `precision`
     ('fp32' asks the runtime not to lower precision on its own; OpenVINO's CPU plugin picks
-    bf16 by default on CPUs with AVX512-BF16 or AMX, which breaks parity).
+    bf16 by default on CPUs with AVX512-BF16 or AMX, which breaks parity). Backend-specific
+    options are keyword arguments of each subclass; unknown ones are an error, not ignored.
     """
 
     name: ClassVar[str]
+    threads: int | None
+    precision: str
 
     @classmethod
     @abc.abstractmethod
@@ -47,7 +115,12 @@ class Backend(abc.ABC):
 
     @property
     @abc.abstractmethod
-    def input_names(self) -> list[str]: ...
+    def input_specs(self) -> list[TensorSpec]:
+        """The model's inputs as this runtime sees them."""
+
+    @property
+    def input_names(self) -> list[str]:
+        return [s.name for s in self.input_specs]
 
     @property
     @abc.abstractmethod
@@ -61,3 +134,12 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def info(self) -> dict[str, Any]:
         """Device and library versions, for records."""
+
+    def _set_common(self, threads: int | None, precision: str, precisions: tuple[str, ...] = ("fp32",)) -> None:
+        """Validate and store the options every backend takes."""
+        if threads is not None and (not isinstance(threads, int) or threads < 1):
+            raise BackendError(f"{self.name}: threads must be a positive integer, got {threads!r}")
+        if precision not in precisions:
+            raise BackendError(f"{self.name}: precision {precision!r} is not supported; choose {', '.join(precisions)}")
+        self.threads = threads
+        self.precision = precision

@@ -1,0 +1,48 @@
+"""Runtime backends behind one interface (`runtimes.base.Backend`).
+
+`get_backend(name)` returns the class; `open_backend(name, model, ...)` checks that the
+runtime is available here and loads the model, raising `BackendError` with one line
+("ort-cuda is not available: ...") otherwise. Backends are imported lazily, so asking
+for ONNX Runtime never imports OpenVINO or torch.
+"""
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any
+
+from .base import Availability, Backend, BackendError, TensorSpec, check_inputs
+
+_REGISTRY: dict[str, tuple[str, str]] = {
+    "torch": ("runtimes.torch_ref", "TorchReference"),
+    "ort-cpu": ("runtimes.ort_cpu", "OrtCpuBackend"),
+    "ort-cuda": ("runtimes.ort_cuda", "OrtCudaBackend"),
+    "openvino": ("runtimes.openvino_cpu", "OpenVinoCpuBackend"),
+}
+BACKEND_NAMES: tuple[str, ...] = tuple(_REGISTRY)
+ONNX_RUNTIMES: tuple[str, ...] = ("ort-cpu", "ort-cuda", "openvino")
+"""Backends that run an ONNX file (all but the PyTorch reference)."""
+
+
+def get_backend(name: str) -> type[Backend]:
+    """The backend class registered under `name`."""
+    if name not in _REGISTRY:
+        raise BackendError(f"unknown runtime {name!r}; choose one of {', '.join(BACKEND_NAMES)}")
+    module, cls = _REGISTRY[name]
+    return getattr(importlib.import_module(module), cls)
+
+
+def open_backend(name: str, model: Path | str, **options: Any) -> Backend:
+    """Load `model` on runtime `name`, or BackendError saying why not."""
+    cls = get_backend(name)
+    available = cls.availability()
+    if not available:
+        raise BackendError(f"{name} is not available: {available.reason}")
+    try:
+        return cls(model, **options)
+    except TypeError as e:  # an option this backend does not take
+        raise BackendError(f"{name}: {e}") from None
+
+
+__all__ = ["Availability", "Backend", "BackendError", "TensorSpec", "check_inputs", "BACKEND_NAMES",
+           "ONNX_RUNTIMES", "get_backend", "open_backend"]

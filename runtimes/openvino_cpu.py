@@ -1,0 +1,150 @@
+"""OpenVINO on its CPU plugin: one compiled model, one infer request, dynamic batch.
+
+Facts this backend is built around (runtime notes, measured here):
+* The CPU plugin picks bf16 inference on CPUs with AVX512-BF16 or AMX, so logits move by
+  ~2e-3 against PyTorch. Precision 'fp32' pins `INFERENCE_PRECISION_HINT=f32`; 'bf16' is
+  available on purpose.
+* NonZero and everything after it run "internally dynamic": a new active-token count makes
+  each node redo shape inference and kernel preparation once (cached per shape). Callers
+  that time this backend must warm up over the inputs they will time
+  (`validation.throughput.measure` does).
+* `max_batch` bounds the batch axis (1..max_batch) instead of leaving it unbounded; bounds
+  let the plugin keep some static-shape optimisations.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .base import Availability, Backend, BackendError, TensorSpec, check_inputs, first_line, require_file
+
+_PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16"}
+PERFORMANCE_HINTS = ("LATENCY", "THROUGHPUT", "CUMULATIVE_THROUGHPUT")
+
+
+class OpenVinoCpuBackend(Backend):
+    """Options: `performance_hint` (default LATENCY: one stream, the fair setting for
+    comparisons), `streams` (NUM_STREAMS, default 1), `pinning` (ENABLE_CPU_PINNING; None
+    leaves the plugin's default), `max_batch`, `cache_dir` (compiled-model cache), `config`
+    (any further plugin properties, applied last)."""
+
+    name = "openvino"
+
+    @classmethod
+    def availability(cls) -> Availability:
+        try:
+            import openvino as ov
+        except ImportError as e:
+            return Availability(False, f"openvino is not installed ({e})")
+        try:
+            devices = ov.Core().available_devices
+        except Exception as e:  # a broken plugin install
+            return Availability(False, f"OpenVINO cannot list devices: {first_line(e)}")
+        if "CPU" not in devices:
+            return Availability(False, f"OpenVINO has no CPU device (found {', '.join(devices) or 'none'})")
+        return Availability(True)
+
+    def __init__(self, model: Path | str, *, threads: int | None = None, precision: str = "fp32",
+                 performance_hint: str = "LATENCY", streams: int | None = 1, pinning: bool | None = None,
+                 max_batch: int | None = None, cache_dir: str | Path | None = None,
+                 config: dict[str, Any] | None = None) -> None:
+        import openvino as ov
+
+        self._set_common(threads, precision, tuple(_PRECISION_HINTS))
+        available = self.availability()
+        if not available:
+            raise BackendError(f"{self.name} is not available: {available.reason}")
+        if performance_hint not in PERFORMANCE_HINTS:
+            raise BackendError(f"{self.name}: performance_hint must be one of {', '.join(PERFORMANCE_HINTS)}")
+        if max_batch is not None and max_batch < 1:
+            raise BackendError(f"{self.name}: max_batch must be >= 1, got {max_batch}")
+        self.path = require_file(model, self.name)
+        core = ov.Core()
+        try:
+            graph = core.read_model(str(self.path))
+            if max_batch is not None:
+                graph.reshape({port.get_any_name(): self._bounded(port.get_partial_shape(), max_batch)
+                               for port in graph.inputs})
+        except Exception as e:  # read_model raises RuntimeError with the frontend's message
+            raise BackendError(f"{self.name} cannot load {self.path}: {first_line(e)}") from None
+        plugin: dict[str, Any] = {"INFERENCE_PRECISION_HINT": _PRECISION_HINTS[precision],
+                                  "PERFORMANCE_HINT": performance_hint}
+        if streams is not None:
+            plugin["NUM_STREAMS"] = streams
+        if threads is not None:
+            plugin["INFERENCE_NUM_THREADS"] = threads
+        if pinning is not None:
+            plugin["ENABLE_CPU_PINNING"] = pinning
+        if cache_dir is not None:
+            plugin["CACHE_DIR"] = str(cache_dir)
+        plugin.update(config or {})
+        try:
+            self._compiled = core.compile_model(graph, "CPU", plugin)
+        except Exception as e:
+            raise BackendError(f"{self.name} cannot compile {self.path}: {first_line(e)}") from None
+        self._request = self._compiled.create_infer_request()
+        self._inputs = [self._spec(port) for port in self._compiled.inputs]
+        self._outputs = [port.get_any_name() for port in self._compiled.outputs]
+        self._device = core.get_property("CPU", "FULL_DEVICE_NAME")
+        self.max_batch = max_batch
+
+    @staticmethod
+    def _bounded(shape: Any, max_batch: int) -> Any:
+        import openvino as ov
+
+        dims = [ov.Dimension(1, max_batch)] + [shape[i] for i in range(1, shape.rank.get_length())]
+        return ov.PartialShape(dims)
+
+    def _spec(self, port: Any) -> TensorSpec:
+        shape = port.get_partial_shape()
+        dims = tuple(d.get_length() if d.is_static else None for d in shape)
+        try:
+            dtype = np.dtype(port.get_element_type().to_dtype())
+        except Exception as e:
+            raise BackendError(f"{self.name}: model input {port.get_any_name()} has an unsupported type") from e
+        return TensorSpec(port.get_any_name(), dtype, dims)
+
+    @property
+    def input_specs(self) -> list[TensorSpec]:
+        return list(self._inputs)
+
+    @property
+    def output_names(self) -> list[str]:
+        return list(self._outputs)
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        feed = check_inputs(inputs, self._inputs)
+        if self.max_batch is not None:
+            for name, value in feed.items():
+                if value.shape[0] > self.max_batch:
+                    raise BackendError(f"input {name} has batch {value.shape[0]}; this backend was compiled for at most {self.max_batch}")
+        try:
+            result = self._request.infer(feed)
+        except Exception as e:
+            raise BackendError(f"{self.name} failed to run {self.path.name}: {first_line(e)}") from None
+        # infer() copies outputs out of the request's tensors (share_outputs=False), so the
+        # arrays stay valid after the next call.
+        return {port.get_any_name(): np.asarray(value) for port, value in result.items()}
+
+    def info(self) -> dict[str, Any]:
+        import openvino as ov
+
+        def prop(key: str) -> Any:
+            value = self._compiled.get_property(key)
+            if hasattr(value, "get_type_name"):  # an ov.Type such as f32
+                return value.get_type_name()
+            return value if isinstance(value, (bool, int, float, str)) else str(value)
+
+        return {
+            "backend": self.name,
+            "library": "openvino",
+            "version": ov.get_version(),
+            "device": f"CPU ({self._device})",
+            "precision": self.precision,
+            "threads": self.threads,
+            "max_batch": self.max_batch,
+            "compiled": {key: prop(key) for key in ("INFERENCE_PRECISION_HINT", "INFERENCE_NUM_THREADS", "NUM_STREAMS",
+                                                    "PERFORMANCE_HINT", "ENABLE_CPU_PINNING")},
+        }

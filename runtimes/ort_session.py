@@ -1,0 +1,121 @@
+"""What ONNX Runtime backends share: session options, input specs, running, errors.
+
+The CPU and CUDA backends differ only in their execution provider and its options; both
+are thin subclasses of `OrtBackend`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from .base import Backend, BackendError, TensorSpec, check_inputs, first_line, require_file
+
+_ORT_TYPES = {
+    "tensor(float)": np.dtype(np.float32), "tensor(float16)": np.dtype(np.float16),
+    "tensor(double)": np.dtype(np.float64), "tensor(int64)": np.dtype(np.int64),
+    "tensor(int32)": np.dtype(np.int32), "tensor(bool)": np.dtype(np.bool_),
+    "tensor(uint8)": np.dtype(np.uint8), "tensor(int8)": np.dtype(np.int8),
+}
+
+OPTIMIZATION_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
+                       "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
+
+
+class OrtBackend(Backend):
+    """An `InferenceSession` on one execution provider.
+
+    Options: `graph_optimization` (one of OPTIMIZATION_LEVELS, default 'all'),
+    `session_config` (extra `add_session_config_entry` pairs, e.g.
+    {'session.intra_op.allow_spinning': '0'}), `optimized_model_path` (where ORT saves the
+    graph it optimized). Threads: `intra_op_num_threads` is set explicitly whenever
+    `threads` is given (ORT then does not pin threads; the calling thread counts as one),
+    inter-op parallelism is off, so every backend runs one request at a time.
+    """
+
+    provider: ClassVar[str]
+
+    def __init__(self, model: Path | str, *, threads: int | None = None, precision: str = "fp32",
+                 graph_optimization: str = "all", session_config: dict[str, str] | None = None,
+                 optimized_model_path: str | Path | None = None) -> None:
+        import onnxruntime as ort
+
+        self._set_common(threads, precision)
+        available = self.availability()
+        if not available:
+            raise BackendError(f"{self.name} is not available: {available.reason}")
+        self.path = require_file(model, self.name)
+        if graph_optimization not in OPTIMIZATION_LEVELS:
+            raise BackendError(f"{self.name}: graph_optimization must be one of {', '.join(OPTIMIZATION_LEVELS)}")
+        options = ort.SessionOptions()
+        options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OPTIMIZATION_LEVELS[graph_optimization])
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.inter_op_num_threads = 1
+        if threads is not None:
+            options.intra_op_num_threads = threads
+        if optimized_model_path is not None:
+            options.optimized_model_filepath = str(optimized_model_path)
+        for key, value in (session_config or {}).items():
+            options.add_session_config_entry(key, str(value))
+        self.graph_optimization = graph_optimization
+        self.session_config = dict(session_config or {})
+        try:
+            self._before_session()
+            self._session = ort.InferenceSession(
+                str(self.path), options, providers=[(self.provider, self.provider_options())])
+        except Exception as e:  # ORT raises InvalidProtobuf, Fail, NotImplemented, RuntimeError...
+            raise BackendError(f"{self.name} cannot load {self.path}: {first_line(e)}") from None
+        active = self._session.get_providers()
+        if not active or active[0] != self.provider:
+            # ORT silently falls back to CPU when a provider cannot start; never report that as this backend.
+            raise BackendError(f"{self.name} is not available: ONNX Runtime started {active[0] if active else 'no provider'} instead of {self.provider}")
+        self._inputs = [TensorSpec(i.name, self._dtype(i.type), tuple(d if isinstance(d, int) else None for d in i.shape))
+                        for i in self._session.get_inputs()]
+        self._outputs = [o.name for o in self._session.get_outputs()]
+
+    def _before_session(self) -> None:
+        """Work a provider needs before its first session (loading libraries)."""
+
+    def provider_options(self) -> dict[str, str]:
+        """Options of the execution provider; subclasses add theirs."""
+        return {}
+
+    def _dtype(self, ort_type: str) -> np.dtype:
+        if ort_type not in _ORT_TYPES:
+            raise BackendError(f"{self.name}: model input type {ort_type} is not supported")
+        return _ORT_TYPES[ort_type]
+
+    @property
+    def input_specs(self) -> list[TensorSpec]:
+        return list(self._inputs)
+
+    @property
+    def output_names(self) -> list[str]:
+        return list(self._outputs)
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        feed = check_inputs(inputs, self._inputs)
+        try:
+            outputs = self._session.run(self._outputs, feed)
+        except Exception as e:  # a failure inside a kernel: report it, do not crash the caller
+            raise BackendError(f"{self.name} failed to run {self.path.name}: {first_line(e)}") from None
+        return dict(zip(self._outputs, outputs))
+
+    def info(self) -> dict[str, Any]:
+        import onnxruntime as ort
+
+        options = self._session.get_session_options()
+        return {
+            "backend": self.name,
+            "library": "onnxruntime",
+            "version": ort.__version__,
+            "provider": self.provider,
+            "provider_options": self._session.get_provider_options().get(self.provider, {}),
+            "device": ort.get_device(),
+            "precision": self.precision,
+            "threads": self.threads,
+            "intra_op_num_threads": options.intra_op_num_threads,
+            "graph_optimization": self.graph_optimization,
+            "session_config": self.session_config,
+        }

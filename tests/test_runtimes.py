@@ -1,0 +1,163 @@
+"""Runtime backends: PyTorch's answers on every CPU runtime, one-line errors for bad input."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import runtimes
+from dyt_export import export_onnx, load_checkpoint, save
+from dyt_export import build_model
+from runtimes import BackendError, get_backend, open_backend
+from runtimes.torch_ref import TorchReference
+from validation.compare import compare
+from validation.data import load_inputs
+
+from conftest import force_dispatcher, small_config
+
+CPU_RUNTIMES = ["ort-cpu", "openvino"]
+NONE_BLOCK, ALL_BLOCK = 1, 2
+
+
+@pytest.fixture(scope="module")
+def edge(tmp_path_factory):
+    """A saved checkpoint and its dynamic export with masks; block 1 activates no patch token,
+    block 2 every one, block 0 a data-dependent share."""
+    root = tmp_path_factory.mktemp("rt")
+    model = build_model(small_config(embed_dim=64, num_heads=2, mlp_hidden_dim=256), seed=1)
+    force_dispatcher(model, NONE_BLOCK, active=False)
+    force_dispatcher(model, ALL_BLOCK, active=True)
+    checkpoint = save(model, root / "edge.safetensors")
+    loaded = load_checkpoint(checkpoint)
+    onnx_path = root / "edge.onnx"
+    export_onnx(loaded, onnx_path, with_masks=True)
+    images = load_inputs("digits+scenes", 32, limit=8).pixel_values
+    return loaded, onnx_path, images
+
+
+@pytest.mark.parametrize("runtime", CPU_RUNTIMES)
+@pytest.mark.parametrize("batch", [1, 5])
+def test_cpu_backend_gives_pytorch_answers(edge, runtime, batch):
+    model, path, images = edge
+    backend = open_backend(runtime, path, threads=1)
+    assert backend.input_names == ["pixel_values"]
+    assert backend.output_names == ["logits", "token_masks"]
+    x = images[:batch]
+    got = backend.run({"pixel_values": x})
+    ref = TorchReference.from_module(model).run({"pixel_values": x})
+    assert got["logits"].dtype == np.float32 and got["token_masks"].dtype == np.bool_
+    parity = compare(ref, got["logits"], got["token_masks"], model.dyt_config.dispatcher_names)
+    assert parity.passed, parity.failures
+    assert parity.max_rel < 1e-5  # fp32 end to end; OpenVINO would be ~1e-3 in its default bf16
+    masks = got["token_masks"]
+    assert not masks[:, NONE_BLOCK, 1:].any() and masks[:, NONE_BLOCK, 0].all()  # only CLS runs the MLP
+    assert masks[:, ALL_BLOCK].all()
+    partial = masks[:, 0, 1:].mean()
+    assert 0 < partial < 1 or batch == 1
+
+
+def test_batch_results_equal_one_by_one(edge):
+    """Gathering the whole batch's active tokens must not mix images."""
+    _, path, images = edge
+    backend = open_backend("openvino", path, threads=1)
+    together = backend.run({"pixel_values": images[:4]})["logits"]
+    alone = np.concatenate([backend.run({"pixel_values": images[i:i + 1]})["logits"] for i in range(4)])
+    np.testing.assert_allclose(together, alone, rtol=0, atol=1e-5 * np.abs(alone).max())
+
+
+def test_openvino_pins_fp32_and_allows_bf16_on_request(edge):
+    _, path, images = edge
+    fp32 = open_backend("openvino", path, threads=1)
+    assert fp32.info()["compiled"]["INFERENCE_PRECISION_HINT"] == "f32"
+    bf16 = open_backend("openvino", path, threads=1, precision="bf16")
+    assert bf16.info()["compiled"]["INFERENCE_PRECISION_HINT"] == "bf16"
+    assert bf16.run({"pixel_values": images[:2]})["logits"].shape == (2, 10)
+    with pytest.raises(BackendError, match="precision 'fp16' is not supported"):
+        open_backend("openvino", path, precision="fp16")
+
+
+def test_backend_options_reach_the_runtime(edge):
+    _, path, _ = edge
+    ort_backend = open_backend("ort-cpu", path, threads=2, graph_optimization="basic",
+                               session_config={"session.intra_op.allow_spinning": "0"})
+    info = ort_backend.info()
+    assert info["intra_op_num_threads"] == 2 and info["graph_optimization"] == "basic"
+    ov_backend = open_backend("openvino", path, threads=1, performance_hint="THROUGHPUT", streams=1, max_batch=4)
+    assert ov_backend.info()["compiled"]["PERFORMANCE_HINT"] == "THROUGHPUT"
+    assert ov_backend.info()["compiled"]["INFERENCE_NUM_THREADS"] == 1
+    with pytest.raises(BackendError, match="at most 4"):
+        ov_backend.run({"pixel_values": np.zeros((5, 3, 32, 32), np.float32)})
+    with pytest.raises(BackendError, match="unexpected keyword argument 'bogus'"):
+        open_backend("ort-cpu", path, bogus=1)
+
+
+BAD_INPUTS = {
+    "float64": ({"pixel_values": np.zeros((1, 3, 32, 32))}, "dtype float64"),
+    "rank": ({"pixel_values": np.zeros((3, 32, 32), np.float32)}, r"shape \[3, 32, 32\]"),
+    "size": ({"pixel_values": np.zeros((1, 3, 64, 64), np.float32)}, r"shape \[1, 3, 64, 64\]"),
+    "channels": ({"pixel_values": np.zeros((1, 1, 32, 32), np.float32)}, r"shape \[1, 1, 32, 32\]"),
+    "empty": ({"pixel_values": np.zeros((0, 3, 32, 32), np.float32)}, "empty"),
+    "nan": ({"pixel_values": np.full((2, 3, 32, 32), np.nan, np.float32)}, "NaN/inf"),
+    "name": ({"images": np.zeros((1, 3, 32, 32), np.float32)}, "missing pixel_values"),
+    "extra": ({"pixel_values": np.zeros((1, 3, 32, 32), np.float32), "x": np.zeros(1)}, "unexpected x"),
+    "list": ({"pixel_values": [[0.0]]}, "numpy array"),
+}
+
+
+@pytest.mark.parametrize("runtime", CPU_RUNTIMES + ["torch"])
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_inputs_are_refused_with_one_line(edge, runtime, case):
+    model, path, _ = edge
+    backend = TorchReference.from_module(model) if runtime == "torch" else open_backend(runtime, path)
+    feed, message = BAD_INPUTS[case]
+    with pytest.raises(BackendError, match=message) as error:
+        backend.run(feed)
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("runtime", CPU_RUNTIMES)
+def test_models_the_runtime_cannot_load(tmp_path, runtime):
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"\x08\x07not a model at all" * 10)
+    with pytest.raises(BackendError, match="cannot (load|compile)") as error:
+        open_backend(runtime, garbage)
+    assert "\n" not in str(error.value)
+    with pytest.raises(BackendError, match="does not exist"):
+        open_backend(runtime, tmp_path / "missing.onnx")
+    with pytest.raises(BackendError, match="is not a file"):
+        open_backend(runtime, tmp_path)
+
+
+def test_registry_names_every_runtime_and_refuses_others():
+    assert set(runtimes.BACKEND_NAMES) == {"torch", "ort-cpu", "ort-cuda", "openvino"}
+    for name in runtimes.BACKEND_NAMES:
+        assert get_backend(name).name == name
+    with pytest.raises(BackendError, match="unknown runtime 'tensorrt'"):
+        get_backend("tensorrt")
+
+
+def test_ort_cuda_reports_why_it_cannot_run_here(edge):
+    """Here (no GPU, CPU-only onnxruntime) CUDA must say why; where it can run, it must give
+    PyTorch's answers. Never a silent CPU fallback."""
+    model, path, images = edge
+    available = get_backend("ort-cuda").availability()
+    if not available:
+        assert available.reason
+        with pytest.raises(BackendError, match="ort-cuda is not available: ") as error:
+            open_backend("ort-cuda", path)
+        assert available.reason in str(error.value)
+        return
+    backend = open_backend("ort-cuda", path)
+    assert backend.info()["provider"] == "CUDAExecutionProvider"
+    ref = TorchReference.from_module(model).run({"pixel_values": images})
+    got = backend.run({"pixel_values": images})
+    assert compare(ref, got["logits"], got["token_masks"], model.dyt_config.dispatcher_names).passed
+
+
+def test_torch_reference_follows_the_onnx_metadata(edge):
+    model, path, images = edge
+    reference = TorchReference(path)
+    assert reference.path.name == "edge.safetensors"
+    out = reference.run({"pixel_values": images[:3]})
+    assert set(out) == {"logits", "token_masks", "dispatch_logits"}
+    assert out["dispatch_logits"].shape == (3, 3, 16)
+    np.testing.assert_array_equal(out["logits"], TorchReference.from_module(model).run({"pixel_values": images[:3]})["logits"])

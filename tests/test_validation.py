@@ -1,0 +1,253 @@
+"""The validation harness: comparator rules, the timer, records, the command end to end."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jsonschema
+import numpy as np
+import pytest
+from PIL import Image
+
+from dyt_export import build_model, export_onnx, load_checkpoint, save
+from runtimes.base import Availability, Backend, TensorSpec, check_inputs
+from validation.cli import main
+from validation.compare import Tolerances, accuracy, compare
+from validation.pictures import draw
+from validation.record import check_record, load_schema
+from validation.throughput import batches_of, measure
+
+from conftest import force_dispatcher, small_config
+
+LAYERS = ["blocks.0.mlp", "blocks.1.mlp"]
+
+
+def _reference(batch: int = 4, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    dispatch_logits = rng.normal(0, 1, (batch, 2, 8)).astype(np.float32)
+    masks = np.concatenate([np.ones((batch, 2, 1), bool), dispatch_logits > 0], axis=2)
+    return {"logits": rng.normal(0, 3, (batch, 5)).astype(np.float32), "token_masks": masks,
+            "dispatch_logits": dispatch_logits}
+
+
+def test_identical_outputs_pass():
+    ref = _reference()
+    parity = compare(ref, ref["logits"].copy(), ref["token_masks"].copy(), LAYERS)
+    assert parity.passed and parity.max_abs == 0 and parity.top1_agreement == 1 and parity.mask_agreement == 1
+
+
+def test_near_threshold_mask_difference_is_a_reported_flip_not_a_failure():
+    ref = _reference()
+    ref["dispatch_logits"][2, 1, 5] = 3e-6  # reference: active, barely
+    ref["token_masks"][2, 1, 6] = True
+    masks = ref["token_masks"].copy()
+    masks[2, 1, 6] = False
+    logits = ref["logits"].copy()
+    logits[2] = logits[2][::-1]  # the flipped image may even change class
+    parity = compare(ref, logits, masks, LAYERS)
+    assert parity.passed, parity.failures
+    assert [(f.image, f.layer, f.token, f.reference_active) for f in parity.flips] == [(2, "blocks.1.mlp", 6, True)]
+    assert parity.flips[0].logit == pytest.approx(3e-6)
+    assert parity.images_with_flips == 1 and parity.mask_agreement < 1
+
+
+def test_mask_difference_away_from_threshold_fails_whatever_the_tolerances():
+    ref = _reference()
+    ref["dispatch_logits"][1, 0, 3] = 0.02
+    ref["token_masks"][1, 0, 4] = True
+    masks = ref["token_masks"].copy()
+    masks[1, 0, 4] = False
+    parity = compare(ref, ref["logits"], masks, LAYERS, Tolerances(max_rel=1.0, cosine_min=0.0))
+    assert not parity.passed and not parity.flips
+    assert "image 1, blocks.0.mlp token 4: reference logit 0.02" in parity.failures[0]
+
+
+def test_cls_must_stay_active():
+    ref = _reference()
+    masks = ref["token_masks"].copy()
+    masks[0, 1, 0] = False
+    assert "CLS must always be active" in compare(ref, ref["logits"], masks, LAYERS).failures[0]
+
+
+def test_logit_tolerances_and_top1_are_enforced():
+    ref = _reference()
+    close = ref["logits"] * (1 + 1e-6)
+    assert compare(ref, close, ref["token_masks"], LAYERS).passed
+    off = ref["logits"].copy()
+    off[3] += 0.01 * np.abs(ref["logits"]).max()
+    parity = compare(ref, off, ref["token_masks"], LAYERS)
+    assert not parity.passed and "max |diff| / max |reference|" in parity.failures[0]
+    assert compare(ref, off, ref["token_masks"], LAYERS, Tolerances(max_rel=0.02, cosine_min=0.99)).passed
+    swapped = ref["logits"].copy()
+    swapped[0] = np.roll(swapped[0], 1)
+    assert any("top-1 class differs" in f for f in compare(ref, swapped, ref["token_masks"], LAYERS).failures)
+    nan = ref["logits"].copy()
+    nan[1, 0] = np.nan
+    assert any("NaN/inf logits" in f for f in compare(ref, nan, ref["token_masks"], LAYERS).failures)
+
+
+def test_accuracy_counts_labeled_images_only():
+    logits = np.eye(4, dtype=np.float32)
+    assert accuracy(logits, np.array([0, 1, 3, -1])) == pytest.approx(2 / 3)
+    assert accuracy(logits, None) is None and accuracy(logits, np.full(4, -1)) is None
+
+
+class _Recorder(Backend):
+    """Counts calls per distinct batch; outputs masks whose activation is known."""
+
+    name = "recorder"
+
+    @classmethod
+    def availability(cls) -> Availability:
+        return Availability(True)
+
+    def __init__(self, model=None, *, threads=None, precision="fp32"):
+        self._set_common(threads, precision)
+        self.calls: list[float] = []
+
+    @property
+    def input_specs(self):
+        return [TensorSpec("pixel_values", np.dtype(np.float32), (None, 1, 2, 2))]
+
+    @property
+    def output_names(self):
+        return ["logits", "token_masks"]
+
+    def run(self, inputs):
+        x = check_inputs(inputs, self.input_specs)["pixel_values"]
+        self.calls.append(float(x[0, 0, 0, 0]))
+        masks = np.zeros((len(x), 1, 5), bool)
+        masks[:, 0, :3] = True  # CLS + 2 of 4 patch tokens
+        return {"logits": x.reshape(len(x), -1), "token_masks": masks}
+
+    def info(self):
+        return {}
+
+
+def test_measure_warms_every_batch_then_times_whole_passes():
+    images = np.arange(10, dtype=np.float32)[:, None, None, None] * np.ones((1, 1, 2, 2), np.float32)
+    backend = _Recorder(threads=3)
+    row = measure(backend, images, 3, iters=4)
+    firsts = [0.0, 3.0, 6.0]  # 10 images -> 3 full batches of 3
+    assert backend.calls[:3] == firsts  # warm-up met every batch before the clock started
+    assert backend.calls[3:] == firsts * 2 and row.calls == 6  # whole passes, >= iters
+    assert row.batch == 3 and row.threads == 3 and row.img_per_s > 0
+    assert row.p50_ms <= row.p90_ms <= row.p99_ms
+    assert row.activation_rate == pytest.approx(0.5)
+    given = np.zeros((10, 1, 5), bool)
+    given[:, :, 0] = True
+    given[:3, 0, 1] = True  # only the first batch has an active patch token
+    assert measure(_Recorder(), images, 3, iters=1, masks=given).activation_rate == pytest.approx(1 / 12)
+    assert [b.tolist() for b in batches_of(2, 3)] == [[0, 1, 0]]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A checkpoint, its dynamic export without masks (so validation builds both twins) and
+    a different checkpoint to provoke a parity failure."""
+    root = tmp_path_factory.mktemp("val")
+    model = build_model(small_config(embed_dim=64, num_heads=2, mlp_hidden_dim=256), seed=2)
+    force_dispatcher(model, 1, active=False)
+    checkpoint = save(model, root / "tiny.safetensors")
+    onnx_path = root / "tiny.onnx"
+    export_onnx(load_checkpoint(checkpoint), onnx_path)
+    other = save(build_model(small_config(embed_dim=64, num_heads=2, mlp_hidden_dim=256), seed=3), root / "other.safetensors")
+    return root, onnx_path, other
+
+
+def _validate(*args: str, capsys: pytest.CaptureFixture | None = None) -> subprocess.CompletedProcess:
+    """`python -m validation ARGS`: as a subprocess, or in this process when given capsys
+    (same code path after argument parsing, without paying the imports again)."""
+    if capsys is None:
+        return subprocess.run([sys.executable, "-m", "validation", *args], capture_output=True, text=True, timeout=300)
+    capsys.readouterr()
+    code = main(list(args))
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, captured.out, captured.err)
+
+
+QUICK = ["--limit", "10", "--data", "digits+scenes", "--batches", "1,4", "--threads", "1", "--iters", "2",
+         "--min-seconds", "0"]
+
+
+@pytest.mark.parametrize("runtime", ["ort-cpu", "openvino"])
+def test_validation_command_end_to_end(exported, runtime, capsys):
+    root, model, _ = exported
+    out = root / "records"  # shared: the second runtime reuses the twins the first exported
+    in_process = capsys if runtime == "openvino" else None
+    result = _validate("--runtime", runtime, "--model", str(model), "--out", str(out), *QUICK, capsys=in_process)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"PASS {runtime} tiny")
+    record = json.loads((out / f"{runtime}.json").read_text())
+    jsonschema.validate(record, load_schema())
+    assert record["passed"] and record["runtime"] == runtime
+    assert record["parity"]["top1_agreement"] == 1.0 and record["parity"]["mask_agreement"] == 1.0
+    assert record["inputs"] == {"source": "sklearn-digits/test+scenes", "images": 10, "labeled": 5, "img_size": 32}
+    assert record["activation_rate"]["blocks.1.mlp"] == 0.0
+    assert record["flops_g"]["dyt"] < record["flops_g"]["dense"]
+    assert record["model"]["twins"]["masks"].endswith(".dynamic-masks.onnx")
+    assert record["model"]["twins"]["dense"].endswith(".dense.onnx")
+    assert record["reference"]["matches_model_source"] is True
+    assert [(r["batch"], r["threads"]) for r in record["throughput"]] == [(1, 1), (4, 1)]
+    assert all(r["activation_rate"] == 1.0 for r in record["dense_baseline"])
+    assert all(0 < r["activation_rate"] < 1 for r in record["throughput"])
+    for s in record["speedup"]:
+        assert s["flops_ideal"] > 1 and s["efficiency"] == pytest.approx(s["measured"] / s["flops_ideal"])
+    assert (out / f"{runtime}.md").read_text().startswith(f"# tiny on {runtime}: PASS")
+
+
+def test_parity_miss_exits_non_zero_and_keeps_the_record(exported, capsys):
+    root, model, other = exported
+    out = root / "records-miss"
+    result = _validate("--runtime", "ort-cpu", "--model", str(model), "--ref", str(other), "--out", str(out),
+                       "--no-throughput", "--limit", "6", "--threads", "1", capsys=capsys)
+    assert result.returncode == 3, result.stderr
+    assert result.stdout.startswith("FAIL ort-cpu tiny") and "parity failure:" in result.stderr
+    record = json.loads((out / "ort-cpu.json").read_text())
+    check_record(record)
+    assert not record["passed"] and record["parity"]["failures"]
+    assert record["reference"]["matches_model_source"] is False and record["throughput"] == []
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--runtime", "ort-cuda"], "ort-cuda is not available: "),
+    (["--runtime", "tensorrt"], "cannot validate on 'tensorrt'"),
+    (["--model", "{root}/missing.onnx"], "does not exist"),
+    (["--model", "{root}/tiny.safetensors"], "is not a readable ONNX model"),
+    (["--model", "{model}", "--images", "{root}/no-such-dir"], "image folder"),
+])
+def test_bad_requests_exit_2_with_one_line(exported, args, message, capsys):
+    root, model, _ = exported
+    args = [a.format(root=root, model=model) for a in args]
+    result = _validate(*args, "--out", str(root / "bad"), "--no-throughput", capsys=capsys)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_schema_rejects_incomplete_records(exported, capsys):
+    root, model, _ = exported
+    result = _validate("--runtime", "ort-cpu", "--model", str(model), "--out", str(root / "schema"),
+                       "--no-throughput", "--limit", "4", "--threads", "1", capsys=capsys)
+    assert result.returncode == 0, result.stderr
+    record = json.loads((root / "schema" / "ort-cpu.json").read_text())
+    for broken in ({k: v for k, v in record.items() if k != "parity"},
+                   {**record, "schema_version": "2.0"},
+                   {**record, "parity": {**record["parity"], "top1_agreement": 1.5}},
+                   {**record, "runtime": "torch"}):
+        with pytest.raises(jsonschema.ValidationError):
+            check_record(broken)
+
+
+def test_pictures_for_any_model_and_images(exported, tmp_path):
+    root, model, _ = exported
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    Image.fromarray((np.random.default_rng(0).random((40, 60, 3)) * 255).astype(np.uint8)).save(folder / "a.png")
+    paths = draw(model, tmp_path / "img", data="scenes", images_dir=folder, count=3)
+    assert [p.name for p in paths] == ["tiny-activation.png", "tiny-tokens.png"]
+    for path in paths:
+        with Image.open(path) as image:
+            assert image.format == "PNG" and min(image.size) > 100

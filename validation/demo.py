@@ -1,0 +1,184 @@
+"""`make demo`: train (or reuse) the demo DyT, export it, validate it on ORT-CPU and
+OpenVINO, and print one table.
+
+The demo model is a small DyT trained here on scikit-learn's digits (validation/train.py),
+saved in the public DyT training code's checkpoint layout (full training checkpoint with
+`args`) and cached with its ONNX export under `.cache/demo/` (override with DYT_CACHE_DIR).
+The cache is keyed by the training recipe; `--retrain` ignores it.
+
+Geometry (validation/train.py `Recipe`): 32x32 inputs (8x8 digits upscaled 4x), patch 4,
+so each token is one digit pixel and the 64 patch tokens split cleanly into strokes and
+empty background, which is what a token dispatcher should learn to tell apart; width 96,
+4 blocks, 3 heads, MLP 384, adapter bottleneck 16: the largest model whose two training
+phases fit ~1-2 minutes on 2 CPU cores. Width 96 has no conventional head count, so the
+checkpoint needs `--num-heads 3` when given to dyt-export alone (the ONNX metadata carries it).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from .train import Recipe
+
+CHECKPOINT_NAME = "dyt_digits.pth"
+ONNX_NAME = "dyt_digits.onnx"
+
+
+def cache_dir() -> Path:
+    default = Path(__file__).resolve().parents[1] / ".cache"
+    return Path(os.environ.get("DYT_CACHE_DIR", default)) / "demo"
+
+
+@dataclass
+class DemoModel:
+    checkpoint: Path
+    onnx: Path
+    trained_now: bool
+    train_seconds: float | None
+    export_timings: dict[str, float]
+
+
+@contextlib.contextmanager
+def _locked(directory: Path) -> Iterator[None]:
+    """One process at a time trains or exports the demo model (tests run in parallel)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / ".lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _train(recipe: Recipe, path: Path, log: Callable[[str], None]) -> float:
+    from dyt_export import write_public_checkpoint
+
+    from .train import train_demo
+
+    log(f"training the demo DyT on sklearn digits (dim {recipe.embed_dim}, depth {recipe.depth}, "
+        f"target activation {recipe.target_rate}); about 1-2 minutes on 2 cores...")
+    result = train_demo(recipe, log=log)
+    write_public_checkpoint(result.model, path, shape="training", epoch=recipe.pretrain_epochs + recipe.tune_epochs - 1,
+                            args={"model": "dyt_digits", "token_target_ratio": recipe.target_rate,
+                                  "epochs": recipe.tune_epochs, "lr": recipe.tune_lr, "batch_size": recipe.batch})
+    log(f"trained in {result.seconds:.0f} s -> {path}")
+    return result.seconds
+
+
+def ensure_demo_model(recipe: Recipe = Recipe(), *, retrain: bool = False, show_steps: bool = False,
+                      log: Callable[[str], None] = lambda _: None) -> DemoModel:
+    """The cached demo checkpoint and its dynamic ONNX export, made when missing or stale."""
+    from dyt_export import export_onnx, load_checkpoint
+    from dyt_export.checkpoint import file_sha256
+    from dyt_export.export import read_metadata
+    from dyt_export.progress import Steps
+
+    directory = cache_dir()
+    checkpoint, onnx_path, stamp = directory / CHECKPOINT_NAME, directory / ONNX_NAME, directory / "recipe.json"
+    wanted = json.dumps(recipe.to_dict(), sort_keys=True)
+    with _locked(directory):
+        seconds = None
+        fresh = retrain or not checkpoint.exists() or not stamp.exists() or stamp.read_text() != wanted
+        if fresh:
+            for stale in (checkpoint, onnx_path, stamp):
+                stale.unlink(missing_ok=True)
+            seconds = _train(recipe, checkpoint, log)
+            stamp.write_text(wanted)
+        timings: dict[str, float] = {}
+        sha256 = file_sha256(checkpoint)
+        if not onnx_path.exists() or read_metadata(onnx_path).get("dyt.source_sha256") != sha256:
+            onnx_path.unlink(missing_ok=True)
+            steps = Steps(show=show_steps)
+            with steps.step("load checkpoint"):
+                model = load_checkpoint(checkpoint, num_heads=recipe.num_heads)
+            export_onnx(model, onnx_path, dispatch="dynamic", steps=steps)
+            timings = dict(steps.timings)
+        return DemoModel(checkpoint, onnx_path, fresh, seconds, timings)
+
+
+def _table(results: list[tuple[str, dict[str, Any] | None, str]]) -> str:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="DyT demo: sklearn digits test split, PyTorch reference vs runtime")
+    for column in ("runtime", "acc torch", "acc runtime", "max rel", "top-1 agree", "mask agree", "flips",
+                   "activation", "GMACs dense/DyT", "img/s b1 / b8 / b32", "speedup b32 (ideal)", "result"):
+        table.add_column(column)
+    for runtime, record, note in results:
+        if record is None:
+            table.add_row(runtime, *["-"] * 10, note)
+            continue
+        p, a, f = record["parity"], record["accuracy"] or {}, record["flops_g"]
+        speeds = {r["batch"]: r["img_per_s"] for r in record["throughput"]}
+        s32 = next((s for s in record["speedup"] if s["batch"] == max(speeds, default=0)), None)
+        table.add_row(
+            runtime, f"{a.get('reference', float('nan')):.4f}", f"{a.get('runtime', float('nan')):.4f}",
+            f"{p['max_rel']:.1e}", f"{p['top1_agreement']:.4f}", f"{p['mask_agreement']:.6f}", str(len(p["flips"])),
+            f"{record['activation_rate_mean']:.3f}", f"{f['dense'] * 1e3:.1f}M / {f['dyt'] * 1e3:.1f}M",
+            " / ".join(f"{speeds[b]:.0f}" for b in sorted(speeds)) or "-",
+            f"{s32['measured']:.2f}x ({s32['flops_ideal']:.2f}x)" if s32 else "-",
+            "PASS" if record["passed"] else "FAIL")
+    console = Console(width=200)
+    with console.capture() as capture:
+        console.print(table)
+    return capture.get()
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .cli import EXIT_OK, EXIT_PARITY, run_guarded
+
+    p = argparse.ArgumentParser(prog="python -m validation.demo", description=__doc__.splitlines()[0])
+    p.add_argument("--runtimes", default="ort-cpu,openvino", help="comma-separated (default ort-cpu,openvino)")
+    p.add_argument("--retrain", action="store_true", help="train again even when a cached model exists")
+    p.add_argument("--out", type=Path, help="record directory (default validation/records/dyt_digits/)")
+    p.add_argument("--no-throughput", action="store_true")
+    p.add_argument("--debug", action="store_true")
+    args = p.parse_args(argv)
+
+    def body() -> int:
+        from dyt_export.errors import UserError
+        from runtimes import BackendError
+
+        from .harness import Options, validate
+
+        def log(line: str) -> None:
+            print(line, file=sys.stderr)
+
+        start = time.perf_counter()
+        demo = ensure_demo_model(retrain=args.retrain, show_steps=True, log=log)
+        print(f"demo checkpoint (public DyT layout): {demo.checkpoint}")
+        print(f"demo ONNX (dynamic dispatch):       {demo.onnx}")
+        if demo.export_timings:
+            print("export steps: " + ", ".join(f"{k} {v:.2f} s" for k, v in demo.export_timings.items()))
+        else:
+            print("export: reused the cached ONNX file (delete it or pass --retrain to time the export)")
+        results, failed = [], False
+        for runtime in args.runtimes.split(","):
+            try:
+                outcome = validate(Options(runtime=runtime, model=demo.onnx, out=args.out, data="digits",
+                                           throughput=not args.no_throughput, show=True), log=log)
+            except (BackendError, UserError) as e:
+                results.append((runtime, None, str(e)))
+                failed = True
+                continue
+            results.append((runtime, outcome.record, str(outcome.json_path)))
+            failed |= not outcome.parity.passed
+        print(_table(results))
+        for runtime, record, note in results:
+            print(f"{runtime}: {note}")
+        print(f"demo finished in {time.perf_counter() - start:.0f} s")
+        return EXIT_PARITY if failed else EXIT_OK
+
+    return run_guarded(body, args.debug)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,220 @@
+"""`validate`: run the reference and a runtime on the same images, judge parity, time both
+the DyT model and its dense twin, and write the record.
+
+Order matters for the user's time: cheap checks that can refuse the job (runtime
+availability, model metadata, reference checkpoint) run before any export or timing.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from dyt_export.errors import UserError
+from dyt_export.progress import Steps
+from runtimes import ONNX_RUNTIMES, Backend, BackendError, get_backend, open_backend
+from runtimes.torch_ref import TorchReference
+
+from .compare import Parity, Tolerances, accuracy, compare
+from .costs import activation_rates, gmacs
+from .data import ImageSet, load_inputs
+from .machine import machine_info
+from .models import ModelUnderTest, read_model, twin
+from .record import build_record, write_record
+from .throughput import ThroughputRow, batches_of, measure
+
+RUN_CHUNK = 16
+"""Images per call in the parity runs (timing uses the requested batch sizes)."""
+
+
+@dataclass
+class Options:
+    runtime: str
+    model: Path | None = None
+    """None: the demo model (trained and exported on first use)."""
+    ref: Path | None = None
+    """None: the source checkpoint recorded in the model's metadata."""
+    out: Path | None = None
+    """None: validation/records/<model stem>/."""
+    data: str = "digits"
+    images: Path | None = None
+    limit: int | None = None
+    batches: tuple[int, ...] = (1, 8, 32)
+    threads: tuple[int, ...] = field(default_factory=lambda: (os.cpu_count() or 1,))
+    iters: int = 20
+    min_seconds: float = 1.0
+    warmup: int = 0
+    throughput: bool = True
+    precision: str = "fp32"
+    tolerances: Tolerances = Tolerances()
+    backend_options: dict[str, Any] = field(default_factory=dict)
+    loader_overrides: dict[str, Any] = field(default_factory=dict)
+    """num_heads / adapter_scale / trust_checkpoint for the reference checkpoint."""
+    show: bool = False
+
+
+@dataclass
+class Outcome:
+    record: dict[str, Any]
+    json_path: Path
+    markdown_path: Path
+    parity: Parity
+
+
+def _run_all(backend: Backend, images: np.ndarray, names: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """`names` outputs of `backend` over all images, in chunks."""
+    parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    input_name = backend.input_names[0]
+    for start in range(0, len(images), RUN_CHUNK):
+        out = backend.run({input_name: images[start:start + RUN_CHUNK]})
+        for n in names:
+            parts[n].append(out[n])
+    return {n: np.concatenate(v) for n, v in parts.items()}
+
+
+def _default_out(model: Path) -> Path:
+    return Path(__file__).resolve().parent / "records" / model.stem
+
+
+def _check_options(opts: Options) -> None:
+    if opts.runtime not in ONNX_RUNTIMES:
+        raise BackendError(f"cannot validate on {opts.runtime!r}; choose one of {', '.join(ONNX_RUNTIMES)}")
+    available = get_backend(opts.runtime).availability()
+    if not available:
+        raise BackendError(f"{opts.runtime} is not available: {available.reason}")
+    if not opts.batches or any(b < 1 for b in opts.batches):
+        raise UserError(f"batch sizes must be >= 1, got {list(opts.batches)}")
+    if not opts.threads or any(t < 1 for t in opts.threads):
+        raise UserError(f"thread counts must be >= 1, got {list(opts.threads)}")
+
+
+def _reference(opts: Options, model: ModelUnderTest, steps: Steps) -> TorchReference:
+    with steps.step("load reference checkpoint"):
+        source = opts.ref or model.path  # an ONNX path makes the reference follow its metadata
+        overrides = {k: v for k, v in opts.loader_overrides.items() if v is not None}
+        if opts.ref is not None:  # geometry the checkpoint cannot state comes from the ONNX file
+            overrides = {"num_heads": model.cfg.num_heads, "adapter_scale": model.cfg.adapter_scale,
+                         "img_size": model.cfg.img_size, **overrides}
+        return TorchReference(source, threads=max(opts.threads), dispatch=model.dispatch, **overrides)
+
+
+def _throughput(opts: Options, path: Path, images: ImageSet, masks: np.ndarray | None,
+                log: Callable[[str], None], label: str) -> list[ThroughputRow]:
+    rows = []
+    for threads in opts.threads:
+        backend = open_backend(opts.runtime, path, threads=threads, precision=opts.precision, **opts.backend_options)
+        for batch in opts.batches:
+            row = measure(backend, images.pixel_values, batch, iters=opts.iters, warmup=opts.warmup,
+                          min_seconds=opts.min_seconds, masks=masks)
+            if masks is None:  # the dense twin runs every token
+                row = dataclasses.replace(row, activation_rate=1.0)
+            rows.append(row)
+            log(f"  {label:<5} batch {batch:>3} threads {threads}: {row.img_per_s:8.1f} img/s  p50 {row.p50_ms:.2f} ms")
+    return rows
+
+
+def _speedups(cfg: Any, rows: list[ThroughputRow], dense: list[ThroughputRow], masks: np.ndarray,
+              count: int) -> list[dict[str, Any]]:
+    """Measured DyT/dense speed beside the FLOPs-ideal one, for the images each row ran."""
+    dense_macs = float(gmacs(cfg, None)[0])
+    by_key = {(r.batch, r.threads): r for r in dense}
+    result = []
+    for row in rows:
+        base = by_key.get((row.batch, row.threads))
+        if base is None:
+            continue
+        timed = np.concatenate(batches_of(count, row.batch))
+        ideal = dense_macs / float(gmacs(cfg, masks[timed]).mean())
+        measured = row.img_per_s / base.img_per_s
+        result.append({"batch": row.batch, "threads": row.threads, "measured": measured,
+                       "flops_ideal": ideal, "efficiency": measured / ideal})
+    return result
+
+
+def validate(opts: Options, log: Callable[[str], None] = lambda _: None) -> Outcome:
+    """Validate one ONNX model on one runtime; writes OUT/<runtime>.json and .md."""
+    _check_options(opts)
+    steps = Steps(show=opts.show)
+    started = time.perf_counter()
+    if opts.model is None:
+        from .demo import ensure_demo_model
+
+        opts = dataclasses.replace(opts, model=ensure_demo_model(log=log).onnx)
+    model = read_model(opts.model)
+    out = Path(opts.out) if opts.out is not None else _default_out(model.path)
+    reference = _reference(opts, model, steps)
+    cfg, layers = model.cfg, model.cfg.dispatcher_names
+
+    with steps.step("prepare inputs"):
+        images = load_inputs(opts.data, cfg.img_size, cfg.in_chans, limit=opts.limit, images_dir=opts.images)
+    with steps.step("reference (torch)"):
+        ref = _run_all(reference, images.pixel_values, ("logits", "token_masks", "dispatch_logits"))
+
+    twins: dict[str, str | None] = {"masks": None, "dense": None}
+    twin_dir = out / "twins"
+    masks_path = model.path
+    if not model.has_masks:
+        with steps.step("export mask twin"):
+            masks_path, _ = twin(reference.module, model, twin_dir, dispatch=model.dispatch, with_masks=True)
+        twins["masks"] = str(masks_path)
+    dense_path = model.path
+    if model.dispatch != "dense" and opts.throughput:
+        with steps.step("export dense twin"):
+            dense_path, _ = twin(reference.module, model, twin_dir, dispatch="dense", with_masks=False)
+        twins["dense"] = str(dense_path)
+
+    with steps.step(f"parity run ({opts.runtime})"):
+        backend = open_backend(opts.runtime, model.path, threads=opts.threads[0], precision=opts.precision,
+                               **opts.backend_options)
+        runtime_info = backend.info()
+        got = _run_all(backend, images.pixel_values, ("logits", "token_masks") if model.has_masks else ("logits",))
+        if not model.has_masks:
+            mask_backend = open_backend(opts.runtime, masks_path, threads=opts.threads[0], precision=opts.precision,
+                                        **opts.backend_options)
+            got["token_masks"] = _run_all(mask_backend, images.pixel_values, ("token_masks",))["token_masks"]
+            del mask_backend
+        del backend
+    parity = compare(ref, got["logits"], got["token_masks"], layers, opts.tolerances)
+    log(f"parity: {'PASS' if parity.passed else 'FAIL'}  max_rel {parity.max_rel:.2e}  top1 {parity.top1_agreement:.4f}  "
+        f"masks {parity.mask_agreement:.6f}  flips {len(parity.flips)}")
+
+    throughput: list[ThroughputRow] = []
+    dense: list[ThroughputRow] = []
+    if opts.throughput:
+        with steps.step("throughput"):
+            throughput = _throughput(opts, model.path, images, ref["token_masks"], log, "dyt")
+            dense = _throughput(opts, dense_path, images, None, log, "dense")
+
+    rates = activation_rates(ref["token_masks"])
+    record = build_record(
+        runtime=opts.runtime, runtime_info=runtime_info, model=model, twins=twins,
+        reference={"backend": "torch", "checkpoint": str(reference.path),
+                   "sha256": getattr(reference.module, "provenance", {}).get("sha256", ""),
+                   "matches_model_source": (getattr(reference.module, "provenance", {}).get("sha256") == model.source_sha256)
+                   if model.source_sha256 else None},
+        machine=machine_info(),
+        inputs={"source": images.source, "images": len(images), "labeled": int((images.labels >= 0).sum())
+                if images.labels is not None else 0, "img_size": cfg.img_size},
+        tolerances=opts.tolerances, parity=parity,
+        accuracy=_accuracy(ref["logits"], got["logits"], images),
+        activation_rate=dict(zip(layers, map(float, rates))),
+        flops_g={"dense": float(gmacs(cfg, None)[0]), "dyt": float(gmacs(cfg, ref["token_masks"]).mean())},
+        throughput=throughput, dense_baseline=dense,
+        speedup=_speedups(cfg, throughput, dense, ref["token_masks"], len(images)) if throughput else [],
+        timings={**steps.timings, "total": time.perf_counter() - started},
+    )
+    json_path, markdown_path = write_record(record, out)
+    return Outcome(record, json_path, markdown_path, parity)
+
+
+def _accuracy(reference_logits: np.ndarray, logits: np.ndarray, images: ImageSet) -> dict[str, Any] | None:
+    ref_acc = accuracy(reference_logits, images.labels)
+    if ref_acc is None:
+        return None
+    labeled = int((images.labels >= 0).sum())
+    return {"images": labeled, "reference": ref_acc, "runtime": accuracy(logits, images.labels)}

@@ -1,0 +1,130 @@
+"""Validation records: one JSON document per (model, runtime), plus a Markdown summary.
+
+The JSON layout is described by `record.schema.json` (JSON Schema 2020-12) beside this
+file and versioned by `schema_version` (major.minor: a minor bump only adds fields; a
+major bump renames or removes some). Every record is checked against the schema before it
+is written, so a record on disk is always schema-valid.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+from typing import Any
+
+from .compare import Parity, Tolerances
+from .throughput import ThroughputRow
+
+SCHEMA_VERSION = "1.0"
+SCHEMA_PATH = Path(__file__).with_name("record.schema.json")
+FLOPS_CONVENTION = "G multiply-adds per image (the DyT paper's 'FLOPs'; dense ViT-B/16 = 17.58)"
+
+
+def load_schema() -> dict[str, Any]:
+    return json.loads(SCHEMA_PATH.read_text())
+
+
+def check_record(record: dict[str, Any]) -> None:
+    """Raise jsonschema.ValidationError when `record` does not follow the schema."""
+    import jsonschema
+
+    jsonschema.validate(record, load_schema())
+
+
+def build_record(*, runtime: str, runtime_info: dict[str, Any], model: Any, twins: dict[str, str | None],
+                 reference: dict[str, Any], machine: dict[str, Any], inputs: dict[str, Any],
+                 tolerances: Tolerances, parity: Parity, accuracy: dict[str, Any] | None,
+                 activation_rate: dict[str, float], flops_g: dict[str, float], throughput: list[ThroughputRow],
+                 dense_baseline: list[ThroughputRow], speedup: list[dict[str, Any]],
+                 timings: dict[str, float]) -> dict[str, Any]:
+    """The record as a JSON-ready dict (see record.schema.json for every field)."""
+    rates = list(activation_rate.values())
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "passed": parity.passed,
+        "runtime": runtime,
+        "runtime_info": runtime_info,
+        "model": {
+            "path": str(model.path), "name": model.path.stem, "dispatch": model.dispatch,
+            "precision": model.precision, "opset": model.opset, "outputs": model.outputs,
+            "dispatchers": model.cfg.dispatcher_names, "config": model.cfg.to_dict(),
+            "source": model.source, "source_sha256": model.source_sha256, "twins": twins,
+        },
+        "reference": reference,
+        "machine": machine,
+        "inputs": inputs,
+        "tolerances": {"max_rel": tolerances.max_rel, "cosine_min": tolerances.cosine_min,
+                       "flip_logit": tolerances.flip_logit},
+        "parity": parity.to_dict(),
+        "accuracy": accuracy,
+        "activation_rate": activation_rate,
+        "activation_rate_mean": float(sum(rates) / len(rates)) if rates else 1.0,
+        "flops_g": {**flops_g, "convention": FLOPS_CONVENTION},
+        "throughput": [r.to_dict() for r in throughput],
+        "dense_baseline": [r.to_dict() for r in dense_baseline],
+        "speedup": speedup,
+        "timings_s": timings,
+    }
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def markdown(record: dict[str, Any]) -> str:
+    """A human summary of one record."""
+    p, m = record["parity"], record["model"]
+    lines = [
+        f"# {m['name']} on {record['runtime']}: {'PASS' if record['passed'] else 'FAIL'}",
+        "",
+        f"Model `{m['path']}` (dispatch {m['dispatch']}, {m['precision']}, opset {m['opset']}); reference: torch "
+        f"from `{record['reference']['checkpoint']}`. Machine: {record['machine']['cpu']}, "
+        f"{record['machine']['logical_cores']} cores. Inputs: {record['inputs']['images']} images ({record['inputs']['source']}).",
+        "",
+        "## Parity",
+        "",
+        "| max abs | max rel | cosine min | top-1 agreement | mask agreement | flips |",
+        "|---|---|---|---|---|---|",
+        f"| {p['max_abs']:.3g} | {p['max_rel']:.3g} | {p['cosine_min']:.7f} | {p['top1_agreement']:.4f} | "
+        f"{_fmt(p['mask_agreement'], '.6f')} | {len(p['flips'])} |",
+        "",
+        f"Tolerances: max rel <= {record['tolerances']['max_rel']:g}, cosine >= {record['tolerances']['cosine_min']}, "
+        f"flip window |logit| <= {record['tolerances']['flip_logit']:g}.",
+    ]
+    lines += [f"- FAIL: {f}" for f in p["failures"]]
+    lines += [f"- flip: image {f['image']}, {f['layer']} token {f['token']}, reference logit {f['logit']:.2e}"
+              for f in p["flips"][:20]]
+    if record["accuracy"]:
+        a = record["accuracy"]
+        lines += ["", f"Accuracy on {a['images']} labeled images: torch {a['reference']:.4f}, "
+                      f"{record['runtime']} {a['runtime']:.4f}."]
+    rates = ", ".join(f"{k} {v:.3f}" for k, v in record["activation_rate"].items())
+    f = record["flops_g"]
+    lines += ["", "## Activation and cost", "", f"Activation rate per dispatcher: {rates or 'none'}.",
+              f"GMACs per image: dense {f['dense']:.4g}, DyT {f['dyt']:.4g} (ideal speedup {f['dense'] / f['dyt']:.3f}x)."]
+    if record["throughput"]:
+        dense = {(r["batch"], r["threads"]): r for r in record["dense_baseline"]}
+        speed = {(s["batch"], s["threads"]): s for s in record["speedup"]}
+        lines += ["", "## Throughput", "",
+                  "| batch | threads | DyT img/s | p50 ms | p90 ms | p99 ms | activation | dense img/s | speedup | FLOPs-ideal |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in record["throughput"]:
+            key = (r["batch"], r["threads"])
+            d, s = dense.get(key), speed.get(key)
+            lines.append(f"| {r['batch']} | {r['threads']} | {r['img_per_s']:.1f} | {r['p50_ms']:.2f} | {r['p90_ms']:.2f} | "
+                         f"{r['p99_ms']:.2f} | {_fmt(r['activation_rate'], '.3f')} | {_fmt(d and d['img_per_s'], '.1f')} | "
+                         f"{_fmt(s and s['measured'], '.3f')} | {_fmt(s and s['flops_ideal'], '.3f')} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_record(record: dict[str, Any], out: Path) -> tuple[Path, Path]:
+    """Check `record` against the schema, then write OUT/<runtime>.json and OUT/<runtime>.md."""
+    check_record(record)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path = out / f"{record['runtime']}.json"
+    markdown_path = out / f"{record['runtime']}.md"
+    json_path.write_text(json.dumps(record, indent=2) + "\n")
+    markdown_path.write_text(markdown(record))
+    return json_path, markdown_path
