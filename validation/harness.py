@@ -209,6 +209,7 @@ def validate(opts: Options, log: Callable[[str], None] = lambda _: None) -> Outc
         timings={**steps.timings, "total": time.perf_counter() - started},
     )
     json_path, markdown_path = write_record(record, out)
+    log("steps:\n" + steps.report())
     return Outcome(record, json_path, markdown_path, parity)
 
 

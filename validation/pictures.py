@@ -105,7 +105,7 @@ def draw(model: Path, out: Path, *, prefix: str | None = None, data: str = "digi
     shown = inputs.take(count)
     return [
         activation_chart(rates, layers, out / f"{prefix}-activation.png",
-                         f"{prefix}: activated tokens per layer ({len(inputs)} images, {inputs.source})"),
+                         f"{prefix}: activated patch tokens per layer\n({len(inputs)} images, {inputs.source})"),
         token_grid(shown, masks[:count], layers, cfg.patch_size, out / f"{prefix}-tokens.png",
                    f"{prefix}: activated tokens in colour, skipped tokens greyed"),
     ]
