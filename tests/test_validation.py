@@ -153,6 +153,7 @@ def exported(tmp_path_factory):
     checkpoint = save(model, root / "tiny.safetensors")
     onnx_path = root / "tiny.onnx"
     export_onnx(load_checkpoint(checkpoint), onnx_path)
+    export_onnx(load_checkpoint(checkpoint), root / "tiny-masks.onnx", with_masks=True)
     other = save(build_model(small_config(embed_dim=64, num_heads=2, mlp_hidden_dim=256), seed=3), root / "other.safetensors")
     return root, onnx_path, other
 
@@ -227,12 +228,14 @@ def test_bad_requests_exit_2_with_one_line(exported, args, message, capsys):
     assert len(result.stderr.strip().splitlines()) == 1
 
 
-def test_schema_rejects_incomplete_records(exported, capsys):
-    root, model, _ = exported
-    result = _validate("--runtime", "ort-cpu", "--model", str(model), "--out", str(root / "schema"),
+def test_a_model_with_masks_is_its_own_mask_twin_and_records_follow_the_schema(exported, capsys):
+    root, _, _ = exported
+    result = _validate("--runtime", "ort-cpu", "--model", str(root / "tiny-masks.onnx"), "--out", str(root / "schema"),
                        "--no-throughput", "--limit", "4", "--threads", "1", capsys=capsys)
     assert result.returncode == 0, result.stderr
     record = json.loads((root / "schema" / "ort-cpu.json").read_text())
+    assert record["model"]["twins"] == {"masks": None, "dense": None}
+    assert record["parity"]["mask_agreement"] == 1.0
     for broken in ({k: v for k, v in record.items() if k != "parity"},
                    {**record, "schema_version": "2.0"},
                    {**record, "parity": {**record["parity"], "top1_agreement": 1.5}},

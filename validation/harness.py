@@ -103,19 +103,24 @@ def _reference(opts: Options, model: ModelUnderTest, steps: Steps) -> TorchRefer
         return TorchReference(source, threads=max(opts.threads), dispatch=model.dispatch, **overrides)
 
 
-def _throughput(opts: Options, path: Path, images: ImageSet, masks: np.ndarray | None,
-                log: Callable[[str], None], label: str) -> list[ThroughputRow]:
-    rows = []
+def _throughput(opts: Options, model: Path, dense: Path, images: ImageSet, masks: np.ndarray,
+                log: Callable[[str], None]) -> tuple[list[ThroughputRow], list[ThroughputRow]]:
+    """(DyT rows, dense rows). Each DyT row is timed right before its dense row, so load from
+    other processes drifting over the run moves both sides of a speedup alike."""
+    rows, dense_rows = [], []
     for threads in opts.threads:
-        backend = open_backend(opts.runtime, path, threads=threads, precision=opts.precision, **opts.backend_options)
+        backends = [open_backend(opts.runtime, path, threads=threads, precision=opts.precision, **opts.backend_options)
+                    for path in (model, dense)]
         for batch in opts.batches:
-            row = measure(backend, images.pixel_values, batch, iters=opts.iters, warmup=opts.warmup,
-                          min_seconds=opts.min_seconds, masks=masks)
-            if masks is None:  # the dense twin runs every token
-                row = dataclasses.replace(row, activation_rate=1.0)
+            row, base = (measure(backend, images.pixel_values, batch, iters=opts.iters, warmup=opts.warmup,
+                                 min_seconds=opts.min_seconds, masks=rate_masks)
+                         for backend, rate_masks in zip(backends, (masks, None)))
+            base = dataclasses.replace(base, activation_rate=1.0)  # the dense graph runs every token
             rows.append(row)
-            log(f"  {label:<5} batch {batch:>3} threads {threads}: {row.img_per_s:8.1f} img/s  p50 {row.p50_ms:.2f} ms")
-    return rows
+            dense_rows.append(base)
+            log(f"  batch {batch:>3} threads {threads}: DyT {row.img_per_s:8.1f} img/s (p50 {row.p50_ms:.2f} ms), "
+                f"dense {base.img_per_s:8.1f} img/s (p50 {base.p50_ms:.2f} ms)")
+    return rows, dense_rows
 
 
 def _speedups(cfg: Any, rows: list[ThroughputRow], dense: list[ThroughputRow], masks: np.ndarray,
@@ -187,8 +192,7 @@ def validate(opts: Options, log: Callable[[str], None] = lambda _: None) -> Outc
     dense: list[ThroughputRow] = []
     if opts.throughput:
         with steps.step("throughput"):
-            throughput = _throughput(opts, model.path, images, ref["token_masks"], log, "dyt")
-            dense = _throughput(opts, dense_path, images, None, log, "dense")
+            throughput, dense = _throughput(opts, model.path, dense_path, images, ref["token_masks"], log)
 
     rates = activation_rates(ref["token_masks"])
     record = build_record(
