@@ -125,7 +125,7 @@ def test_cli_init_then_inspect_says_it_was_calibrated(tmp_path, run_cli):
     assert facts["variant"] == "attn_mlp" and facts["adapter"]["experts"] == 4
     assert [d["name"] for d in facts["dispatchers"]] == cfg.dispatcher_names
     assert [d["calibrated_rate"] for d in facts["dispatchers"]] == cfg.extra["init"]["calibration"]["rates"]
-    assert facts["dispatchers"][1]["bias"] == pytest.approx(float(model.blocks[0].mlp_token_select.mlp_head.bias), abs=1e-6)
+    assert facts["dispatchers"][1]["bias"] == pytest.approx(float(model.blocks[0].mlp_token_select.mlp_head.bias.detach()), abs=1e-6)
     assert facts["origin"]["trained"] is False
     text = run_cli("inspect", out).stdout
     assert "MoE-adapter, 4 experts" in text and "name=blocks.11.mlp" in text and "calibrated_rate=" in text

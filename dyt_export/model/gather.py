@@ -63,16 +63,19 @@ def sequence_gathered(x: torch.Tensor, mask: torch.Tensor, fn: SeqFn) -> torch.T
     """fn on each image's active tokens only (attention never crosses images or reaches an
     inactive token), scattered back into zeros: [B, N, C].
 
-    Padded slots point at inactive tokens of their own image and write zeros, so no
-    scatter index repeats and no active result is overwritten.
+    Rows are addressed in the flattened batch (`image * N + position`), one index per token:
+    Gather and ScatterND on [B*L] indices, not per-element [B, L, C] indices
+    (GatherElements/ScatterElements), which were slower or equal on ORT and OpenVINO
+    (docs/variants.md). Padded slots point at inactive tokens of their own image and write
+    zeros, so no scatter index repeats and no active result is overwritten.
     """
     b, n, c = x.shape
     order, valid = compact_order(mask)
-    index = order.unsqueeze(-1).expand(-1, -1, c)
-    compact = torch.gather(x, 1, index)
-    out = fn(compact, key_padding_bias(valid, torch.float32))
-    out = out * valid.unsqueeze(-1).to(out.dtype)
-    return torch.zeros_like(x).scatter(1, index, out)
+    rows = (order + torch.arange(b, device=x.device).unsqueeze(1) * n).reshape(-1)
+    flat = x.reshape(b * n, c)
+    out = fn(flat.index_select(0, rows).reshape(b, -1, c), key_padding_bias(valid, torch.float32))
+    out = (out * valid.unsqueeze(-1).to(out.dtype)).reshape(-1, c)
+    return torch.zeros_like(flat).index_put((rows,), out).reshape(b, n, c)
 
 
 def sequence_masked(x: torch.Tensor, mask: torch.Tensor, fn: SeqFn) -> torch.Tensor:
