@@ -17,11 +17,6 @@ from typing import Any, ClassVar, Mapping
 
 import numpy as np
 
-PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
-"""What a caller may ask for. 'fp32' means: run the graph in the precision it was exported
-in, lowering nothing on your own. 'bf16' lets a runtime that can (OpenVINO) lower on purpose."""
-
-
 class BackendError(Exception):
     """The runtime cannot do what was asked (unavailable, cannot load, bad input): one line."""
 
@@ -95,8 +90,9 @@ class Backend(abc.ABC):
     """Load once in __init__, then `run` any number of times.
 
     Options common to all: `threads` (None: the runtime's default) and `precision`
-    ('fp32' asks the runtime not to lower precision on its own; OpenVINO's CPU plugin picks
-    bf16 by default on CPUs with AVX512-BF16 or AMX, which breaks parity). Backend-specific
+    ('fp32' runs the graph in the precision it was exported in, lowering nothing on the
+    runtime's own initiative; OpenVINO's CPU plugin picks bf16 by default on CPUs with
+    AVX512-BF16 or AMX, which breaks parity. 'bf16' lets OpenVINO lower on purpose). Backend-specific
     options are keyword arguments of each subclass; unknown ones are an error, not ignored.
     """
 

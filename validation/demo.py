@@ -41,9 +41,8 @@ def cache_dir() -> Path:
 class DemoModel:
     checkpoint: Path
     onnx: Path
-    trained_now: bool
-    train_seconds: float | None
     export_timings: dict[str, float]
+    """Step timings of the export, empty when the cached ONNX file was reused."""
 
 
 @contextlib.contextmanager
@@ -58,7 +57,7 @@ def _locked(directory: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _train(recipe: Recipe, path: Path, log: Callable[[str], None]) -> float:
+def _train(recipe: Recipe, path: Path, log: Callable[[str], None]) -> None:
     from dyt_export import write_public_checkpoint
 
     from .train import train_demo
@@ -70,7 +69,6 @@ def _train(recipe: Recipe, path: Path, log: Callable[[str], None]) -> float:
                             args={"model": "dyt_digits", "token_target_ratio": recipe.target_rate,
                                   "epochs": recipe.tune_epochs, "lr": recipe.tune_lr, "batch_size": recipe.batch})
     log(f"trained in {result.seconds:.0f} s -> {path}")
-    return result.seconds
 
 
 def ensure_demo_model(recipe: Recipe = Recipe(), *, retrain: bool = False, show_steps: bool = False,
@@ -85,12 +83,11 @@ def ensure_demo_model(recipe: Recipe = Recipe(), *, retrain: bool = False, show_
     checkpoint, onnx_path, stamp = directory / CHECKPOINT_NAME, directory / ONNX_NAME, directory / "recipe.json"
     wanted = json.dumps(recipe.to_dict(), sort_keys=True)
     with _locked(directory):
-        seconds = None
         fresh = retrain or not checkpoint.exists() or not stamp.exists() or stamp.read_text() != wanted
         if fresh:
             for stale in (checkpoint, onnx_path, stamp):
                 stale.unlink(missing_ok=True)
-            seconds = _train(recipe, checkpoint, log)
+            _train(recipe, checkpoint, log)
             stamp.write_text(wanted)
         timings: dict[str, float] = {}
         sha256 = file_sha256(checkpoint)
@@ -101,7 +98,7 @@ def ensure_demo_model(recipe: Recipe = Recipe(), *, retrain: bool = False, show_
                 model = load_checkpoint(checkpoint, num_heads=recipe.num_heads)
             export_onnx(model, onnx_path, dispatch="dynamic", steps=steps)
             timings = dict(steps.timings)
-        return DemoModel(checkpoint, onnx_path, fresh, seconds, timings)
+        return DemoModel(checkpoint, onnx_path, timings)
 
 
 def _table(results: list[tuple[str, dict[str, Any] | None, str]]) -> str:
