@@ -64,6 +64,25 @@ def test_mask_difference_away_from_threshold_fails_whatever_the_tolerances():
     assert "image 1, blocks.0.mlp token 4: reference logit 0.02" in parity.failures[0]
 
 
+def test_differences_after_a_flip_follow_from_it_but_not_before_or_in_other_images():
+    ref = _reference()
+    ref["dispatch_logits"][1, 0, 2] = -4e-6  # image 1 flips at the first dispatcher
+    ref["token_masks"][1, 0, 3] = False
+    ref["dispatch_logits"][1, 0, 4] = 0.5  # a clear decision in the same layer
+    ref["token_masks"][1, 0, 5] = True
+    masks = ref["token_masks"].copy()
+    masks[1, 0, 3] = True
+    masks[1, 1, 1:] = ~masks[1, 1, 1:]  # so its whole next layer may legitimately differ
+    parity = compare(ref, ref["logits"], masks, LAYERS)
+    assert parity.passed, parity.failures
+    assert len(parity.flips) == 1 and parity.after_flip == 8
+    masks[2, 1, 4] = ~masks[2, 1, 4]  # ...but another image gets no such pass
+    assert not compare(ref, ref["logits"], masks, LAYERS).passed
+    masks[2, 1, 4] = ~masks[2, 1, 4]
+    masks[1, 0, 5] = ~masks[1, 0, 5]  # nor does a clear token of the flip's own layer
+    assert not compare(ref, ref["logits"], masks, LAYERS).passed
+
+
 def test_cls_must_stay_active():
     ref = _reference()
     masks = ref["token_masks"].copy()

@@ -7,8 +7,11 @@ Rules, in order:
    difference is a *flip* only when the reference dispatcher logit of that token is within
    float noise of the threshold, |logit| <= `flip_logit` (default 1e-5): two correct fp32
    implementations may then legitimately disagree. Every flip is reported (image,
-   dispatcher, token, logit). Any other difference, including CLS not being active, is a
-   failure. Flips are never absorbed by loosening a tolerance.
+   dispatcher, token, logit). A difference at a later dispatcher of an image that already
+   flipped follows from that flip (the token took the other path, so everything after it
+   legitimately differs): it is counted in `after_flip`, not judged. Any other difference,
+   including CLS not being active, is a failure. Flips are never absorbed by loosening a
+   tolerance.
 2. Logits, on the images without flips: max |diff| / max |reference| <= `max_rel`
    (default 1e-4, the export issue's criterion; fp32 runtimes measure ~1e-7 here),
    per-image cosine similarity >= `cosine_min` (default 0.9999), identical top-1 class.
@@ -56,6 +59,8 @@ class Parity:
     top1_agreement: float
     mask_agreement: float | None
     flips: list[Flip] = field(default_factory=list)
+    after_flip: int = 0
+    """Mask differences at dispatchers after an image's first flip: consequences, not judged."""
     failures: list[str] = field(default_factory=list)
 
     @property
@@ -82,17 +87,24 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def compare_masks(reference_masks: np.ndarray, reference_logits: np.ndarray, masks: np.ndarray,
-                  layers: Sequence[str], flip_logit: float) -> tuple[float, list[Flip], list[str]]:
-    """(agreement 0..1, flips, failures) of runtime token masks against the reference's.
+                  layers: Sequence[str], flip_logit: float) -> tuple[float, list[Flip], int, list[str]]:
+    """(agreement 0..1, flips, differences after a flip, failures) of runtime token masks
+    against the reference's.
 
-    reference_masks, masks: [B, D, N] bool, CLS first; reference_logits: [B, D, N-1]."""
+    reference_masks, masks: [B, D, N] bool, CLS first, dispatchers in execution order;
+    reference_logits: [B, D, N-1]."""
     if masks.shape != reference_masks.shape:
-        return 0.0, [], [f"token_masks shape {list(masks.shape)} differs from the reference's {list(reference_masks.shape)}"]
+        return 0.0, [], 0, [f"token_masks shape {list(masks.shape)} differs from the reference's {list(reference_masks.shape)}"]
     differ = masks.astype(bool) != reference_masks.astype(bool)
     agreement = float(1.0 - differ.mean()) if differ.size else 1.0
     flips: list[Flip] = []
+    first_flip: dict[int, int] = {}  # image -> dispatcher index of its first flip
+    after_flip = 0
     bad: list[str] = []
-    for b, d, n in zip(*np.nonzero(differ)):
+    for b, d, n in zip(*np.nonzero(differ)):  # ordered by image, then dispatcher
+        if b in first_flip and d > first_flip[b]:
+            after_flip += 1
+            continue
         where = f"image {b}, {layers[d]} token {n}"
         if n == 0:
             bad.append(f"{where}: CLS must always be active")
@@ -100,12 +112,13 @@ def compare_masks(reference_masks: np.ndarray, reference_logits: np.ndarray, mas
         logit = float(reference_logits[b, d, n - 1])
         if np.isfinite(logit) and abs(logit) <= flip_logit:
             flips.append(Flip(int(b), layers[d], int(n), logit, bool(reference_masks[b, d, n])))
+            first_flip.setdefault(int(b), int(d))
         else:
             bad.append(f"{where}: reference logit {logit:.3g} is not within {flip_logit:g} of 0")
     failures = []
     if bad:
         failures.append(f"{len(bad)} token mask difference(s) that are not near-threshold flips, e.g. {'; '.join(bad[:_SHOW])}")
-    return agreement, flips, failures
+    return agreement, flips, after_flip, failures
 
 
 def compare(reference: dict[str, np.ndarray], logits: np.ndarray, masks: np.ndarray | None,
@@ -121,9 +134,9 @@ def compare(reference: dict[str, np.ndarray], logits: np.ndarray, masks: np.ndar
     if not finite.all():
         failures.append(f"{int((~finite).sum())} image(s) with NaN/inf logits, first: image {int(np.argmin(finite))}")
 
-    mask_agreement, flips = None, []
+    mask_agreement, flips, after_flip = None, [], 0
     if masks is not None:
-        mask_agreement, flips, mask_failures = compare_masks(
+        mask_agreement, flips, after_flip, mask_failures = compare_masks(
             reference["token_masks"], reference["dispatch_logits"], masks, layers, tolerances.flip_logit)
         failures += mask_failures
 
@@ -147,7 +160,7 @@ def compare(reference: dict[str, np.ndarray], logits: np.ndarray, masks: np.ndar
         failures.append(f"top-1 class differs on {len(wrong_top1)} image(s) without flips, e.g. image {int(wrong_top1[0])}")
     return Parity(images=len(ref), max_abs=max_abs, max_rel=max_rel, cosine_min=cosine_min,
                   top1_agreement=float(top1_same.mean()), mask_agreement=mask_agreement,
-                  flips=flips, failures=failures)
+                  flips=flips, after_flip=after_flip, failures=failures)
 
 
 def accuracy(logits: np.ndarray, labels: np.ndarray | None) -> float | None:

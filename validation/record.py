@@ -15,7 +15,7 @@ from typing import Any
 from .compare import Parity, Tolerances
 from .throughput import ThroughputRow
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"
 SCHEMA_PATH = Path(__file__).with_name("record.schema.json")
 FLOPS_CONVENTION = "G multiply-adds per image (the DyT paper's 'FLOPs'; dense ViT-B/16 = 17.58)"
 
