@@ -41,15 +41,6 @@ def image_batch(batch: int, size: int = 32, seed: int = 0) -> np.ndarray:
     return (x - x.mean()) / x.std()
 
 
-def masks_match(ref_masks: np.ndarray, ref_logits: np.ndarray, masks: np.ndarray, noise: float = 1e-5) -> np.ndarray:
-    """Positions [b, d, token] where masks differ although the reference logit is clear of 0
-    (more than `noise` away): real mismatches. Near-threshold flips are allowed."""
-    differ = ref_masks != masks
-    clear = np.ones_like(differ)
-    clear[:, :, 1:] = np.abs(np.nan_to_num(ref_logits, nan=np.inf)) > noise
-    return np.argwhere(differ & clear)
-
-
 @pytest.fixture
 def small_model():
     """A seeded MLP-dispatch model whose middle layer activates roughly half the tokens."""

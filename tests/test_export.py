@@ -12,7 +12,8 @@ from dyt_export import build_model, export_onnx, write_public_checkpoint
 from dyt_export.cli import main
 from dyt_export.export import read_metadata, summarize
 
-from conftest import force_dispatcher, image_batch, masks_match, small_config
+from conftest import force_dispatcher, image_batch, small_config
+from validation.compare import compare_masks
 
 FP32_TOLERANCE = 1e-4  # max |diff| <= this x max |logit|
 
@@ -44,8 +45,10 @@ def assert_parity(model, path, batches=(1, 7), mode: str = "dynamic", tolerance:
         assert err <= tolerance, f"batch {batch}: max|diff|/max|logit| = {err:.2e}"
         if "token_masks" in got:
             assert got["token_masks"].dtype == np.bool_
-            bad = masks_match(ref.masks.numpy(), ref.dispatch_logits.numpy(), got["token_masks"], mask_noise)
-            assert len(bad) == 0, f"batch {batch}: masks differ away from the threshold at {bad[:5].tolist()}"
+            layers = model.dyt_config.dispatcher_names
+            _, _, _, failures = compare_masks(ref.masks.numpy(), ref.dispatch_logits.numpy(), got["token_masks"],
+                                              layers, mask_noise)
+            assert not failures, f"batch {batch}: {failures}"
 
 
 @pytest.fixture(scope="module")
