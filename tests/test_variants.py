@@ -19,6 +19,7 @@ from filelock import FileLock
 from timm.models.vision_transformer import Attention
 
 from dyt_export import build_model, export_onnx
+from dyt_export.export import summarize
 from dyt_export.calibrate import set_dispatcher_biases
 from dyt_export.config import VARIANTS, unit_module_names
 from dyt_export.model import DyTVisionTransformer
@@ -56,6 +57,7 @@ def _relative(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) -> flo
 @dataclass
 class Case:
     model: DyTVisionTransformer
+    path: Path
     session: ort.InferenceSession
     images: torch.Tensor
 
@@ -83,7 +85,7 @@ def case(request, export_dir) -> Case:
             export_onnx(model, path, with_masks=True)
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
-    return Case(model, ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]), _images())
+    return Case(model, path, ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]), _images())
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -122,6 +124,16 @@ def test_batch_equals_one_by_one(case):
     torch_batch = case.model.trace(case.images).logits
     torch_singles = torch.cat([case.model.trace(case.images[i:i + 1]).logits for i in range(len(case.images))])
     assert _relative(torch_singles, torch_batch) <= BATCH_TOLERANCE
+
+
+def test_graph_skips_tokens_at_every_dispatcher(case):
+    """One data-dependent selection and one ScatterND per dispatcher: NonZero for MLP units
+    (rows of the whole batch), TopK for attention and layer units (per-image compaction)."""
+    names = case.model.dyt_config.dispatcher_names
+    ops = summarize(case.path).op_counts
+    assert ops.get("NonZero", 0) == sum(n.endswith(".mlp") for n in names)
+    assert ops.get("TopK", 0) == sum(not n.endswith(".mlp") for n in names)
+    assert ops.get("ScatterND", 0) == len(names) and "ScatterElements" not in ops
 
 
 @pytest.mark.parametrize("variant,adapter", CASES, ids=[f"{v}-{a}" for v, a in CASES])

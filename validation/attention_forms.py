@@ -5,11 +5,12 @@ Every form compacts each image's active tokens to the front of its row, pads to 
 largest active count, masks padded keys, and scatters results back into zeros. They differ in
 how (ONNX ops in brackets):
 
-* `rows` (shipped, `dyt_export.model.gather.sequence_gathered`): flat row index [B*L] into
-  [B*N, C] (Gather / ScatterND), order from TopK(longest) over a unique key;
-* `elements`: per-element index [B, L, C] (GatherElements / ScatterElements), the form
-  shipped before this experiment;
-* `sort`: `rows` with the order from a full sort of the key (TopK(N) + Slice) instead;
+* `sort` (shipped, `dyt_export.model.gather.sequence_gathered`): flat row index [B*L] into
+  [B*N, C] (Gather / ScatterND), order from a full sort of a unique key (TopK(N) + Slice);
+* `rows`: the same with TopK(longest) instead of the full sort (shipped before this
+  experiment's last round);
+* `elements`: `rows` with per-element indices [B, L, C] (GatherElements / ScatterElements),
+  the form first shipped;
 * `sdpa`: `rows` with `F.scaled_dot_product_attention` instead of matmul + softmax; its mask
   has to be expanded to [B, 1, L, L]: with the broadcast [B, 1, 1, L] mask export fails on a
   guard Eq(1, L).
@@ -41,29 +42,28 @@ import dyt_export.model.gather as gather_module
 from dyt_export.calibrate import image_like
 from dyt_export.export import export_onnx, summarize
 from dyt_export.init_model import init_model
-from dyt_export.model.gather import SeqFn, compact_order, key_padding_bias
+from dyt_export.model.gather import SeqFn, key_padding_bias
 from runtimes import open_backend
 from validation.interleave import interleaved
 
 
 def _elements(x: torch.Tensor, mask: torch.Tensor, fn: SeqFn) -> torch.Tensor:
     b, n, c = x.shape
-    order, valid = compact_order(mask)
+    order, valid = gather_module.compact_order(mask)
     index = order.unsqueeze(-1).expand(-1, -1, c)
     out = fn(torch.gather(x, 1, index), key_padding_bias(valid, torch.float32))
     out = out * valid.unsqueeze(-1).to(out.dtype)
     return torch.zeros_like(x).scatter(1, index, out)
 
 
-def _sort_order(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A full sort of the same unique key, then the first `longest` (a stable sort of the mask
-    itself would be simpler, but aten.sort.stable has no ONNX lowering in torch 2.14)."""
+def _topk_order(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The shipped order from TopK(longest) over the same key instead of a full sort."""
     n = mask.shape[1]
     longest = mask.sum(dim=1).max().item()
     torch._check(longest >= 1)
     torch._check(longest <= n)
     key = mask.to(torch.float32) * n + (n - 1 - torch.arange(n, device=mask.device, dtype=torch.float32))
-    order = torch.sort(key, dim=1, descending=True).indices[:, :longest]
+    order = key.topk(longest, dim=1, sorted=True).indices
     return order, torch.gather(mask, 1, order)
 
 
@@ -76,10 +76,10 @@ def _sdpa_attention(attn: Attention, x: torch.Tensor, key_bias: torch.Tensor | N
 
 
 FORMS: dict[str, list[tuple[Any, str, Any]]] = {
-    "rows": [],
-    "elements": [(block_module, "sequence_gathered", _elements)],
-    "sort": [(gather_module, "compact_order", _sort_order)],
-    "sdpa": [(block_module, "attention", _sdpa_attention)],
+    "sort": [],
+    "rows": [(gather_module, "compact_order", _topk_order)],
+    "elements": [(gather_module, "compact_order", _topk_order), (block_module, "sequence_gathered", _elements)],
+    "sdpa": [(gather_module, "compact_order", _topk_order), (block_module, "attention", _sdpa_attention)],
 }
 """Each form as the module attributes it replaces (looked up at call time by the model code)."""
 

@@ -39,8 +39,10 @@ def compact_order(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per image, token positions with the active ones first (in original order), cut to the
     batch's largest active count; and which of those slots are active. [B, T] each.
 
-    TopK on `mask * N + (N - 1 - position)` sorts active tokens ahead of inactive ones and
-    keeps both groups in position order; values stay below 2N, exact in float32.
+    Sorting `mask * N + (N - 1 - position)` descending puts active tokens ahead of inactive
+    ones and keeps both groups in position order; the keys are unique and below 2N, exact in
+    float32, so an unstable sort is deterministic. A full sort (ONNX TopK(N) + Slice) measured
+    0.3-5.6 % faster than TopK(longest) on ORT and OpenVINO (docs/variants.md).
     """
     b, n = mask.shape
     longest = mask.sum(dim=1).max().item()
@@ -48,7 +50,7 @@ def compact_order(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     torch._check(longest <= n)
     position = torch.arange(n, device=mask.device, dtype=torch.float32)
     key = mask.to(torch.float32) * n + (n - 1 - position)
-    order = key.topk(longest, dim=1, sorted=True).indices
+    order = key.sort(dim=1, descending=True).indices[:, :longest]
     return order, torch.gather(mask, 1, order)
 
 
