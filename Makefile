@@ -35,6 +35,13 @@ export: setup
 validate: setup
 	$(BIN)/python -m validation --runtime $(RUNTIME) $(if $(MODEL),--model $(MODEL)) $(if $(REF),--ref $(REF)) $(if $(OUT),--out $(OUT)) $(ARGS)
 
+# Does the token dispatch pay? ViT-B/16 DyT at activation 0.3/0.5/0.7 vs its dense and masked
+# exports, eager PyTorch and the machine's GEMM rate, on ORT-CPU and OpenVINO (issue 5).
+# About 15 minutes on 2 quiet cores; writes validation/records/bench/bench.json and the table
+# in docs/performance.md. Run it alone: on shared cores, flock -x /tmp/dyt-bench.lock make bench
+bench: setup
+	DYT_BENCH_FROM_MAKE=1 $(BIN)/python -m validation.bench $(ARGS)
+
 # Activation-rate chart and token overlays of MODEL (default: the demo model) into docs/img.
 pictures: setup
 	$(BIN)/python -m validation.pictures $(MODEL) $(ARGS)

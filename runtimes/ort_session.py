@@ -19,6 +19,8 @@ _ORT_TYPES = {
     "tensor(uint8)": np.dtype(np.uint8), "tensor(int8)": np.dtype(np.int8),
 }
 
+BATCH_AXIS = "batch"
+"""The exporter's name for the dynamic batch axis of `pixel_values`."""
 OPTIMIZATION_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
                        "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
 
@@ -29,7 +31,10 @@ class OrtBackend(Backend):
     Options: `graph_optimization` (one of OPTIMIZATION_LEVELS, default 'all'),
     `session_config` (extra `add_session_config_entry` pairs, e.g.
     {'session.intra_op.allow_spinning': '0'}), `optimized_model_path` (where ORT saves the
-    graph it optimized). Threads: `intra_op_num_threads` is set explicitly whenever
+    graph it optimized), `fixed_batch` (pin the exporter's symbolic `batch` axis to one size,
+    so ORT plans every shape ahead for a service that always sends that batch),
+    `memory_arena` (False: tensors come from malloc instead of ORT's growing CPU arena, which
+    keeps the high-water mark of every shape a data-dependent graph has produced). Threads: `intra_op_num_threads` is set explicitly whenever
     `threads` is given (ORT then does not pin threads; the calling thread counts as one),
     inter-op parallelism is off, so every backend runs one request at a time.
     """
@@ -38,7 +43,8 @@ class OrtBackend(Backend):
 
     def __init__(self, model: Path | str, *, threads: int | None = None, precision: str = "fp32",
                  graph_optimization: str = "all", session_config: dict[str, str] | None = None,
-                 optimized_model_path: str | Path | None = None) -> None:
+                 optimized_model_path: str | Path | None = None, fixed_batch: int | None = None,
+                 memory_arena: bool = True) -> None:
         import onnxruntime as ort
 
         self._set_common(threads, precision)
@@ -52,14 +58,20 @@ class OrtBackend(Backend):
         options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OPTIMIZATION_LEVELS[graph_optimization])
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.inter_op_num_threads = 1
+        options.enable_cpu_mem_arena = bool(memory_arena)
         if threads is not None:
             options.intra_op_num_threads = threads
         if optimized_model_path is not None:
             options.optimized_model_filepath = str(optimized_model_path)
+        if fixed_batch is not None:
+            if not isinstance(fixed_batch, int) or fixed_batch < 1:
+                raise BackendError(f"{self.name}: fixed_batch must be a positive integer, got {fixed_batch!r}")
+            options.add_free_dimension_override_by_name(BATCH_AXIS, fixed_batch)
         for key, value in (session_config or {}).items():
             options.add_session_config_entry(key, str(value))
         self.graph_optimization = graph_optimization
         self.session_config = dict(session_config or {})
+        self.fixed_batch = fixed_batch
         try:
             self._before_session()
             self._session = ort.InferenceSession(
@@ -71,7 +83,7 @@ class OrtBackend(Backend):
             # ORT silently falls back to CPU when a provider cannot start; never report that as this backend.
             raise BackendError(f"{self.name} is not available: ONNX Runtime started {active[0] if active else 'no provider'} instead of {self.provider}")
         self._inputs = [TensorSpec(i.name, self._dtype(i.type), tuple(d if isinstance(d, int) else None for d in i.shape))
-                        for i in self._session.get_inputs()]
+                        for i in self._session.get_inputs()]  # a fixed_batch override shows here as an int
         self._outputs = [o.name for o in self._session.get_outputs()]
 
     def _before_session(self) -> None:
@@ -118,4 +130,6 @@ class OrtBackend(Backend):
             "intra_op_num_threads": options.intra_op_num_threads,
             "graph_optimization": self.graph_optimization,
             "session_config": self.session_config,
+            "fixed_batch": self.fixed_batch,
+            "memory_arena": options.enable_cpu_mem_arena,
         }

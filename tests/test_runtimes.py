@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 import runtimes
-from dyt_export import export_onnx, load_checkpoint, save
-from dyt_export import build_model
+from conftest import image_batch
+from dyt_export import build_model, export_onnx, load_checkpoint, save
 from runtimes import BackendError, get_backend, open_backend
 from runtimes.torch_ref import TorchReference
 from validation.compare import compare
@@ -86,6 +86,15 @@ def test_backend_options_reach_the_runtime(edge):
     assert ov_backend.info()["compiled"]["INFERENCE_NUM_THREADS"] == 1
     with pytest.raises(BackendError, match="at most 4"):
         ov_backend.run({"pixel_values": np.zeros((5, 3, 32, 32), np.float32)})
+    fixed = open_backend("ort-cpu", path, fixed_batch=3)
+    assert fixed.input_specs[0].shape[0] == 3
+    x = image_batch(3, seed=4)
+    np.testing.assert_array_equal(fixed.run({"pixel_values": x})["logits"],
+                                  open_backend("ort-cpu", path).run({"pixel_values": x})["logits"])
+    with pytest.raises(BackendError, match=r"float32 \[3,3,32,32\]"):
+        fixed.run({"pixel_values": x[:1]})
+    with pytest.raises(BackendError, match="fixed_batch must be a positive integer"):
+        open_backend("ort-cpu", path, fixed_batch=0)
     with pytest.raises(BackendError, match="unexpected keyword argument 'bogus'"):
         open_backend("ort-cpu", path, bogus=1)
 

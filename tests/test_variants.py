@@ -1,9 +1,9 @@
 """All four dispatch variants x {plain adapter, MoE E=1, MoE E=4}: exact on ONNX Runtime, batch
 results equal one-by-one results, masked and gathered paths agree, MoE E=1 is the adapter.
 
-Each dispatcher is steered so that one image of the batch of 5 activates 0 patch tokens, one
-exactly 1 and one all of them (different images at different dispatchers), beside images with
-partial counts: the ragged batches the gathered attention must keep apart. Exports are shared
+Each dispatcher is steered so that some image of the batch of 5 activates exactly 0, 1 or all
+patch tokens there while the others differ: the ragged batches the gathered attention must
+keep apart, and single-image runs down to CLS alone. Exports are shared
 by every test of a model through a file cache that xdist workers take turns on.
 """
 from __future__ import annotations
@@ -19,13 +19,13 @@ from filelock import FileLock
 from timm.models.vision_transformer import Attention
 
 from dyt_export import build_model, export_onnx
-from dyt_export.export import summarize
 from dyt_export.calibrate import set_dispatcher_biases
 from dyt_export.config import VARIANTS, unit_module_names
+from dyt_export.export import summarize
 from dyt_export.model import DyTVisionTransformer
 from dyt_export.model.adapter import MoEAdapter
 from dyt_export.model.attention import attention
-from dyt_export.model.gather import rowwise_gathered, sequence_gathered
+from dyt_export.model.gather import rowwise_added, sequence_gathered
 
 from conftest import image_batch, small_config
 from steering import ALL, steer
@@ -203,8 +203,10 @@ def test_sequence_gathered_is_attention_over_each_images_active_tokens():
             torch.testing.assert_close(out[b], expected, rtol=1e-5, atol=1e-6)
 
 
-def test_rowwise_gathered_touches_only_active_rows():
+def test_rowwise_added_touches_only_active_rows():
     x = torch.randn(4, 9, 16)
     masks = _edge_masks(9)
-    out = rowwise_gathered(x, masks, lambda rows: rows * 2 + 1)
-    torch.testing.assert_close(out, torch.where(masks[..., None], x * 2 + 1, torch.zeros(())))
+    out = rowwise_added(x, masks, lambda rows: rows * 2 + 1)
+    torch.testing.assert_close(out, torch.where(masks[..., None], x + (x * 2 + 1), x), rtol=0, atol=0)
+    in_scatter = rowwise_added(x, masks, lambda rows: rows * 2 + 1, add_in_scatter=True)
+    torch.testing.assert_close(in_scatter, out, rtol=0, atol=0)

@@ -35,6 +35,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fp16", action="store_true",
                         help="fp16 weights and compute; LayerNorm, softmax and dispatcher logits stay fp32")
     parser.add_argument("--fp16-io", action="store_true", help="with --fp16: fp16 input and logits too")
+    parser.add_argument("--int8", action="store_true",
+                        help="int8 weights and activations (ORT static quantization, QDQ); dispatchers stay float")
+    parser.add_argument("--calibration-images", type=Path, metavar="NPY",
+                        help="with --int8: preprocessed images [N, C, H, W] (.npy) to calibrate on "
+                             "(default: 64 seeded image-like inputs)")
     add_checkpoint_overrides(parser)
 
 
@@ -46,6 +51,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.fp16_io and not args.fp16:
         raise UserError("--fp16-io needs --fp16")
+    if args.int8 and args.fp16:
+        raise UserError("--int8 quantizes the fp32 export; drop --fp16")
+    if args.calibration_images and not args.int8:
+        raise UserError("--calibration-images needs --int8")
     out: Path = args.output or args.checkpoint.with_suffix(".onnx")
     check_output_path(out, args.checkpoint)
     steps = Steps(show=True)
@@ -53,13 +62,22 @@ def run(args: argparse.Namespace) -> int:
         model = load_checkpoint(args.checkpoint, **checkpoint_overrides(args))
     result = export_onnx(model, out, opset=args.opset, dispatch=args.dispatch, with_masks=args.with_masks,
                          fp16=args.fp16, fp16_io=args.fp16_io, steps=steps)
-    summary = summarize(out)
     cfg = model.dyt_config
+    if args.int8:
+        from ..quantize import calibration_images, quantize_int8
+
+        with steps.step("int8 quantization"):
+            try:
+                quantize_int8(out, out, calibration_images(cfg, args.calibration_images))
+            except BaseException:
+                out.unlink(missing_ok=True)  # never leave an fp32 file where an int8 one was asked for
+                raise
+    summary = summarize(out)
     ops = ", ".join(f"{k} {v}" for k, v in summary.dispatch_op_counts.items()) or "none"
     size_mb = (out.stat().st_size + (result.external_data.stat().st_size if result.external_data else 0)) / 1e6
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"wrote {out} ({size_mb:.1f} MB{', weights in ' + result.external_data.name if result.external_data else ''})")
-    print(f"  {cfg.variant} dispatch, {args.dispatch} mode, opset {args.opset}, "
+    print(f"  {cfg.variant} dispatch, {args.dispatch} mode, {'int8' if args.int8 else 'fp16' if args.fp16 else 'fp32'}, opset {args.opset}, "
           f"{len(cfg.dispatcher_names)} dispatchers, dispatch ops: {ops}")
     print(steps.report())
     print(f"  peak memory {peak_mb:.0f} MB (resident, whole process)")

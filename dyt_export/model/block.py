@@ -18,7 +18,7 @@ from ..config import DyTConfig, unit_module_names
 from .adapter import build_adapter
 from .attention import attention
 from .dispatcher import TokenDispatcher
-from .gather import rowwise_gathered, sequence_gathered, sequence_masked
+from .gather import rowwise_added, sequence_gathered, sequence_masked
 
 
 class DispatchRecord(NamedTuple):
@@ -69,7 +69,7 @@ class DyTBlock(Block):
         sequence = unit != "mlp"
         branch = {"mlp": self._mlp_branch, "attn": self._attn_branch, "layer": self._layer_branch}[unit]
         if not self.dispatched or mode == "dense":
-            delta = branch(x, None) if sequence else branch(x)
+            out = x + (branch(x, None) if sequence else branch(x))
             if self.dispatched and records is not None:
                 records.append(DispatchRecord(torch.ones_like(x[:, :, 0], dtype=torch.bool), None))
         else:
@@ -77,10 +77,10 @@ class DyTBlock(Block):
             if records is not None:
                 records.append(DispatchRecord(mask, logits))
             if mode == "masked":
-                delta = sequence_masked(x, mask, branch) if sequence else branch(x) * mask.unsqueeze(-1).to(x.dtype)
+                out = x + (sequence_masked(x, mask, branch) if sequence else branch(x) * mask.unsqueeze(-1).to(x.dtype))
             else:
-                delta = sequence_gathered(x, mask, branch) if sequence else rowwise_gathered(x, mask, branch)
-        return x + delta + adapter(x) if adapter is not None else x + delta
+                out = x + sequence_gathered(x, mask, branch) if sequence else rowwise_added(x, mask, branch)
+        return out + adapter(x) if adapter is not None else out
 
     def forward(self, x: torch.Tensor, mode: str = "dynamic", records: list[DispatchRecord] | None = None) -> torch.Tensor:
         if self.units == ("layer",):

@@ -1,0 +1,141 @@
+"""make bench's parts: the public eager path, the turn-taking timer, the ratios and targets, the
+docs section, the GEMM runners, the graph forms the levers experiment measures, peak memory.
+Nothing here times anything for a claim: speed comes from `make bench` only."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from conftest import force_dispatcher, image_batch, small_config
+from dyt_export import build_model
+from dyt_export.export import export_onnx
+from runtimes import open_backend
+from validation.bench_memory import measure_here
+from validation.bench_models import trained_like
+from validation.bench_report import DOCS_BEGIN, DOCS_END, Result, results_from_record, target_checks, write_docs
+from validation.gemm import LIBRARIES, matmul_runner
+from validation.graph_forms import FORMS
+from validation.public_eager import PublicEagerDyT
+from validation.turns import paired_ratio, row, take_turns
+
+
+@pytest.fixture(scope="module")
+def trained_small(tmp_path_factory):
+    """A small model with non-zero biases (so bias forms exist in its graph), block 2 silenced."""
+    model = trained_like(build_model(small_config(), seed=0), seed=0)
+    force_dispatcher(model, 2, active=False)
+    path = tmp_path_factory.mktemp("bench") / "small.onnx"
+    export_onnx(model, path)
+    return model, path
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_public_eager_path_gives_the_toolkits_logits(trained_small, batch):
+    model, _ = trained_small
+    x = image_batch(batch, seed=3)
+    ref = model.trace(torch.from_numpy(x)).logits.numpy()
+    np.testing.assert_allclose(PublicEagerDyT(model)(x), ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+
+
+def test_public_eager_path_refuses_what_the_public_code_cannot_hold():
+    with pytest.raises(ValueError, match="MLP Dispatch"):
+        PublicEagerDyT(build_model(small_config(variant="attn"), seed=0))
+
+
+def test_take_turns_runs_every_contender_on_every_batch_in_rotating_order():
+    calls: list[tuple[str, int]] = []
+    runners = {name: (lambda feed, name=name: calls.append((name, int(feed[0, 0])))) for name in "abc"}
+    images = np.arange(6, dtype=np.float32).reshape(6, 1)
+    latencies = take_turns(runners, images, batch=2, passes=2)
+    assert {k: len(v) for k, v in latencies.items()} == {"a": 6, "b": 6, "c": 6}
+    warmup, timed = calls[:9], calls[9:]
+    assert sorted(warmup) == sorted((n, i) for n in "abc" for i in (0, 2, 4))
+    firsts = [timed[i][0] for i in range(0, len(timed), 3)]
+    assert firsts[:3] == ["a", "b", "c"]  # who goes first rotates call by call
+    assert all(len({timed[i + k][1] for k in range(3)}) == 1 for i in range(0, len(timed), 3))  # same batch per turn
+    r = row([0.5, 1.5], batch=4, threads=2, activation_rate=0.5)
+    assert r.img_per_s == pytest.approx(4.0) and r.calls == 2
+
+
+def test_paired_ratio_ignores_a_burst_that_hits_one_turn():
+    dense = [2.0, 2.0, 20.0, 2.0, 2.0]  # a burst of load in turn 3 slows both calls
+    dyt = [1.0, 1.0, 15.0, 1.0, 1.0]
+    assert paired_ratio(dense, dyt) == pytest.approx(2.0)
+    assert sum(dense) / sum(dyt) < 1.5  # the ratio of totals is dragged by the burst
+    with pytest.raises(ValueError):
+        paired_ratio([1.0], [])
+
+
+def _result(**kw) -> Result:
+    base = dict(runtime="ort-cpu", threads=2, batch=1, rate=0.5, activation=0.5, dyt_gmacs=12.0, dense_gmacs=18.0,
+                dyt_img_s=3.0, dense_img_s=2.0, eager_img_s=2.0, masked_img_s=None, gemm_gmac_s=100.0,
+                group_gemm_gmac_s=None)
+    return Result(**{**base, **kw})
+
+
+def test_ratios_follow_the_issue_definitions():
+    r = _result()
+    assert r.speedup == pytest.approx(1.5) and r.ideal == pytest.approx(1.5) and r.efficiency == pytest.approx(1.0)
+    assert r.roofline == pytest.approx(3.0 * 12.0 / 100.0)
+    assert r.vs_eager == pytest.approx(1.5)
+    assert _result(eager_img_s=None).vs_eager is None
+
+
+def test_targets_use_the_worst_rate_and_report_misses():
+    results = [_result(), _result(rate=0.3, dyt_img_s=2.5), _result(batch=8, eager_img_s=None)]
+    memory = [{"runtime": "ort-cpu", "batch": 1, "model": "dense", "peak_mb": 100.0},
+              {"runtime": "ort-cpu", "batch": 1, "model": "dyt@0.5", "peak_mb": 101.0}]
+    checks = {(c["target"], c["batch"]): c for c in target_checks(results, memory)}
+    assert checks[("efficiency", 1)]["measured"] == pytest.approx(2.5 / 2.0 / 1.5)  # the worse of the two rates
+    assert not checks[("efficiency", 1)]["met"] and checks[("efficiency", 8)]["met"]
+    assert ("vs_eager", 8) not in checks  # no eager measurement, no claim
+    assert checks[("roofline", 1)]["needed"] == 0.85 and checks[("roofline", 8)]["needed"] == 0.95
+    assert not checks[("memory DyT/dense", 1)]["met"]
+    assert checks[("memory DyT/dense", 1)]["measured"] == pytest.approx(1.01)
+
+
+def test_a_bench_record_gives_back_its_results():
+    results = [_result(), _result(batch=8, eager_img_s=None, paired_speedup=1.4)]
+    assert results_from_record({"results": [r.to_dict() for r in results]}) == results
+
+
+def test_docs_section_is_replaced_between_markers_only(tmp_path):
+    path = tmp_path / "performance.md"
+    write_docs(path, "first")
+    text = path.read_text().replace(DOCS_END, DOCS_END + "\n\n## Levers\nhand-written")
+    path.write_text(text)
+    write_docs(path, "second")
+    text = path.read_text()
+    assert "second" in text and "first" not in text and "hand-written" in text
+    assert text.index(DOCS_BEGIN) < text.index("second") < text.index(DOCS_END)
+
+
+@pytest.mark.parametrize("library", LIBRARIES)
+def test_gemm_runners_compute_the_product(library):
+    product = matmul_runner(library, 64, threads=1)()
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((64, 64), dtype=np.float32), rng.standard_normal((64, 64), dtype=np.float32)
+    np.testing.assert_allclose(product, a @ b, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("form", sorted(FORMS))
+def test_graph_forms_keep_the_outputs(trained_small, tmp_path, form):
+    _, path = trained_small
+    model = FORMS[form](onnx.load(str(path)))
+    onnx.checker.check_model(model, full_check=True)
+    rewritten = tmp_path / f"{form}.onnx"
+    onnx.save(model, str(rewritten))
+    x = image_batch(3, seed=1)
+    want = open_backend("ort-cpu", path).run({"pixel_values": x})["logits"]
+    for runtime in ("ort-cpu", "openvino"):
+        got = open_backend(runtime, rewritten).run({"pixel_values": x})["logits"]
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
+
+
+def test_peak_memory_figures_are_ordered(trained_small):
+    _, path = trained_small
+    m = measure_here("ort-cpu", path, image_batch(4), batch=2, threads=1)
+    assert m["baseline_mb"] <= m["peak_mb"] and m["loaded_mb"] <= m["peak_mb"]
+    assert m["peak_over_baseline_mb"] == pytest.approx(m["peak_mb"] - m["baseline_mb"])

@@ -1,0 +1,312 @@
+"""`make bench`: does the token dispatch pay? (issue 5). A benchmark, not a test.
+
+ViT-B/16 DyT (MLP Dispatch, bottleneck 64, adapter scale 0.1, seeded weights) is calibrated
+to each activation rate, saved in the public DyT checkpoint layout, loaded back and exported
+(`dynamic`, what `dyt-export` ships). Then, all in one run and at the same thread count:
+
+* per runtime (ORT-CPU, OpenVINO) and batch size, in turns call by call
+  (`validation.turns`): the DyT exports, the `dense` export, the `masked` export (its cost
+  does not depend on the rate, so one rate suffices) and the runtime's own large GEMM;
+* eager PyTorch DyT along the public code's gather/scatter path (`validation.public_eager`),
+  in turns with `torch.mm`;
+* the machine's fp32 GEMM rate, best of numpy, torch, ONNX Runtime and OpenVINO
+  (`validation.gemm`);
+* peak memory of the dense and DyT exports, one process per measurement
+  (`validation.bench_memory`).
+
+It prints the tables, writes `OUT/bench.json` and replaces the marked section of
+`docs/performance.md`. Everything is seeded: calibration images (seed S), timed images
+(seed S+1, so the activation on them is measured, not assumed), weights (seed S).
+Run it alone on the machine; on shared cores wrap it in `flock -x /tmp/dyt-bench.lock`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from validation.turns import Runner, paired_ratio, row, take_turns
+
+RUNTIME_GEMM_LIBRARY = {"ort-cpu": "onnxruntime", "openvino": "openvino", "torch": "torch"}
+MEMORY_IMAGES = 8
+"""Images per memory measurement at small batches: memory settles within the first calls."""
+GROUP_GEMM_SIZE = 2048
+"""The in-turns GEMM: ~0.1 s a call, a load sensor beside each group's models."""
+
+
+def _log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def _thread_counts(spec: str) -> list[int]:
+    cores = len(os.sched_getaffinity(0))
+    return sorted({cores if part.strip() == "all" else int(part) for part in spec.split(",")})
+
+
+def _time_group(runners: dict[str, Runner], gemm: Runner, images: np.ndarray, batch: int,
+                passes: int) -> tuple[dict[str, list[float]], float]:
+    """Call times of every runner and the in-turns GEMM rate (GMAC/s) of one group."""
+    latencies = take_turns({**runners, "gemm": lambda _: gemm()}, images, batch, passes=passes)
+    gemm_s = latencies.pop("gemm")
+    return latencies, GROUP_GEMM_SIZE ** 3 / float(np.median(gemm_s)) / 1e9
+
+
+@dataclass
+class Exports:
+    """Everything timed: calibrated DyT models (one per rate) and the middle rate's twins."""
+
+    models: list[Any]
+    """`validation.bench_models.CalibratedModel` per rate."""
+    dense: Path
+    masked: Path
+    int8: Path
+    pool: np.ndarray
+
+    @property
+    def middle(self) -> Any:
+        return self.models[len(self.models) // 2]
+
+    def onnx_files(self) -> dict[str, Path]:
+        return {"dense": self.dense, "masked": self.masked, **{f"dyt@{m.rate:g}": m.dynamic for m in self.models},
+                f"int8@{self.middle.rate:g}": self.int8}
+
+
+def build_exports(args: argparse.Namespace, work: Path) -> Exports:
+    """Seeded model, calibrated per rate, public layout, exported; dense, masked and int8 twins
+    at the middle rate (dense ignores the dispatchers, masked costs the same at every rate)."""
+    from dyt_export.calibrate import image_like
+    from validation.bench_int8 import int8_export
+    from validation.bench_models import base_model, calibrated, export_twin
+    from validation.public_eager import PublicEagerDyT
+
+    base = base_model(args.seed, args.backbone)
+    pool = image_like(args.images, size=base.dyt_config.img_size, seed=args.seed + 1)
+    np.save(work / "pool.npy", pool.numpy())
+    models = [calibrated(base, rate, work, pool, args.seed) for rate in args.rates]
+    middle = models[len(models) // 2]
+    for m in models:  # the re-implemented public path must give the toolkit's answers
+        ref = m.model.trace(pool[:2]).logits.numpy()
+        rel = float(np.abs(PublicEagerDyT(m.model)(pool.numpy()[:2]) - ref).max() / np.abs(ref).max())
+        if rel > 1e-4:
+            raise RuntimeError(f"public eager path differs from the toolkit's model at rate {m.rate}: {rel:.2e}")
+    return Exports(models, export_twin(middle.model, "dense", work), export_twin(middle.model, "masked", work),
+                   int8_export(middle.dynamic, work / f"dyt-r{middle.rate:g}-int8.onnx", base.dyt_config.img_size,
+                               args.seed), pool.numpy())
+
+
+def time_all(args: argparse.Namespace, ex: Exports, threads: list[int]) -> tuple[dict, dict]:
+    """Call times per (runtime, threads, batch) group and contender, and each group's GEMM rate."""
+    import torch
+
+    from runtimes import open_backend
+    from validation.gemm import matmul_runner
+    from validation.public_eager import PublicEagerDyT
+
+    timed: dict[tuple[str, int, int], dict[str, list[float]]] = {}
+    group_gemm: dict[tuple[str, int, int], float] = {}
+    def runners_for(runtime: str, t: int, **options: Any) -> dict[str, Runner]:
+        _log(f"{runtime}, {t} threads{', batch pinned to %d' % options['fixed_batch'] if options else ''}: "
+             f"loading {len(ex.onnx_files())} models")
+        backends = {name: open_backend(runtime, path, threads=t, **options) for name, path in ex.onnx_files().items()}
+        return {name: (lambda feed, b=b: b.run({"pixel_values": feed})) for name, b in backends.items()}
+
+    for t in threads:
+        for runtime in args.runtimes:
+            pinned = runtime == "ort-cpu" and args.ort_fixed_batch
+            runners = None if pinned else runners_for(runtime, t)
+            gemm = matmul_runner(RUNTIME_GEMM_LIBRARY[runtime], GROUP_GEMM_SIZE, t)
+            for batch in args.batches:
+                group = runners_for(runtime, t, fixed_batch=batch) if pinned else runners
+                _log(f"{runtime}, {t} threads, batch {batch}: {len(group)} models in turns")
+                key = (runtime, t, batch)
+                timed[key], group_gemm[key] = _time_group(group, gemm, ex.pool, batch, args.passes)
+                del group
+            del runners, gemm
+        torch.set_num_threads(t)
+        eager = {f"dyt@{m.rate:g}": PublicEagerDyT(m.model) for m in ex.models}
+        gemm = matmul_runner("torch", GROUP_GEMM_SIZE, t)
+        for batch in args.eager_batches:
+            _log(f"eager PyTorch (public path), {t} threads, batch {batch}")
+            key = ("torch", t, batch)
+            timed[key], group_gemm[key] = _time_group(eager, gemm, ex.pool, batch, args.passes)
+    return timed, group_gemm
+
+
+def measure_memory(args: argparse.Namespace, ex: Exports, work: Path, threads: int) -> list[dict[str, Any]]:
+    """Peak memory of the dense and DyT exports, one process each (`validation.bench_memory`)."""
+    from validation.bench_memory import ALLOCATORS, peak_memory
+
+    memory = []
+    for runtime in args.runtimes:
+        for allocator in (ALLOCATORS if runtime == "ort-cpu" else ["glibc default"]):
+            for batch in args.memory_batches:
+                images = work / "memory-pool.npy"
+                np.save(images, ex.pool[: max(batch, MEMORY_IMAGES)])
+                for name, path in [("dense", ex.dense), *[(f"dyt@{m.rate:g}", m.dynamic) for m in ex.models]]:
+                    _log(f"peak memory: {runtime}, {allocator}, batch {batch}, {name}")
+                    memory.append({"runtime": runtime, "allocator": allocator, "batch": batch, "model": name,
+                                   "threads": threads, **peak_memory(runtime, path, images, batch, threads, allocator)})
+    return memory
+
+
+def results_of(ex: Exports, timed: dict, group_gemm: dict, gemm_best: float) -> list[Any]:
+    """One `Result` per runtime, threads, batch and rate, with its baselines from the same turns."""
+    from dyt_export.flops import macs_per_image
+    from validation.bench_report import Result
+    from validation.costs import active_counts
+    from validation.throughput import batches_of
+
+    cfg = ex.middle.model.dyt_config
+    dense_gmacs = float(macs_per_image(cfg, None)[0]) / 1e9
+    results = []
+    for (runtime, t, batch), lat in timed.items():
+        if runtime == "torch":
+            continue
+        covered = np.concatenate(batches_of(len(ex.pool), batch))
+        for m in ex.models:
+            masks, name = m.masks[covered], f"dyt@{m.rate:g}"
+            eager = timed.get(("torch", t, batch), {}).get(name)
+            results.append(Result(
+                runtime=runtime, threads=t, batch=batch, rate=m.rate, activation=float(masks[:, :, 1:].mean()),
+                dyt_gmacs=float(macs_per_image(cfg, active_counts(masks)).mean()) / 1e9, dense_gmacs=dense_gmacs,
+                dyt_img_s=row(lat[name], batch, t, None).img_per_s, dense_img_s=row(lat["dense"], batch, t, None).img_per_s,
+                eager_img_s=row(eager, batch, t, None).img_per_s if eager else None,
+                masked_img_s=row(lat["masked"], batch, t, None).img_per_s if m is ex.middle else None,
+                gemm_gmac_s=gemm_best, group_gemm_gmac_s=group_gemm[(runtime, t, batch)],
+                paired_speedup=paired_ratio(lat["dense"], lat[name])))
+    return results
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from validation.bench_int8 import demo_agreement, int8_rows
+    from validation.gemm import DEFAULT_SIZE, machine_gemm_rates
+    from validation.machine import machine_info
+
+    start = time.perf_counter()
+    load_start = os.getloadavg()
+    threads = _thread_counts(args.threads)
+    if args.ort_fixed_batch and "ort-cpu" in args.runtimes and any(args.images % b for b in args.batches):
+        raise SystemExit(f"--images {args.images} must be a multiple of every batch size for --pin-ort-batch")
+    work = args.out / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)
+
+    _log(f"fp32 GEMM rate ({DEFAULT_SIZE}^3) per library, {max(threads)} threads")
+    gemm_rates = machine_gemm_rates(max(threads))
+    best_library = max(gemm_rates, key=gemm_rates.get)
+    _log(f"models: seeded {args.backbone} DyT, calibrated, public layout, exported")
+    ex = build_exports(args, work)
+    timed, group_gemm = time_all(args, ex, threads)
+    memory = measure_memory(args, ex, work, min(threads))
+    demo_int8 = demo_agreement(work, args.runtimes, min(threads)) if args.demo_int8 else None
+    results = results_of(ex, timed, group_gemm, gemm_rates[best_library])
+    rows = [{"runtime": runtime, "threads": t, "model": name, **row(calls, batch, t, None).to_dict()}
+            for (runtime, t, batch), lat in timed.items() for name, calls in lat.items()]
+    return {
+        "schema": "dyt-bench/1",
+        "command": args.command,
+        "finished": time.strftime("%Y-%m-%d %H:%M"),
+        "wall_s": time.perf_counter() - start,
+        "load_average": {"start": list(load_start), "end": list(os.getloadavg())},
+        "machine": machine_info(),
+        "threads": min(threads),
+        "thread_counts": threads,
+        "ort_sessions": "pinned to each batch size (fixed_batch)" if args.ort_fixed_batch else "dynamic batch",
+        "images": args.images,
+        "seed": args.seed,
+        "backbone": args.backbone,
+        "gemm": {"size": DEFAULT_SIZE, "by_library": gemm_rates, "library": best_library,
+                 "best": gemm_rates[best_library], "in_turns": {f"{k[0]}/{k[1]}/{k[2]}": v for k, v in group_gemm.items()}},
+        "models": [{"rate": m.rate, "checkpoint": str(m.checkpoint), "onnx": str(m.dynamic),
+                    "activation_per_dispatcher": m.masks[:, :, 1:].mean(axis=(0, 2)).round(4).tolist()} for m in ex.models],
+        "rows": rows,
+        "results": [r.to_dict() for r in results],
+        "memory": memory,
+        "int8": {"rows": int8_rows(timed, ex.middle.rate), "demo": demo_int8},
+        "_results": results,
+    }
+
+
+def parser() -> argparse.ArgumentParser:
+    def floats(text: str) -> list[float]:
+        return [float(v) for v in text.split(",")]
+
+    def ints(text: str) -> list[int]:
+        return [int(v) for v in text.split(",") if v]
+
+    p = argparse.ArgumentParser(prog="python -m validation.bench", description=__doc__.splitlines()[0])
+    p.add_argument("--rates", type=floats, default=[0.3, 0.5, 0.7], help="activation targets (default 0.3,0.5,0.7)")
+    p.add_argument("--batches", type=ints, default=[1, 8, 32])
+    p.add_argument("--eager-batches", type=ints, default=[1, 8, 32], help="batches for eager PyTorch")
+    p.add_argument("--memory-batches", type=ints, default=[1, 32], help="batches for peak memory ('' for none)")
+    p.add_argument("--threads", default="2,all", help="comma list; 'all' = every usable core (default 2,all)")
+    p.add_argument("--runtimes", type=lambda s: s.split(","), default=["ort-cpu", "openvino"])
+    p.add_argument("--images", type=int, default=32, help="image pool every contender passes over")
+    p.add_argument("--passes", type=int, default=1, help="timed passes over the pool per group")
+    p.add_argument("--pin-ort-batch", dest="ort_fixed_batch", action="store_true",
+                   help="give each batch size an ORT session pinned to it (the fixed_batch lever; measured no faster); "
+                        "the image pool must then be a multiple of every batch size")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-demo-int8", dest="demo_int8", action="store_false",
+                   help="skip the int8 accuracy check on the demo model (trains it when not cached)")
+    p.add_argument("--backbone", default="vit_base_patch16_224", help="timm ViT name (smaller ones for a smoke run)")
+    p.add_argument("--out", type=Path, default=Path("validation/records/bench"))
+    p.add_argument("--docs", default="docs/performance.md", help="'' to leave the docs alone")
+    p.add_argument("--report", type=Path, metavar="BENCH_JSON",
+                   help="measure nothing: print the tables of an earlier bench.json and rewrite the docs from it")
+    return p
+
+
+def report_only(path: Path, docs: str) -> int:
+    """Tables and docs section from a bench.json, e.g. after the report's wording changed."""
+    from validation.bench_report import markdown, results_from_record, write_docs
+
+    record = json.loads(path.read_text())
+    results = results_from_record(record)
+    section = markdown(record, results, record["targets"])
+    print(section)
+    if docs:
+        write_docs(Path(docs), section)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from validation.bench_int8 import int8_checks, int8_table
+    from validation.bench_report import markdown, memory_table, results_table, target_checks, targets_table, write_docs
+
+    args = parser().parse_args(argv)
+    if args.report:
+        return report_only(args.report, args.docs)
+    given = sys.argv[1:] if argv is None else argv
+    if os.environ.get("DYT_BENCH_FROM_MAKE"):
+        args.command = "make bench" + (f" ARGS={shlex.quote(shlex.join(given))}" if given else "")
+    else:
+        args.command = shlex.join(["python", "-m", "validation.bench", *given])
+    record = run(args)
+    results = record.pop("_results")
+    checks = target_checks([r for r in results if r.threads == record["threads"]], record["memory"])
+    checks += int8_checks(record["int8"]["rows"], record["int8"]["demo"], record["threads"])
+    record["targets"] = checks
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench.json").write_text(json.dumps(record, indent=1))
+    print(results_table(results), targets_table(checks), memory_table(record["memory"]),
+          int8_table(record["int8"]["rows"], record["int8"]["demo"]), sep="\n\n")
+    if args.docs:
+        write_docs(Path(args.docs), markdown(record, results, checks))
+    _log(f"wrote {args.out / 'bench.json'}{' and ' + args.docs if args.docs else ''}; "
+         f"{sum(c['met'] for c in checks)}/{len(checks)} targets met")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""Peak memory of one model on one runtime, measured in a process of its own.
+
+Runtimes keep arenas and caches for the life of a process, so memory read in the process
+that times ten models says nothing about any one of them. Each measurement is a fresh
+`python -m validation.bench_memory` process that imports the runtime, loads the images,
+records its resident set (the baseline), loads the model, runs one pass over the image pool
+at the given batch size, and reports the kernel's high-water mark of its resident set
+(`VmHWM`, the same figure as `ru_maxrss`). Baseline and peak are both reported: the peak is
+what a user's process would need; peak minus baseline is what the model and its inference
+cost on top of the interpreter and libraries.
+
+Allocator. ONNX Runtime copies every weight into a packed layout at load and frees the
+original; glibc's malloc then keeps or returns those ~100 freed 2-9 MB blocks depending on
+its *dynamic* mmap threshold, i.e. on the order of earlier allocations, not on the model.
+Measured on ViT-B/16: the DyT export's process kept ~190 MB of freed weights that the dense
+export's returned, while with ORT's graph optimizations below 'all' the dense export kept
+them too. So each measurement can also run with `MALLOC_MMAP_THRESHOLD_=1048576` (a fixed
+1 MiB threshold: large blocks are always mmap'd and go back to the OS when freed), which
+measures what the models hold rather than the allocator's luck. Both are reported.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def measure_here(runtime: str, model: Path, images: np.ndarray, batch: int, threads: int,
+                 **options: Any) -> dict[str, float]:
+    """Resident-set figures (MB) of this process around loading and running `model`."""
+    from runtimes import open_backend
+    from validation.throughput import batches_of
+
+    feeds = [np.ascontiguousarray(images[g]) for g in batches_of(len(images), batch)]
+    baseline = _status_kb("VmRSS")
+    backend = open_backend(runtime, model, threads=threads, **options)
+    loaded = _status_kb("VmRSS")
+    name = backend.input_names[0]
+    for feed in feeds:
+        backend.run({name: feed})
+    peak = _status_kb("VmHWM")
+    return {"baseline_mb": baseline / 1024, "loaded_mb": loaded / 1024, "peak_mb": peak / 1024,
+            "peak_over_baseline_mb": (peak - baseline) / 1024}
+
+
+ALLOCATORS: dict[str, dict[str, str]] = {"glibc default": {}, "mmap threshold 1 MiB": {"MALLOC_MMAP_THRESHOLD_": "1048576"}}
+"""Environment of the measuring process per allocator setting."""
+
+
+def peak_memory(runtime: str, model: Path, images: Path, batch: int, threads: int,
+                allocator: str = "glibc default", options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """`measure_here` in a fresh interpreter; `images` is a .npy file of pixel values."""
+    command = [sys.executable, "-m", "validation.bench_memory", "--runtime", runtime, "--model", str(model),
+               "--images", str(images), "--batch", str(batch), "--threads", str(threads),
+               "--options", json.dumps(options or {})]
+    env = {**os.environ, **ALLOCATORS[allocator]}
+    done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
+    if done.returncode != 0:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"memory measurement of {model.name} on {runtime} failed: {tail}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Peak resident memory of one model on one runtime.")
+    parser.add_argument("--runtime", required=True)
+    parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--images", type=Path, required=True, help=".npy file of pixel values [N, C, H, W]")
+    parser.add_argument("--batch", type=int, required=True)
+    parser.add_argument("--threads", type=int, required=True)
+    parser.add_argument("--options", type=json.loads, default={}, help="backend options as a JSON object")
+    args = parser.parse_args()
+    images = np.load(args.images)
+    print(json.dumps(measure_here(args.runtime, args.model, images, args.batch, args.threads, **args.options)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""The models `make bench` times: ViT-B/16 DyT in the public checkpoint layout, calibrated
+to several activation rates, and its dense and masked exports.
+
+Weights are seeded, never downloaded. A freshly initialised timm ViT has every bias at zero
+and every LayerNorm at (1, 0); the exporter's optimizer folds those away (a bias `Add` of
+zeros disappears), so its graph would be cheaper than any trained checkpoint's. The
+benchmark therefore gives every bias and LayerNorm parameter small seeded values
+(`trained_like`) before calibrating the dispatchers, so the graphs carry what real ones do.
+
+Each calibrated model goes through the public DyT training code's checkpoint layout
+(`write_public_checkpoint`, then `load_checkpoint`), so the benchmark exports what a user of
+the public code would hand to `dyt-export`.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dyt_export import load_checkpoint, write_public_checkpoint
+from dyt_export.calibrate import calibrate_dispatchers, image_like
+from dyt_export.export import export_onnx
+from dyt_export.init_model import CALIBRATION_IMAGES, init_model
+from dyt_export.model import DyTVisionTransformer
+
+BACKBONE = "vit_base_patch16_224"
+BOTTLENECK = 64
+"""The public code's default `ffn_num` (full datasets)."""
+ADAPTER_SCALE = 0.1
+"""The public speed script's `ffn_adapter_scalar`."""
+NUM_CLASSES = 1000
+
+
+@dataclass
+class CalibratedModel:
+    rate: float
+    """Target activation the dispatchers were calibrated to."""
+    checkpoint: Path
+    model: DyTVisionTransformer
+    """Loaded back from `checkpoint`."""
+    dynamic: Path
+    masks: np.ndarray
+    """[images, dispatchers, tokens] reference token masks on the benchmark's image pool."""
+
+
+def trained_like(model: DyTVisionTransformer, seed: int) -> DyTVisionTransformer:
+    """Give every bias and LayerNorm parameter small seeded non-trivial values, in place."""
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "token_select" in name:
+                continue  # dispatcher biases are set by calibration
+            if name.endswith(".bias"):
+                param.copy_(0.02 * torch.randn(param.shape, generator=generator))
+            elif param.ndim == 1 and "norm" in name:
+                param.copy_(1.0 + 0.05 * torch.randn(param.shape, generator=generator))
+    return model
+
+
+def base_model(seed: int, backbone: str = BACKBONE) -> DyTVisionTransformer:
+    """Seeded DyT of a timm ViT (MLP Dispatch, adapters in every block), dispatchers uncalibrated."""
+    model = init_model(backbone, bottleneck=BOTTLENECK, adapter_scale=ADAPTER_SCALE, num_classes=NUM_CLASSES, seed=seed)
+    return trained_like(model, seed)
+
+
+def calibrated(base: DyTVisionTransformer, rate: float, workdir: Path, pool: torch.Tensor,
+               seed: int) -> CalibratedModel:
+    """`base` calibrated to `rate`, saved in the public layout, loaded back and exported."""
+    model = copy.deepcopy(base)
+    images = image_like(CALIBRATION_IMAGES, size=model.dyt_config.img_size, seed=seed)
+    calibrate_dispatchers(model, rate, images)
+    checkpoint = write_public_checkpoint(model, workdir / f"dyt-r{rate:g}.pth", shape="training",
+                                         args={"token_target_ratio": rate})
+    loaded = load_checkpoint(checkpoint)
+    dynamic = workdir / f"dyt-r{rate:g}.onnx"
+    export_onnx(loaded, dynamic, dispatch="dynamic")
+    return CalibratedModel(rate, checkpoint, loaded, dynamic, loaded.trace(pool).masks.numpy())
+
+
+def export_twin(model: DyTVisionTransformer, dispatch: str, workdir: Path) -> Path:
+    """The `dense` or `masked` export of `model` (dense ignores the dispatchers entirely)."""
+    path = workdir / f"{Path(model.provenance['path']).stem}-{dispatch}.onnx"
+    export_onnx(model, path, dispatch=dispatch)
+    return path

@@ -1,0 +1,197 @@
+"""Alternative ONNX forms of the same DyT graph, made by rewriting an exported file.
+
+Used by `validation.levers` to measure how the dispatch and the dense parts are expressed,
+without a model-code change per form. Every rewrite keeps the graph's semantics (the
+levers experiment checks outputs against the unrewritten file). The forms:
+
+* `gather_nd`: row selection `Gather(data, idx, axis=0)` as `GatherND(data, idx[:, None])`;
+* `compress`: row selection as `Compress(data, mask, axis=0)` straight from the flattened
+  boolean mask that feeds NonZero (the scatter still needs NonZero's indices);
+* `scatter_elements`: `ScatterND(data, idx[:, None], rows)` as `ScatterElements` (same reduction) with the
+  index expanded to the rows' shape (what a per-element scatter needs);
+* `gelu_mul_first`: exact GELU `x * (0.5 * (1 + erf(x / sqrt2)))` reordered to
+  `(x * 0.5) * (1 + erf(x / sqrt2))`, the order ONNX Runtime's GeluFusion matches (bitwise
+  the same in float: multiplying by 0.5 is exact);
+* `linear_as_gemm`: `MatMul(X[B, N, C], W) + b` with a static N as
+  `Reshape(X, [-1, C]) -> Gemm(W, b) -> Reshape([-1, N, C'])`, which lets ORT fold the bias
+  into the GEMM without a fixed batch.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Callable
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+
+class _Graph:
+    """Producer/consumer maps and constant lookup over a GraphProto."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.model = model
+        self.graph = model.graph
+        self.producer = {out: node for node in self.graph.node for out in node.output}
+        self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+        for node in self.graph.node:
+            for name in node.input:
+                self.consumers[name].append(node)
+        self.initializers = {init.name: init for init in self.graph.initializer}
+        self._count = 0
+
+    def const(self, name: str) -> np.ndarray | None:
+        if name in self.initializers:
+            return numpy_helper.to_array(self.initializers[name])
+        node = self.producer.get(name)
+        if node is not None and node.op_type == "Constant":
+            return numpy_helper.to_array(node.attribute[0].t)
+        return None
+
+    def is_const(self, name: str, value: float) -> bool:
+        array = self.const(name)
+        return array is not None and array.size == 1 and np.isclose(float(array.reshape(-1)[0]), value, rtol=1e-6)
+
+    def new_name(self, stem: str) -> str:
+        self._count += 1
+        return f"_form_{stem}_{self._count}"
+
+    def add_initializer(self, array: np.ndarray, stem: str) -> str:
+        name = self.new_name(stem)
+        self.graph.initializer.append(numpy_helper.from_array(array, name))
+        return name
+
+
+def _replace_nodes(graph: onnx.GraphProto, replacements: dict[int, list[onnx.NodeProto]]) -> None:
+    """Swap node i for the nodes given (an empty list deletes it), keeping topological order."""
+    nodes = []
+    for i, node in enumerate(graph.node):
+        nodes.extend(replacements.get(i, [node]))
+    del graph.node[:]
+    graph.node.extend(nodes)
+
+
+def gather_nd(model: onnx.ModelProto) -> onnx.ModelProto:
+    g = _Graph(model)
+    swaps = {}
+    for i, node in enumerate(g.graph.node):
+        if node.op_type == "Gather" and g.producer.get(node.input[1]) is not None and _fed_by_nonzero(g, node.input[1]):
+            axes = g.add_initializer(np.array([-1], np.int64), "axes")
+            column = g.new_name("idx")
+            swaps[i] = [helper.make_node("Unsqueeze", [node.input[1], axes], [column]),
+                        helper.make_node("GatherND", [node.input[0], column], list(node.output))]
+    _replace_nodes(g.graph, swaps)
+    return model
+
+
+def _fed_by_nonzero(g: _Graph, name: str, depth: int = 4) -> bool:
+    node = g.producer.get(name)
+    for _ in range(depth):
+        if node is None:
+            return False
+        if node.op_type == "NonZero":
+            return True
+        node = g.producer.get(node.input[0])
+    return False
+
+
+def _nonzero_input(g: _Graph, name: str) -> str:
+    node = g.producer[name]
+    while node.op_type != "NonZero":
+        node = g.producer[node.input[0]]
+    return node.input[0]
+
+
+def compress(model: onnx.ModelProto) -> onnx.ModelProto:
+    g = _Graph(model)
+    swaps = {}
+    for i, node in enumerate(g.graph.node):
+        if node.op_type == "Gather" and _fed_by_nonzero(g, node.input[1]):
+            swaps[i] = [helper.make_node("Compress", [node.input[0], _nonzero_input(g, node.input[1])],
+                                         list(node.output), axis=0)]
+    _replace_nodes(g.graph, swaps)
+    return model
+
+
+def scatter_elements(model: onnx.ModelProto) -> onnx.ModelProto:
+    g = _Graph(model)
+    swaps = {}
+    for i, node in enumerate(g.graph.node):
+        if node.op_type == "ScatterND":
+            shape, index = g.new_name("shape"), g.new_name("index")
+            reduction = [a for a in node.attribute if a.name == "reduction"]
+            attrs = {"reduction": reduction[0].s.decode()} if reduction else {}
+            swaps[i] = [helper.make_node("Shape", [node.input[2]], [shape]),
+                        helper.make_node("Expand", [node.input[1], shape], [index]),
+                        helper.make_node("ScatterElements", [node.input[0], index, node.input[2]], list(node.output),
+                                         axis=0, **attrs)]
+    _replace_nodes(g.graph, swaps)
+    return model
+
+
+def gelu_mul_first(model: onnx.ModelProto) -> onnx.ModelProto:
+    """x * (0.5 * (1 + erf(x / sqrt2))) -> (x * 0.5) * (1 + erf(x / sqrt2))."""
+    g = _Graph(model)
+    swaps = {}
+    index_of = {id(node): i for i, node in enumerate(g.graph.node)}
+    for node in g.graph.node:
+        if node.op_type != "Erf":
+            continue
+        div = g.producer.get(node.input[0])
+        adds = g.consumers.get(node.output[0], [])
+        if div is None or div.op_type != "Div" or not g.is_const(div.input[1], 2 ** 0.5) or len(adds) != 1:
+            continue
+        add = adds[0]
+        halves = g.consumers.get(add.output[0], [])
+        if add.op_type != "Add" or len(halves) != 1 or halves[0].op_type != "Mul":
+            continue
+        half = halves[0]
+        const = next((n for n in half.input if n != add.output[0]), None)
+        finals = g.consumers.get(half.output[0], [])
+        if const is None or not g.is_const(const, 0.5) or len(finals) != 1 or finals[0].op_type != "Mul":
+            continue
+        final = finals[0]
+        x = div.input[0]
+        if x not in final.input:
+            continue
+        scaled = g.new_name("half_x")
+        swaps[index_of[id(half)]] = [helper.make_node("Mul", [x, const], [scaled])]
+        swaps[index_of[id(final)]] = [helper.make_node("Mul", [scaled, add.output[0]], list(final.output))]
+    _replace_nodes(g.graph, swaps)
+    return model
+
+
+def linear_as_gemm(model: onnx.ModelProto) -> onnx.ModelProto:
+    """MatMul(X[?, N, C], W[C, D]) + b[D] with static N -> Reshape, Gemm with bias, Reshape."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    shapes = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+              for v in list(inferred.graph.value_info) + list(inferred.graph.input)}
+    g = _Graph(model)
+    swaps = {}
+    index_of = {id(node): i for i, node in enumerate(g.graph.node)}
+    for node in g.graph.node:
+        if node.op_type != "MatMul" or node.input[1] not in g.initializers:
+            continue
+        shape = shapes.get(node.input[0])
+        users = g.consumers.get(node.output[0], [])
+        if shape is None or len(shape) != 3 or shape[1] is None or shape[2] is None or len(users) != 1:
+            continue
+        add = users[0]
+        bias = next((n for n in add.input if n != node.output[0]), None)
+        if add.op_type != "Add" or bias not in g.initializers or g.const(bias).ndim != 1:
+            continue
+        weight = g.const(node.input[1])
+        flat_in, flat_out = g.new_name("flat_in"), g.new_name("flat_out")
+        to_2d = g.add_initializer(np.array([-1, shape[2]], np.int64), "shape2d")
+        to_3d = g.add_initializer(np.array([-1, shape[1], weight.shape[1]], np.int64), "shape3d")
+        swaps[index_of[id(node)]] = [helper.make_node("Reshape", [node.input[0], to_2d], [flat_in]),
+                                     helper.make_node("Gemm", [flat_in, node.input[1], bias], [flat_out])]
+        swaps[index_of[id(add)]] = [helper.make_node("Reshape", [flat_out, to_3d], list(add.output))]
+    _replace_nodes(g.graph, swaps)
+    return model
+
+
+FORMS: dict[str, Callable[[onnx.ModelProto], onnx.ModelProto]] = {
+    "gather_nd": gather_nd, "compress": compress, "scatter_elements": scatter_elements,
+    "gelu_mul_first": gelu_mul_first, "linear_as_gemm": linear_as_gemm,
+}

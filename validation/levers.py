@@ -1,0 +1,217 @@
+"""Experiment (issue 5, "levers"): which expression of the graph and which runtime settings make
+the dispatch pay. Not a test; results and decisions are in docs/performance.md.
+
+Every lever is timed against the shipped form in turns, call by call (`validation.turns`),
+on the ViT-B/16 DyT that `make bench` builds (activation 0.5, its work directory), and its
+outputs are checked against the shipped form's. ORT kernel-time profiles give each op type's
+share, which bounds what a form change can win at all.
+
+    flock -x /tmp/dyt-bench.lock .venv/bin/python -m validation.levers --work validation/records/bench/work
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import functools
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import onnx
+
+from runtimes import open_backend
+from validation.graph_forms import FORMS
+from validation.turns import Runner, paired_ratio, row, take_turns
+
+OPSET_DEFAULT = 18
+
+
+FIXED_BATCH = object()
+"""Option value replaced by each group's batch size (a session pinned to the batch it serves)."""
+
+
+def _form_file(source: Path, forms: list[str], out: Path) -> Path:
+    model = onnx.load(str(source))
+    for form in forms:
+        model = FORMS[form](model)
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, str(out))
+    return out
+
+
+def _max_rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def _group(contenders: dict[str, tuple[str, Path, dict[str, Any]]], images: np.ndarray, batch: int, threads: int,
+           passes: int) -> list[dict[str, Any]]:
+    """Time contenders (name -> (runtime, model, backend options)) in turns; the first one is the
+    reference for speed and outputs."""
+    backends = {name: open_backend(runtime, path, threads=threads, **opts)
+                for name, (runtime, path, opts) in contenders.items()}
+    probe = {"pixel_values": images[:batch]}
+    outputs = {name: b.run(probe)["logits"] for name, b in backends.items()}
+    first = next(iter(contenders))
+    runners: dict[str, Runner] = {name: (lambda feed, b=b: b.run({"pixel_values": feed})) for name, b in backends.items()}
+    latencies = take_turns(runners, images, batch, passes=passes)
+    base = row(latencies[first], batch, threads, None).img_per_s
+    rows = []
+    for name, calls in latencies.items():
+        r = row(calls, batch, threads, None)
+        rows.append({"lever": name, "runtime": contenders[name][0], "batch": batch, "img_per_s": r.img_per_s,
+                     "p50_ms": r.p50_ms, "vs_first": r.img_per_s / base,
+                     "vs_first_paired": paired_ratio(latencies[first], calls),
+                     "max_rel_vs_first": _max_rel(outputs[name], outputs[first])})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def ort_profile(path: Path, images: np.ndarray, threads: int, runs: int = 2) -> dict[str, float]:
+    """Share of kernel time per op type (ORT profiler), over `runs` calls on `images`."""
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.enable_profiling = True
+        options.profile_file_prefix = f"{tmp}/profile"
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        for _ in range(runs + 1):
+            session.run(None, {"pixel_values": images})
+        events = json.loads(Path(session.end_profiling()).read_text())
+    per_op: collections.Counter[str] = collections.Counter()
+    for event in events:
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            per_op[event["args"]["op_name"]] += event["dur"]
+    total = sum(per_op.values())
+    return {op: us / total for op, us in per_op.most_common()}
+
+
+@contextlib.contextmanager
+def _scatter_add_export() -> Iterator[None]:
+    """While active, MLP units add their rows into the residual inside the scatter (ScatterND
+    reduction "add") instead of scattering into zeros and adding (the shipped form)."""
+    import dyt_export.model.block as block_module
+
+    original = block_module.rowwise_added
+    block_module.rowwise_added = functools.partial(original, add_in_scatter=True)
+    try:
+        yield
+    finally:
+        block_module.rowwise_added = original
+
+
+def _ort_transformers(source: Path, out: Path) -> Path:
+    """ONNX Runtime's transformer optimizer (contrib ops, ORT-only): SkipLayerNormalization,
+    BiasGelu/Gelu; it finds no attention to fuse in timm's qkv layout."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    optimize_model(str(source), model_type="vit", num_heads=12, hidden_size=768, opt_level=0).save_model_to_file(str(out))
+    return out
+
+
+def run(work: Path, out: Path, threads: int, passes: int, batches: list[int], only: set[str] | None) -> list[dict]:
+    from dyt_export import load_checkpoint
+    from dyt_export.export import export_onnx
+
+    out.mkdir(parents=True, exist_ok=True)
+    pool = np.load(work / "pool.npy")
+    dyt, dense = work / "dyt-r0.5.onnx", work / "dyt-r0.5-dense.onnx"
+    files = {name: _form_file(dyt, [name], out / f"dyt-{name}.onnx") for name in FORMS}
+    files["dense-gelu_mul_first"] = _form_file(dense, ["gelu_mul_first"], out / "dense-gelu_mul_first.onnx")
+    files["dense-linear_as_gemm"] = _form_file(dense, ["linear_as_gemm"], out / "dense-linear_as_gemm.onnx")
+    files["dyt-both"] = _form_file(dyt, ["gelu_mul_first", "linear_as_gemm"], out / "dyt-both.onnx")
+    files["dense-both"] = _form_file(dense, ["gelu_mul_first", "linear_as_gemm"], out / "dense-both.onnx")
+    scatter_add = out / "dyt-scatter_add.onnx"
+    if not scatter_add.exists():
+        with _scatter_add_export():
+            export_onnx(load_checkpoint(work / "dyt-r0.5.pth"), scatter_add)
+    opt_ort = out / "dyt-ort-optimized.onnx"  # ORT's own optimized graph, saved once, loaded without re-optimizing
+    open_backend("ort-cpu", dyt, threads=threads, optimized_model_path=opt_ort)
+    fused = {name: _ort_transformers(path, out / f"{name}-ort-transformers.onnx") for name, path in (("dyt", dyt), ("dense", dense))}
+
+    ort_, ov = "ort-cpu", "openvino"
+    experiments: dict[str, dict[str, tuple[str, Path, dict[str, Any]]]] = {
+        "dispatch-ort": {"shipped": (ort_, dyt, {}), "scatter_add": (ort_, scatter_add, {}),
+                         "gather_nd": (ort_, files["gather_nd"], {}), "compress": (ort_, files["compress"], {}),
+                         "scatter_elements": (ort_, files["scatter_elements"], {})},
+        "dispatch-ov": {"shipped": (ov, dyt, {}), "scatter_add": (ov, scatter_add, {}),
+                        "gather_nd": (ov, files["gather_nd"], {}), "compress": (ov, files["compress"], {}),
+                        "scatter_elements": (ov, files["scatter_elements"], {})},
+        "dense-part-ort": {"shipped": (ort_, dyt, {}), "gelu_mul_first": (ort_, files["gelu_mul_first"], {}),
+                           "linear_as_gemm": (ort_, files["linear_as_gemm"], {}), "both": (ort_, files["dyt-both"], {}),
+                           "ort-transformers": (ort_, fused["dyt"], {}),
+                           "dense": (ort_, dense, {}), "dense-both": (ort_, files["dense-both"], {}),
+                           "dense-ort-transformers": (ort_, fused["dense"], {})},
+        "dense-part-ov": {"shipped": (ov, dyt, {}), "both": (ov, files["dyt-both"], {}),
+                          "dense": (ov, dense, {}), "dense-both": (ov, files["dense-both"], {})},
+        "ort-session": {"all": (ort_, dyt, {}), "extended": (ort_, dyt, {"graph_optimization": "extended"}),
+                        "basic": (ort_, dyt, {"graph_optimization": "basic"}),
+                        "saved-optimized": (ort_, opt_ort, {"graph_optimization": "disable"}),
+                        "no-spinning": (ort_, dyt, {"session_config": {"session.intra_op.allow_spinning": "0"}}),
+                        "fixed-batch": (ort_, dyt, {"fixed_batch": FIXED_BATCH}),
+                        "no-arena": (ort_, dyt, {"memory_arena": False})},
+        "ort-pinned": {"dynamic": (ort_, dyt, {}), "pinned": (ort_, dyt, {"fixed_batch": FIXED_BATCH}),
+                       "dense-dynamic": (ort_, dense, {}), "dense-pinned": (ort_, dense, {"fixed_batch": FIXED_BATCH})},
+        "ov-config": {"latency": (ov, dyt, {}), "bounded-batch": (ov, dyt, {"max_batch": 32}),
+                      "throughput-hint": (ov, dyt, {"performance_hint": "THROUGHPUT", "streams": None}),
+                      "pinning": (ov, dyt, {"pinning": True})},
+    }
+    rows = []
+    for name, contenders in experiments.items():
+        if only and name not in only:
+            continue
+        for batch in batches:
+            images = pool[: max(8, 2 * batch)]
+            print(f"# {name}, batch {batch}", flush=True)
+            at_batch = {lever: (runtime, path, {k: batch if v is FIXED_BATCH else v for k, v in opts.items()})
+                        for lever, (runtime, path, opts) in contenders.items()}
+            rows += [{"experiment": name, **r} for r in _group(at_batch, images, batch, threads, passes)]
+    return rows
+
+
+def startup(work: Path, out: Path, threads: int) -> list[dict[str, Any]]:
+    """Seconds to a ready model: ORT session from the export vs from its saved optimized graph;
+    OpenVINO compile without and with a model cache (second compile)."""
+    dyt = work / "dyt-r0.5.onnx"
+    cases = [("ort: export", "ort-cpu", dyt, {}),
+             ("ort: saved optimized", "ort-cpu", out / "dyt-ort-optimized.onnx", {"graph_optimization": "disable"}),
+             ("openvino: compile", "openvino", dyt, {}),
+             ("openvino: cache warm", "openvino", dyt, {"cache_dir": str(out / "ov-cache")})]
+    open_backend("openvino", dyt, threads=threads, cache_dir=str(out / "ov-cache"))  # fill the cache
+    rows = []
+    for label, runtime, path, opts in cases:
+        t0 = time.perf_counter()
+        open_backend(runtime, path, threads=threads, **opts)
+        rows.append({"startup": label, "seconds": time.perf_counter() - t0})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--work", type=Path, default=Path("validation/records/bench/work"), help="make bench's work directory")
+    p.add_argument("--out", type=Path, default=Path("validation/records/levers"))
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--passes", type=int, default=2)
+    p.add_argument("--batches", type=lambda s: [int(v) for v in s.split(",")], default=[1, 8])
+    p.add_argument("--only", nargs="*", help="experiment names to run (default all)")
+    p.add_argument("--profile", action="store_true", help="also write ORT op-type time shares")
+    args = p.parse_args()
+    record: dict[str, Any] = {"rows": run(args.work, args.out, args.threads, args.passes, args.batches,
+                                          set(args.only) if args.only else None)}
+    record["startup"] = startup(args.work, args.out, args.threads)
+    if args.profile:
+        pool = np.load(args.work / "pool.npy")
+        record["profile"] = {f"{name} b{b}": ort_profile(args.work / file, pool[:b], args.threads)
+                             for name, file in (("dyt", "dyt-r0.5.onnx"), ("dense", "dyt-r0.5-dense.onnx"))
+                             for b in args.batches}
+    (args.out / "levers.json").write_text(json.dumps(record, indent=1))
+
+
+if __name__ == "__main__":
+    main()

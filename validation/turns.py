@@ -1,0 +1,68 @@
+"""Time several contenders call by call, in turns: ratios that survive a shared machine.
+
+`validation.interleave` alternates whole passes and repeats `throughput.measure`'s warm-up
+pass every round; on ViT-B/16 with 2 cores a pass over 32 images takes a minute per model,
+so `make bench` (ten models, three batch sizes, two runtimes) cannot afford either. Here
+every contender sees each distinct batch once to warm up, then the timed loop goes batch by
+batch and runs *every* contender on that batch before moving on, rotating who goes first.
+A burst of load from another process lands on neighbouring calls of all contenders alike,
+so a ratio of two contenders' times moves far less than either time does.
+
+Rows keep `validation.throughput`'s meaning: whole passes over the pool, img/s is images
+over the total wall time of the timed calls, latency percentiles are per call.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import numpy as np
+
+from validation.throughput import ThroughputRow, batches_of
+
+Runner = Callable[[np.ndarray], object]
+"""Runs one batch of pixel values [B, C, H, W]; what it returns is ignored."""
+
+
+def take_turns(runners: dict[str, Runner], images: np.ndarray, batch: int, *, passes: int = 1,
+               min_seconds: float = 0.0) -> dict[str, list[float]]:
+    """Per contender, the wall time (s) of each timed call, over whole passes of the pool
+    cut into batches of `batch` (at least `passes` of them, and at least `min_seconds`)."""
+    if passes < 1:
+        raise ValueError("passes must be >= 1")
+    feeds = [np.ascontiguousarray(images[g]) for g in batches_of(len(images), batch)]
+    names = list(runners)
+    for feed in feeds:
+        for name in names:
+            runners[name](feed)
+    latencies: dict[str, list[float]] = {name: [] for name in names}
+    turn = 0
+    done = 0
+    start = time.perf_counter()
+    while done < passes or time.perf_counter() - start < min_seconds:
+        for feed in feeds:
+            for name in names[turn % len(names):] + names[:turn % len(names)]:
+                t0 = time.perf_counter()
+                runners[name](feed)
+                latencies[name].append(time.perf_counter() - t0)
+            turn += 1
+        done += 1
+    return latencies
+
+
+def row(latencies: list[float], batch: int, threads: int | None, activation_rate: float | None) -> ThroughputRow:
+    """A `ThroughputRow` from one contender's call times."""
+    ms = np.asarray(latencies) * 1e3
+    return ThroughputRow(batch=batch, threads=threads, img_per_s=batch * len(latencies) / float(np.sum(latencies)),
+                         p50_ms=float(np.percentile(ms, 50)), p90_ms=float(np.percentile(ms, 90)),
+                         p99_ms=float(np.percentile(ms, 99)), calls=len(latencies), activation_rate=activation_rate)
+
+
+def paired_ratio(numerator: list[float], denominator: list[float]) -> float:
+    """Median over turns of numerator[i] / denominator[i]: two contenders' call times on the
+    same batch, one right after the other. Bursts of load that hit a turn hit both calls, so
+    this estimates their speed ratio more robustly than the ratio of totals on a busy machine."""
+    if len(numerator) != len(denominator) or not numerator:
+        raise ValueError("paired_ratio needs two equally long, non-empty lists of call times from take_turns")
+    return float(np.median(np.asarray(numerator) / np.asarray(denominator)))
+
