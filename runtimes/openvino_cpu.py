@@ -3,7 +3,8 @@
 Facts this backend is built around (runtime notes, measured here):
 * The CPU plugin picks bf16 inference on CPUs with AVX512-BF16 or AMX, so logits move by
   ~2e-3 against PyTorch. Precision 'fp32' pins `INFERENCE_PRECISION_HINT=f32`; 'bf16' is
-  available on purpose.
+  available on purpose, and refused on a CPU without bf16 (the plugin would quietly run
+  f32 and the caller would believe it measured bf16).
 * NonZero and everything after it run "internally dynamic": a new active-token count makes
   each node redo shape inference and kernel preparation once (cached per shape). Callers
   that time this backend must warm up over the inputs they will time
@@ -62,6 +63,10 @@ class OpenVinoCpuBackend(Backend):
             raise BackendError(f"{self.name}: max_batch must be >= 1, got {max_batch}")
         self.path = require_file(model, self.name)
         core = ov.Core()
+        capabilities = core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+        if precision == "bf16" and "BF16" not in capabilities:
+            raise BackendError(f"{self.name}: precision 'bf16' is not supported by this CPU "
+                               f"(OpenVINO reports {', '.join(capabilities)})")
         try:
             graph = core.read_model(str(self.path))
             if max_batch is not None:
