@@ -3,8 +3,8 @@ failures, and a build that other CMake projects can embed.
 
 The build is `make cpp` once per session into runtimes/cpp/build (kept between runs, so a
 warm run only relinks nothing); pytest-xdist workers take turns through a file lock. The
-Python reference calls onnxruntime and openvino directly with the settings dyt::Model uses
-(f32 inference precision on OpenVINO, default threads).
+reference is the Python backend of the same runtime (runtimes.open_backend) at the same
+thread setting.
 """
 from __future__ import annotations
 
@@ -21,13 +21,15 @@ import onnx
 import pytest
 
 from dyt_export import build_model, export_onnx
+from runtimes import open_backend
 
 from conftest import force_dispatcher, image_batch, small_config
 
 REPO = Path(__file__).resolve().parents[1]
 CPP = REPO / "runtimes" / "cpp"
 BUILD = CPP / "build"
-RUNTIMES = ("ort", "openvino")
+PYTHON_BACKENDS = {"ort": "ort-cpu", "openvino": "openvino"}  # dyt_infer --runtime -> runtimes name
+RUNTIMES = tuple(PYTHON_BACKENDS)
 TOLERANCE = 1e-5  # max |diff| <= this x max |logit|
 EMPTY_LAYER, FULL_LAYER = 1, 2
 
@@ -70,17 +72,9 @@ def models(tmp_path_factory) -> dict[str, Path]:
     return paths
 
 
-def python_outputs(runtime: str, model: Path, x: np.ndarray) -> dict[str, np.ndarray]:
-    if runtime == "ort":
-        import onnxruntime as ort
-        session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
-        names = [o.name for o in session.get_outputs()]
-        return dict(zip(names, session.run(None, {"pixel_values": x})))
-    import openvino as ov
-    compiled = ov.Core().compile_model(str(model), "CPU", {"INFERENCE_PRECISION_HINT": "f32",
-                                                          "PERFORMANCE_HINT": "LATENCY"})
-    result = compiled({"pixel_values": x})
-    return {port.get_any_name(): np.asarray(value) for port, value in result.items()}
+def python_outputs(runtime: str, model: Path, x: np.ndarray, threads: int | None = None) -> dict[str, np.ndarray]:
+    """The Python backend's outputs; threads None is the runtime's default, as dyt_infer without --threads."""
+    return open_backend(PYTHON_BACKENDS[runtime], model, threads=threads).run({"pixel_values": x})
 
 
 def run_cli(exe: Path, *args: str | Path) -> subprocess.CompletedProcess:
@@ -112,8 +106,10 @@ def test_matches_python_runtime(dyt_infer, models, tmp_path, runtime, batch):
 
 @pytest.mark.parametrize("runtime", RUNTIMES)
 def test_model_without_masks_writes_logits_only(dyt_infer, models, tmp_path, runtime):
+    """Also removes the masks an earlier run with a masks model wrote beside the same --output."""
     x = image_batch(2)
     np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "y.masks.npy", np.ones((2, 3, 5), np.bool_))  # stale
     done = run_cli(dyt_infer, "--runtime", runtime, "--model", models["plain"],
                    "--input", tmp_path / "x.npy", "--output", tmp_path / "y.npy")
     assert done.returncode == 0, done.stderr
@@ -122,12 +118,18 @@ def test_model_without_masks_writes_logits_only(dyt_infer, models, tmp_path, run
     assert np.abs(np.load(tmp_path / "y.npy") - ref).max() <= TOLERANCE * np.abs(ref).max()
 
 
-def test_bench_prints_throughput(dyt_infer, models, tmp_path):
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_threads_take_effect_and_bench_prints_throughput(dyt_infer, models, tmp_path, runtime):
+    """The thread count printed is OpenVINO's compiled INFERENCE_NUM_THREADS (its default is
+    the core count, so 1 is a visible change); ONNX Runtime has no getter, so there it is the value
+    set in the session options."""
     np.save(tmp_path / "x.npy", image_batch(2))
-    done = run_cli(dyt_infer, "--runtime", "openvino", "--model", models["masks"], "--input",
+    done = run_cli(dyt_infer, "--runtime", runtime, "--model", models["masks"], "--input",
                    tmp_path / "x.npy", "--output", tmp_path / "y.npy", "--threads", "1", "--bench", "3")
     assert done.returncode == 0, done.stderr
-    match = re.search(r"bench: openvino, batch 2, 3 runs: .* ([\d.]+) img/s", done.stdout)
+    name = "onnxruntime" if runtime == "ort" else runtime
+    assert f"runtime: {name}, threads: 1\n" in done.stdout, done.stdout
+    match = re.search(rf"bench: {name}, batch 2, 3 runs: .* ([\d.]+) img/s", done.stdout)
     assert match and float(match[1]) > 0, done.stdout
 
 
@@ -139,11 +141,19 @@ def _write_inputs(folder: Path) -> None:
     np.save(folder / "double.npy", good.astype(np.float64))
     np.save(folder / "fortran.npy", np.asfortranarray(good))
     (folder / "garbage.npy").write_bytes(b"not an array")
-    other = onnx.helper.make_model(onnx.helper.make_graph(
-        [onnx.helper.make_node("Identity", ["x"], ["y"])], "other",
-        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 32, 32])],
-        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 3, 32, 32])]))
-    onnx.save(other, folder / "other.onnx")
+    T = onnx.TensorProto
+    _cast_model(folder / "other.onnx", "x", {"y": T.FLOAT})
+    _cast_model(folder / "int_logits.onnx", "pixel_values", {"logits": T.INT64})
+    _cast_model(folder / "byte_masks.onnx", "pixel_values", {"logits": T.FLOAT, "token_masks": T.UINT8})
+
+
+def _cast_model(path: Path, x: str, outputs: dict[str, int]) -> None:
+    """A graph from float32 input `x` [1,3,32,32] to `outputs` (name: ONNX element type), each a Cast of x."""
+    info = onnx.helper.make_tensor_value_info
+    onnx.save(onnx.helper.make_model(onnx.helper.make_graph(
+        [onnx.helper.make_node("Cast", [x], [name], to=type_) for name, type_ in outputs.items()], path.stem,
+        [info(x, onnx.TensorProto.FLOAT, [1, 3, 32, 32])],
+        [info(name, type_, [1, 3, 32, 32]) for name, type_ in outputs.items()])), path)
 
 
 BAD_INPUTS = [  # (runtime, model, input, what stderr must say)
@@ -159,6 +169,10 @@ BAD_INPUTS = [  # (runtime, model, input, what stderr must say)
     ("tensorrt", "MODEL", "good.npy", "unknown runtime 'tensorrt'"),
     ("ort", "other.onnx", "good.npy", "not a DyT export"),
     ("openvino", "other.onnx", "good.npy", "not a DyT export"),
+    ("ort", "int_logits.onnx", "good.npy", "'logits' is not float32"),
+    ("openvino", "int_logits.onnx", "good.npy", "'logits' is not float32"),
+    ("ort", "byte_masks.onnx", "good.npy", "'token_masks' is not bool"),
+    ("openvino", "byte_masks.onnx", "good.npy", "'token_masks' is not bool"),
     ("openvino", "garbage.npy", "good.npy", "not an ONNX model"),
 ]
 
@@ -191,7 +205,7 @@ def test_embedding_example_builds_and_classifies(dyt_infer, models, tmp_path):
 
     grey = np.full((1, 3, 32, 32), 0.5, np.float32)
     for runtime in RUNTIMES:
-        ref = python_outputs(runtime, models["masks"], grey)["logits"][0]
+        ref = python_outputs(runtime, models["masks"], grey, threads=1)["logits"][0]  # classify's setting
         done = subprocess.run([str(tmp_path / "classify"), runtime, str(models["masks"])],
                               capture_output=True, text=True)
         assert done.returncode == 0, done.stderr
@@ -199,13 +213,23 @@ def test_embedding_example_builds_and_classifies(dyt_infer, models, tmp_path):
         assert int(cls) == int(np.argmax(ref)) and abs(float(logit) - ref.max()) <= 1e-4 * np.abs(ref).max()
 
 
-def test_configure_refuses_headers_newer_than_library(dyt_infer, tmp_path):
-    """ORT_API_VERSION above the library's: configuration stops and says why."""
-    root = tmp_path / "onnxruntime"
-    shutil.copytree(BUILD / "onnxruntime" / "include", root / "include")
-    shutil.copytree(BUILD / "onnxruntime" / "lib", root / "lib", symlinks=True)
-    header = root / "include" / "onnxruntime_c_api.h"
+@pytest.mark.parametrize("layout", ["release-archive", "debian-headers"])
+def test_configure_refuses_headers_newer_than_library(dyt_infer, tmp_path, layout):
+    """ORT_API_VERSION above the library's: configuration stops, says why and names a fix that
+    works for that layout. The Debian headers are put where the default build unpacks the
+    package, so nothing is fetched."""
+    build = tmp_path / "build"
+    if layout == "release-archive":
+        include = tmp_path / "onnxruntime" / "include"
+        shutil.copytree(BUILD / "onnxruntime" / "lib", tmp_path / "onnxruntime" / "lib", symlinks=True)
+        flags, fix = [f"-DONNXRUNTIME_ROOT={tmp_path / 'onnxruntime'}"], "unmodified release archive"
+    else:
+        include = build / "onnxruntime" / "debian" / "usr" / "include" / "onnxruntime"
+        flags, fix = [], "pip install -U 'onnxruntime>=1.999'"
+    shutil.copytree(BUILD / "onnxruntime" / "include", include)
+    header = include / "onnxruntime_c_api.h"
     header.write_text(re.sub(r"#define ORT_API_VERSION \d+", "#define ORT_API_VERSION 999", header.read_text()))
-    done = _configure(CPP, tmp_path / "build", f"-DONNXRUNTIME_ROOT={root}", "-DDYT_WITH_OPENVINO=OFF")
+    done = _configure(CPP, build, *flags, "-DDYT_WITH_OPENVINO=OFF")
     assert done.returncode != 0
-    assert "declare ORT_API_VERSION 999, newer than the library" in " ".join(done.stderr.split())
+    message = " ".join(done.stderr.split())
+    assert "declare ORT_API_VERSION 999, newer than the library" in message and fix in message, message

@@ -5,6 +5,7 @@
 #include <chrono>
 #include <cstdio>
 #include <exception>
+#include <filesystem>
 #include <map>
 #include <numeric>
 #include <string>
@@ -21,8 +22,9 @@ constexpr const char* kHelp =
     "\n"
     "Runs an exported DyT model on X.npy (float32 [batch,3,H,W], C order) and writes\n"
     "Y.npy (float32 logits [batch,classes]). A model exported with masks also gives\n"
-    "Y.masks.npy (bool [batch,dispatchers,tokens], token 0 = CLS; True = token active).\n"
-    "Prints the top-5 classes of each image.\n"
+    "Y.masks.npy (bool [batch,dispatchers,tokens], token 0 = CLS; True = token active);\n"
+    "a model without masks removes a Y.masks.npy left by an earlier run.\n"
+    "Prints the runtime and its thread count, then the top-5 classes of each image.\n"
     "\n"
     "  --threads N     intra-op threads, unpinned (default: the runtime's choice)\n"
     "  --bench ITERS   after the first run, time ITERS more and print img/s\n";
@@ -124,10 +126,15 @@ int run(const Args& args) {
     const dyt::Result result = model->run(input.data.data(), shape);
 
     npy::write_f32(args.output, {result.logits_shape.begin(), result.logits_shape.end()}, result.logits.data());
-    if (result.has_masks()) {
-        const std::string masks_path = args.output.substr(0, args.output.size() - 4) + ".masks.npy";
+    const std::string masks_path = args.output.substr(0, args.output.size() - 4) + ".masks.npy";
+    if (result.has_masks())
         npy::write_bool(masks_path, {result.masks_shape.begin(), result.masks_shape.end()}, result.masks.data());
-    }
+    else  // an earlier run's masks must not pass for this model's
+        std::filesystem::remove(masks_path);
+    // What the runtime reports using, so that a test can see --threads take effect.
+    const std::string threads = model->threads() > 0 ? std::to_string(model->threads()) : "default";
+    std::printf("runtime: %s, threads: %s\n", std::string(dyt::runtime_name(model->runtime())).c_str(),
+                threads.c_str());
     print_top5(result);
     if (args.bench > 0) bench(*model, input, shape, args.bench);
     return 0;

@@ -7,18 +7,18 @@
 #   - the C/C++ headers of Debian's libonnxruntime-dev from suite DYT_ORT_DEBIAN_SUITE, which
 #     the wheel lacks; fetched once with a private apt configuration, never installed.
 # Headers older than the library work (the C API is backward compatible), newer ones do not:
-# a small program built and run at configure time checks that.
+# a small program built and run at configure time checks that. trixie's headers are ORT 1.21,
+# hence pyproject's floor onnxruntime>=1.21; no older suite has libonnxruntime-dev, so an
+# older wheel is fixed by upgrading it, not by picking another suite.
 set(ONNXRUNTIME_ROOT "" CACHE PATH "ONNX Runtime release-archive folder (include/, lib/); empty: Debian headers + the Python wheel's library")
-set(DYT_ORT_DEBIAN_SUITE "trixie" CACHE STRING "Debian suite whose libonnxruntime-dev supplies the headers")
+set(DYT_ORT_DEBIAN_SUITE "trixie" CACHE STRING "Debian suite whose libonnxruntime-dev supplies the headers (trixie or newer: older suites lack the package)")
 set(DYT_DEBIAN_ARCHIVE "" CACHE STRING "Debian archive URI for that fetch; empty: the one this machine's apt sources use")
 
 if(ONNXRUNTIME_ROOT)
   set(_dyt_ort_root "${ONNXRUNTIME_ROOT}")
-  set(_dyt_ort_hint "point -DONNXRUNTIME_ROOT at an ONNX Runtime release archive whose version matches its headers")
 else()
   set(_dyt_ort_root "${CMAKE_CURRENT_BINARY_DIR}/onnxruntime")
   set(_dyt_ort_debian "${_dyt_ort_root}/debian")
-  set(_dyt_ort_hint "use an older suite (-DDYT_ORT_DEBIAN_SUITE=...) or -DONNXRUNTIME_ROOT=<release archive>")
   dyt_python_eval(_dyt_ort_wheel_lib
     "import glob, os, onnxruntime as o; print(sorted(glob.glob(os.path.join(os.path.dirname(o.__file__), 'capi', 'libonnxruntime.so*')))[0])"
     "where the onnxruntime package keeps libonnxruntime.so")
@@ -70,6 +70,12 @@ if(NOT CMAKE_CROSSCOMPILING)
   set(_dyt_ort_version "${CMAKE_MATCH_2}")
   set(_dyt_ort_fits "${CMAKE_MATCH_3}")
   if(NOT _dyt_ort_fits)
+    if(ONNXRUNTIME_ROOT)
+      set(_dyt_ort_hint "point -DONNXRUNTIME_ROOT at an unmodified release archive, whose headers match its library")
+    else()  # ORT_API_VERSION N is the C API of release 1.N
+      string(CONCAT _dyt_ort_hint "upgrade the wheel (${DYT_PYTHON} -m pip install -U 'onnxruntime>=1.${_dyt_ort_api}') "
+                    "and rerun, or build against an ONNX Runtime release archive with -DONNXRUNTIME_ROOT=<dir>")
+    endif()
     message(FATAL_ERROR "dyt: the ONNX Runtime headers in ${_dyt_ort_include} declare ORT_API_VERSION "
                         "${_dyt_ort_api}, newer than the library ${_dyt_ort_lib} (version ${_dyt_ort_version}). "
                         "Headers newer than the library do not work: ${_dyt_ort_hint}.")

@@ -11,14 +11,27 @@
 namespace dyt {
 namespace {
 
-std::string join(const std::vector<std::string>& names) {
+using detail::Element;
+using detail::Port;
+
+std::string join(const std::vector<Port>& ports) {
     std::string out;
-    for (const auto& name : names) out += (out.empty() ? "" : ", ") + name;
+    for (const auto& port : ports) out += (out.empty() ? "" : ", ") + port.name;
     return out.empty() ? "none" : out;
 }
 
-bool contains(const std::vector<std::string>& names, std::string_view name) {
-    return std::find(names.begin(), names.end(), name) != names.end();
+const Port* find_port(const std::vector<Port>& ports, std::string_view name) {
+    const auto it = std::find_if(ports.begin(), ports.end(), [name](const Port& port) { return port.name == name; });
+    return it == ports.end() ? nullptr : &*it;
+}
+
+/// Result holds float32 logits and one byte per mask value: anything else would need a
+/// conversion the Python backends do not make either.
+void require_type(const Port& port, Element type) {
+    if (port.type != type)
+        throw Error("'" + port.name + "' is not " +
+                    (type == Element::Bool ? "bool" : "float32 (exported with fp16 I/O?)") +
+                    ": dyt::Model takes float32 images and gives float32 logits and bool masks");
 }
 
 std::string format_shape(const int64_t* dims, size_t rank) {
@@ -90,12 +103,17 @@ Result Model::run(const float* pixels, const std::array<int64_t, 4>& shape) {
 
 namespace detail {
 
-bool check_contract(const std::vector<std::string>& inputs, const std::vector<std::string>& outputs) {
-    if (inputs.size() != 1 || inputs[0] != kInput || !contains(outputs, kLogits))
+bool check_contract(const std::vector<Port>& inputs, const std::vector<Port>& outputs) {
+    const Port* logits = find_port(outputs, kLogits);
+    if (inputs.size() != 1 || inputs[0].name != kInput || logits == nullptr)
         throw Error("not a DyT export: expected input '" + std::string(kInput) + "' and output '" +
                     std::string(kLogits) + "', found inputs (" + join(inputs) + ") and outputs (" +
                     join(outputs) + ")");
-    return contains(outputs, kMasks);
+    require_type(inputs[0], Element::Float32);
+    require_type(*logits, Element::Float32);
+    const Port* masks = find_port(outputs, kMasks);
+    if (masks != nullptr) require_type(*masks, Element::Bool);
+    return masks != nullptr;
 }
 
 std::array<int64_t, 3> image_shape_from(const std::vector<int64_t>& dims) {

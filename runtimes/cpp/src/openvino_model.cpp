@@ -22,7 +22,8 @@ std::string message(const ov::Exception& e) {
 class OpenVinoModel final : public Model {
 public:
     OpenVinoModel(ov::CompiledModel compiled, std::array<int64_t, 3> image_shape, bool has_masks)
-        : Model(Runtime::OpenVINO, image_shape, has_masks),
+        : Model(Runtime::OpenVINO, image_shape, has_masks,
+                static_cast<int>(compiled.get_property(ov::inference_num_threads))),
           compiled_(std::move(compiled)),
           request_(compiled_.create_infer_request()) {}
 
@@ -34,17 +35,16 @@ protected:
             const ov::Shape dims(shape.begin(), shape.end());
             request_.set_tensor(std::string(kInput), ov::Tensor(ov::element::f32, dims, const_cast<float*>(pixels)));
             request_.infer();
+            // Element types were checked at load (check_contract).
             const ov::Tensor logits = request_.get_tensor(std::string(kLogits));
             const ov::Shape logits_shape = logits.get_shape();
-            if (logits_shape.size() != 2 || logits.get_element_type() != ov::element::f32)
-                throw Error("openvino: 'logits' is not float32 [batch, classes]");
+            if (logits_shape.size() != 2) throw Error("openvino: 'logits' is not [batch, classes]");
             result.logits_shape = {int64_t(logits_shape[0]), int64_t(logits_shape[1])};
             result.logits.assign(logits.data<const float>(), logits.data<const float>() + logits.get_size());
             if (has_masks()) {
                 const ov::Tensor masks = request_.get_tensor(std::string(kMasks));
                 const ov::Shape masks_shape = masks.get_shape();
-                if (masks_shape.size() != 3 || masks.get_element_type() != ov::element::boolean)
-                    throw Error("openvino: 'token_masks' is not bool [batch, dispatchers, tokens]");
+                if (masks_shape.size() != 3) throw Error("openvino: 'token_masks' is not [batch, dispatchers, tokens]");
                 result.masks_shape = {int64_t(masks_shape[0]), int64_t(masks_shape[1]), int64_t(masks_shape[2])};
                 // element::boolean is stored one byte per value, 0 or 1.
                 const auto* bytes = static_cast<const uint8_t*>(masks.data());
@@ -69,10 +69,15 @@ std::shared_ptr<ov::Model> read_onnx(const std::filesystem::path& path) {
     return onnx->convert(onnx->load(path.string()));
 }
 
-std::vector<std::string> port_names(const std::vector<ov::Output<const ov::Node>>& ports) {
-    std::vector<std::string> out;
-    for (const auto& port : ports)
-        for (const auto& name : port.get_names()) out.push_back(name);
+std::vector<Port> contract_ports(const std::vector<ov::Output<const ov::Node>>& ports) {
+    std::vector<Port> out;
+    for (const auto& port : ports) {
+        const ov::element::Type type = port.get_element_type();
+        const Element element = type == ov::element::f32       ? Element::Float32
+                                : type == ov::element::boolean ? Element::Bool
+                                                               : Element::Other;
+        for (const auto& name : port.get_names()) out.push_back({name, element});
+    }
     return out;
 }
 
@@ -81,12 +86,10 @@ std::vector<std::string> port_names(const std::vector<ov::Output<const ov::Node>
 std::unique_ptr<Model> load_openvino(const std::filesystem::path& path, const Options& options) {
     try {
         const std::shared_ptr<const ov::Model> model = read_onnx(path);
-        const bool has_masks = check_contract(port_names(model->inputs()), port_names(model->outputs()));
-        const ov::Output<const ov::Node> input = model->input(std::string(kInput));
-        if (input.get_element_type() != ov::element::f32)
-            throw Error("model input '" + std::string(kInput) + "' is not float32 (exported with fp16 I/O?)");
+        const bool has_masks = check_contract(contract_ports(model->inputs()), contract_ports(model->outputs()));
         std::vector<int64_t> dims;
-        for (const auto& dim : input.get_partial_shape()) dims.push_back(dim.is_static() ? dim.get_length() : -1);
+        for (const auto& dim : model->input(std::string(kInput)).get_partial_shape())
+            dims.push_back(dim.is_static() ? dim.get_length() : -1);
         const auto image_shape = image_shape_from(dims);
 
         ov::AnyMap config{ov::hint::inference_precision(ov::element::f32),

@@ -1,10 +1,10 @@
 // dyt::Model on the ONNX Runtime C++ API.
 //
 // The headers may be older than the library they run against (the C API is backward
-// compatible), never newer: CMake checks that at configure time, and the API is initialised
-// by hand (ORT_API_MANUAL_INIT) so that a too-old library swapped in at run time is an
-// Error here instead of a null-pointer crash in a static initialiser.
-#define ORT_API_MANUAL_INIT
+// compatible), never newer: CMake checks that at configure time. There is no run-time
+// counterpart to check: libonnxruntime versions its symbols per release (1.32.0 defines
+// VERS_1.32.0 and no other), so the dynamic loader refuses any other release, older or
+// newer, before main() runs.
 #include <onnxruntime_cxx_api.h>
 
 #include "backends.hpp"
@@ -13,17 +13,6 @@ namespace dyt::detail {
 namespace {
 
 Ort::Env& environment() {
-    static const bool initialised = [] {
-        const OrtApiBase* base = OrtGetApiBase();
-        const OrtApi* api = base->GetApi(ORT_API_VERSION);
-        if (api == nullptr)
-            throw Error("libonnxruntime " + std::string(base->GetVersionString()) +
-                        " is older than the headers dyt::model was built with (API version " +
-                        std::to_string(ORT_API_VERSION) + ")");
-        Ort::InitApi(api);
-        return true;
-    }();
-    (void)initialised;
     // One environment per process, as ONNX Runtime wants; warnings and errors only.
     static Ort::Env env(ORT_LOGGING_LEVEL_ERROR, "dyt");
     return env;
@@ -31,8 +20,8 @@ Ort::Env& environment() {
 
 class OrtModel final : public Model {
 public:
-    OrtModel(Ort::Session session, std::array<int64_t, 3> image_shape, bool has_masks)
-        : Model(Runtime::OnnxRuntime, image_shape, has_masks), session_(std::move(session)) {
+    OrtModel(Ort::Session session, std::array<int64_t, 3> image_shape, bool has_masks, int threads)
+        : Model(Runtime::OnnxRuntime, image_shape, has_masks, threads), session_(std::move(session)) {
         output_names_.push_back(kLogits.data());
         if (has_masks) output_names_.push_back(kMasks.data());
     }
@@ -52,6 +41,7 @@ protected:
         } catch (const Ort::Exception& e) {
             throw Error("onnxruntime: " + one_line(e.what()));
         }
+        // Element types were checked at load (check_contract).
         Result result;
         const auto logits_shape = outputs[0].GetTensorTypeAndShapeInfo().GetShape();
         if (logits_shape.size() != 2) throw Error("onnxruntime: 'logits' is not [batch, classes]");
@@ -73,13 +63,24 @@ private:
     std::vector<const char*> output_names_;
 };
 
-std::vector<std::string> names(const Ort::Session& session, bool inputs) {
+Element element(const Ort::TypeInfo& type) {
+    if (type.GetONNXType() != ONNX_TYPE_TENSOR) return Element::Other;
+    switch (type.GetTensorTypeAndShapeInfo().GetElementType()) {
+        case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT: return Element::Float32;
+        case ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL: return Element::Bool;
+        default: return Element::Other;
+    }
+}
+
+std::vector<Port> contract_ports(const Ort::Session& session, bool inputs) {
     Ort::AllocatorWithDefaultOptions allocator;
     const size_t count = inputs ? session.GetInputCount() : session.GetOutputCount();
-    std::vector<std::string> out;
-    for (size_t i = 0; i < count; ++i)
-        out.emplace_back((inputs ? session.GetInputNameAllocated(i, allocator)
-                                 : session.GetOutputNameAllocated(i, allocator)).get());
+    std::vector<Port> out;
+    for (size_t i = 0; i < count; ++i) {
+        const auto name = inputs ? session.GetInputNameAllocated(i, allocator)
+                                 : session.GetOutputNameAllocated(i, allocator);
+        out.push_back({name.get(), element(inputs ? session.GetInputTypeInfo(i) : session.GetOutputTypeInfo(i))});
+    }
     return out;
 }
 
@@ -94,14 +95,10 @@ std::unique_ptr<Model> load_onnxruntime(const std::filesystem::path& path, const
             session_options.SetInterOpNumThreads(1);
         }
         Ort::Session session(env, path.c_str(), session_options);
-        const bool has_masks = check_contract(names(session, true), names(session, false));
-        // The shape info is a view into the type info: keep both alive.
-        const Ort::TypeInfo input_type = session.GetInputTypeInfo(0);
-        const auto input = input_type.GetTensorTypeAndShapeInfo();
-        if (input.GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT)
-            throw Error("model input '" + std::string(kInput) + "' is not float32 (exported with fp16 I/O?)");
-        const auto image_shape = image_shape_from(input.GetShape());
-        return std::make_unique<OrtModel>(std::move(session), image_shape, has_masks);
+        const bool has_masks = check_contract(contract_ports(session, true), contract_ports(session, false));
+        const auto image_shape = image_shape_from(session.GetInputTypeInfo(0).GetTensorTypeAndShapeInfo().GetShape());
+        // ONNX Runtime has no getter for its thread-pool size: report the value set (0: its default).
+        return std::make_unique<OrtModel>(std::move(session), image_shape, has_masks, options.threads);
     } catch (const Ort::Exception& e) {
         throw Error("onnxruntime cannot load " + path.string() + ": " + one_line(e.what()));
     }

@@ -5,6 +5,11 @@
 // output `logits` float32 [B,classes] and, when exported with masks, `token_masks` bool
 // [B,dispatchers,tokens]. Every failure (missing file, not a DyT export, wrong input shape,
 // a runtime error) is thrown as dyt::Error with a one-line message.
+//
+// A Model serves one caller at a time: do not call run() on the same Model from several
+// threads at once (the OpenVINO implementation reuses one infer request; ONNX Runtime's Run
+// would cope, but the interface promises only what both keep). Separate Models, one per
+// thread, may run concurrently.
 #pragma once
 
 #include <array>
@@ -65,10 +70,14 @@ public:
     /// Whether the model outputs `token_masks`.
     bool has_masks() const { return has_masks_; }
     Runtime runtime() const { return runtime_; }
+    /// Intra-op threads in effect: as OpenVINO reports them after compiling (its default
+    /// filled in, a request above the core count capped); for ONNX Runtime, which has no
+    /// getter, Options::threads as set in the session options (0: its default).
+    int threads() const { return threads_; }
 
 protected:
-    Model(Runtime runtime, std::array<int64_t, 3> image_shape, bool has_masks)
-        : runtime_(runtime), image_shape_(image_shape), has_masks_(has_masks) {}
+    Model(Runtime runtime, std::array<int64_t, 3> image_shape, bool has_masks, int threads)
+        : runtime_(runtime), image_shape_(image_shape), has_masks_(has_masks), threads_(threads) {}
     /// The runtime's part: inputs already checked.
     virtual Result infer(const float* pixels, const std::array<int64_t, 4>& shape) = 0;
 
@@ -76,6 +85,7 @@ private:
     Runtime runtime_;
     std::array<int64_t, 3> image_shape_;
     bool has_masks_;
+    int threads_;
 };
 
 }  // namespace dyt
