@@ -50,14 +50,16 @@ pictures: setup
 # (both install the `onnxruntime` module, so only one can be present) with the CUDA 12 and
 # cuDNN 9 libraries from pip. Needs an NVIDIA GPU and driver. Rerun after `make setup`
 # reinstalls onnxruntime; undo with: .venv/bin/pip uninstall onnxruntime-gpu && make setup
+# The GPU wheel is the CPU wheel's version, else the newest one between pyproject's onnxruntime
+# floor (1.21) and it (GPU wheels can lag behind); the last line exits non-zero without CUDA.
 setup-cuda: setup
 	@v=$$($(BIN)/python -c 'from importlib.metadata import version; print(version("onnxruntime"))' 2>/dev/null); \
 	$(BIN)/python -m pip uninstall --quiet -y onnxruntime; \
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check "onnxruntime-gpu[cuda,cudnn]==$$v" \
-	  || $(BIN)/python -m pip install --quiet --disable-pip-version-check "onnxruntime-gpu[cuda,cudnn]" \
-	  || { echo "onnxruntime-gpu could not be installed; restoring onnxruntime $$v"; \
+	  || $(BIN)/python -m pip install --quiet --disable-pip-version-check "onnxruntime-gpu[cuda,cudnn]>=1.21,<=$$v" \
+	  || { echo "onnxruntime-gpu >=1.21,<=$$v could not be installed; restoring onnxruntime $$v"; \
 	       $(BIN)/python -m pip install --quiet "onnxruntime==$$v"; exit 1; }
-	$(BIN)/python -c "import runtimes; print(runtimes.get_backend('ort-cuda').availability())"
+	$(BIN)/python -m runtimes ort-cuda
 
 # C++ library dyt::model and dyt_infer (runtimes/cpp): ONNX Runtime and OpenVINO libraries
 # from the wheels in .venv, ONNX Runtime headers fetched once into the build tree.

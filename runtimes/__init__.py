@@ -33,11 +33,9 @@ def get_backend(name: str) -> type[Backend]:
 
 
 def open_backend(name: str, model: Path | str, **options: Any) -> Backend:
-    """Load `model` on runtime `name`, or BackendError saying why not."""
+    """Load `model` on runtime `name`, or BackendError saying why not (every backend checks
+    its availability first)."""
     cls = get_backend(name)
-    available = cls.availability()
-    if not available:
-        raise BackendError(f"{name} is not available: {available.reason}")
     try:
         return cls(model, **options)
     except TypeError as e:  # an option this backend does not take

@@ -11,6 +11,7 @@ reasons that have nothing to do with the runtime.
 from __future__ import annotations
 
 import abc
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Mapping
@@ -45,6 +46,9 @@ class TensorSpec:
 
 def check_inputs(inputs: Mapping[str, Any], specs: list[TensorSpec]) -> dict[str, np.ndarray]:
     """`inputs` as contiguous numpy arrays, or BackendError naming the first thing wrong."""
+    if not isinstance(inputs, Mapping):
+        raise BackendError(f"inputs must be a dict of input name -> numpy array, got {type(inputs).__name__}; "
+                           f"the model takes {', '.join(s.describe() for s in specs)}")
     expected = {s.name for s in specs}
     missing = sorted(expected - set(inputs))
     unexpected = sorted(set(inputs) - expected)
@@ -80,10 +84,18 @@ def require_file(model: Path | str, backend: str) -> Path:
     return path
 
 
+_FRAME = re.compile(r"^Exception from \S+:\d+:?$")
+"""OpenVINO's C++ frame lines ("Exception from src/inference/src/cpp/core.cpp:84:"), which
+come before the cause."""
+
+
 def first_line(error: BaseException) -> str:
-    """Runtimes raise multi-line messages with C++ frames; a user needs the first line."""
-    text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0][:300]
+    """The cause in one line. Runtimes raise multi-line messages: OpenVINO's start with one
+    C++ frame line per call level and state the cause only after them, so the first line
+    that is neither empty nor a frame is the one a user needs."""
+    lines = (line.strip() for line in str(error).splitlines())
+    cause = next((line for line in lines if line and not _FRAME.match(line)), "")
+    return cause[:300] or type(error).__name__
 
 
 class Backend(abc.ABC):
@@ -92,11 +104,17 @@ class Backend(abc.ABC):
     Options common to all: `threads` (None: the runtime's default) and `precision`
     ('fp32' runs the graph in the precision it was exported in, lowering nothing on the
     runtime's own initiative; OpenVINO's CPU plugin picks bf16 by default on CPUs with
-    AVX512-BF16 or AMX, which breaks parity. 'bf16' lets OpenVINO lower on purpose). Backend-specific
-    options are keyword arguments of each subclass; unknown ones are an error, not ignored.
+    AVX512-BF16 or AMX, which breaks parity. 'bf16' lets OpenVINO lower on purpose; the
+    precisions a backend takes are its `precisions`). Backend-specific options are keyword
+    arguments of each subclass; unknown ones are an error, not ignored.
+
+    Every `__init__` starts with `_set_common`, which checks availability before the
+    backend imports its library: a missing library is a BackendError naming it, never a
+    ModuleNotFoundError.
     """
 
     name: ClassVar[str]
+    precisions: ClassVar[tuple[str, ...]] = ("fp32",)
     threads: int | None
     precision: str
 
@@ -131,11 +149,14 @@ class Backend(abc.ABC):
     def info(self) -> dict[str, Any]:
         """Device and library versions, for records."""
 
-    def _set_common(self, threads: int | None, precision: str, precisions: tuple[str, ...] = ("fp32",)) -> None:
-        """Validate and store the options every backend takes."""
+    def _set_common(self, threads: int | None, precision: str) -> None:
+        """Check that the runtime is available, then validate and store the options every backend takes."""
+        available = self.availability()
+        if not available:
+            raise BackendError(f"{self.name} is not available: {available.reason}")
         if threads is not None and (not isinstance(threads, int) or threads < 1):
             raise BackendError(f"{self.name}: threads must be a positive integer, got {threads!r}")
-        if precision not in precisions:
-            raise BackendError(f"{self.name}: precision {precision!r} is not supported; choose {', '.join(precisions)}")
+        if precision not in self.precisions:
+            raise BackendError(f"{self.name}: precision {precision!r} is not supported; choose {', '.join(self.precisions)}")
         self.threads = threads
         self.precision = precision

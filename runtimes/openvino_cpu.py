@@ -32,6 +32,7 @@ class OpenVinoCpuBackend(Backend):
     (any further plugin properties, applied last)."""
 
     name = "openvino"
+    precisions = tuple(_PRECISION_HINTS)
 
     @classmethod
     def availability(cls) -> Availability:
@@ -51,12 +52,9 @@ class OpenVinoCpuBackend(Backend):
                  performance_hint: str = "LATENCY", streams: int | None = 1, pinning: bool | None = None,
                  max_batch: int | None = None, cache_dir: str | Path | None = None,
                  config: dict[str, Any] | None = None) -> None:
+        self._set_common(threads, precision)
         import openvino as ov
 
-        self._set_common(threads, precision, tuple(_PRECISION_HINTS))
-        available = self.availability()
-        if not available:
-            raise BackendError(f"{self.name} is not available: {available.reason}")
         if performance_hint not in PERFORMANCE_HINTS:
             raise BackendError(f"{self.name}: performance_hint must be one of {', '.join(PERFORMANCE_HINTS)}")
         if max_batch is not None and max_batch < 1:
@@ -90,8 +88,12 @@ class OpenVinoCpuBackend(Backend):
         except Exception as e:
             raise BackendError(f"{self.name} cannot compile {self.path}: {first_line(e)}") from None
         self._request = self._compiled.create_infer_request()
-        self._inputs = [self._spec(port) for port in self._compiled.inputs]
-        self._outputs = [port.get_any_name() for port in self._compiled.outputs]
+        # Compilation can fuse a graph input or output with the tensor next to it (an fp16 export's
+        # input Cast, its last Linear), and `get_any_name` then returns the fused tensor's name
+        # ('_to_copy', 'linear_28'): keep the names the ONNX file declares.
+        declared = {name for port in (*graph.inputs, *graph.outputs) for name in port.get_names()}
+        self._inputs = [self._spec(port, declared) for port in self._compiled.inputs]
+        self._outputs = [self._name(port, declared) for port in self._compiled.outputs]
         self._device = core.get_property("CPU", "FULL_DEVICE_NAME")
         self.max_batch = max_batch
 
@@ -102,14 +104,19 @@ class OpenVinoCpuBackend(Backend):
         dims = [ov.Dimension(1, max_batch)] + [shape[i] for i in range(1, shape.rank.get_length())]
         return ov.PartialShape(dims)
 
-    def _spec(self, port: Any) -> TensorSpec:
+    @staticmethod
+    def _name(port: Any, declared: set[str]) -> str:
+        return min((name for name in port.get_names() if name in declared), default=port.get_any_name())
+
+    def _spec(self, port: Any, declared: set[str]) -> TensorSpec:
+        name = self._name(port, declared)
         shape = port.get_partial_shape()
         dims = tuple(d.get_length() if d.is_static else None for d in shape)
         try:
             dtype = np.dtype(port.get_element_type().to_dtype())
         except Exception as e:
-            raise BackendError(f"{self.name}: model input {port.get_any_name()} has an unsupported type") from e
-        return TensorSpec(port.get_any_name(), dtype, dims)
+            raise BackendError(f"{self.name}: model input {name} has an unsupported type") from e
+        return TensorSpec(name, dtype, dims)
 
     @property
     def input_specs(self) -> list[TensorSpec]:
@@ -131,7 +138,7 @@ class OpenVinoCpuBackend(Backend):
             raise BackendError(f"{self.name} failed to run {self.path.name}: {first_line(e)}") from None
         # infer() copies outputs out of the request's tensors (share_outputs=False), so the
         # arrays stay valid after the next call.
-        return {port.get_any_name(): np.asarray(value) for port, value in result.items()}
+        return {name: np.asarray(result[port]) for name, port in zip(self._outputs, self._compiled.outputs)}
 
     def info(self) -> dict[str, Any]:
         import openvino as ov

@@ -45,12 +45,9 @@ class OrtBackend(Backend):
                  graph_optimization: str = "all", session_config: dict[str, str] | None = None,
                  optimized_model_path: str | Path | None = None, fixed_batch: int | None = None,
                  memory_arena: bool = True) -> None:
+        self._set_common(threads, precision)
         import onnxruntime as ort
 
-        self._set_common(threads, precision)
-        available = self.availability()
-        if not available:
-            raise BackendError(f"{self.name} is not available: {available.reason}")
         self.path = require_file(model, self.name)
         if graph_optimization not in OPTIMIZATION_LEVELS:
             raise BackendError(f"{self.name}: graph_optimization must be one of {', '.join(OPTIMIZATION_LEVELS)}")
@@ -72,10 +69,9 @@ class OrtBackend(Backend):
         self.graph_optimization = graph_optimization
         self.session_config = dict(session_config or {})
         self.fixed_batch = fixed_batch
-        try:
-            self._before_session()
+        try:  # enable_fallback=0: ORT would print a banner on stdout and retry on the CPU
             self._session = ort.InferenceSession(
-                str(self.path), options, providers=[(self.provider, self.provider_options())])
+                str(self.path), options, providers=[(self.provider, self.provider_options())], enable_fallback=0)
         except Exception as e:  # ORT raises InvalidProtobuf, Fail, NotImplemented, RuntimeError...
             raise BackendError(f"{self.name} cannot load {self.path}: {first_line(e)}") from None
         active = self._session.get_providers()
@@ -85,9 +81,6 @@ class OrtBackend(Backend):
         self._inputs = [TensorSpec(i.name, self._dtype(i.type), tuple(d if isinstance(d, int) else None for d in i.shape))
                         for i in self._session.get_inputs()]  # a fixed_batch override shows here as an int
         self._outputs = [o.name for o in self._session.get_outputs()]
-
-    def _before_session(self) -> None:
-        """Work a provider needs before its first session (loading libraries)."""
 
     def provider_options(self) -> dict[str, str]:
         """Options of the execution provider; subclasses add theirs."""

@@ -54,10 +54,10 @@ class TorchReference(Backend):
 
     def __init__(self, model: Path | str, *, threads: int | None = None, precision: str = "fp32",
                  dispatch: str = "dynamic", **overrides: Any) -> None:
+        self._set_common(threads, precision)
         from dyt_export import load_checkpoint
         from dyt_export.errors import UserError
 
-        self._set_common(threads, precision)
         path = require_file(model, self.name)
         if path.suffix == ".onnx":
             path, recorded = source_of_onnx(path)

@@ -1,13 +1,19 @@
 """Runtime backends: PyTorch's answers on every CPU runtime, one-line errors for bad input."""
 from __future__ import annotations
 
+import sys
+
 import numpy as np
+import onnxruntime
 import pytest
 
 import runtimes
 from conftest import image_batch
 from dyt_export import build_model, export_onnx, load_checkpoint, save
 from runtimes import BackendError, get_backend, open_backend
+from runtimes.__main__ import main as runtimes_main
+from runtimes.base import first_line
+from runtimes.ort_cuda import cuda_availability
 from runtimes.torch_ref import TorchReference
 from validation.compare import compare
 from validation.data import load_inputs
@@ -115,6 +121,7 @@ BAD_INPUTS = {
     "name": ({"images": np.zeros((1, 3, 32, 32), np.float32)}, "missing pixel_values"),
     "extra": ({"pixel_values": np.zeros((1, 3, 32, 32), np.float32), "x": np.zeros(1)}, "unexpected x"),
     "list": ({"pixel_values": [[0.0]]}, "numpy array"),
+    "not a dict": (np.zeros((1, 3, 32, 32), np.float32), r"inputs must be a dict .* got ndarray"),
 }
 
 
@@ -129,13 +136,17 @@ def test_bad_inputs_are_refused_with_one_line(edge, runtime, case):
     assert "\n" not in str(error.value)
 
 
+CANNOT_LOAD = {"ort-cpu": "Protobuf parsing failed", "openvino": "Unable to read the model"}
+"""The cause each runtime gives for a file that is not an ONNX model."""
+
+
 @pytest.mark.parametrize("runtime", CPU_RUNTIMES)
 def test_models_the_runtime_cannot_load(tmp_path, runtime):
     garbage = tmp_path / "garbage.onnx"
     garbage.write_bytes(b"\x08\x07not a model at all" * 10)
-    with pytest.raises(BackendError, match="cannot (load|compile)") as error:
+    with pytest.raises(BackendError, match=f"{runtime} cannot load .*garbage.onnx: .*{CANNOT_LOAD[runtime]}") as error:
         open_backend(runtime, garbage)
-    assert "\n" not in str(error.value)
+    assert "\n" not in str(error.value) and "Exception from" not in str(error.value)
     with pytest.raises(BackendError, match="does not exist"):
         open_backend(runtime, tmp_path / "missing.onnx")
     with pytest.raises(BackendError, match="is not a file"):
@@ -176,3 +187,54 @@ def test_torch_reference_follows_the_onnx_metadata(edge):
     assert set(out) == {"logits", "token_masks", "dispatch_logits"}
     assert out["dispatch_logits"].shape == (3, 3, 16)
     np.testing.assert_array_equal(out["logits"], TorchReference.from_module(model).run({"pixel_values": images[:3]})["logits"])
+
+
+def test_first_line_is_the_cause_not_a_cpp_frame():
+    openvino_style = RuntimeError("Exception from src/inference/src/cpp/core.cpp:84:\n"
+                                  "Exception from src/inference/src/model_reader.cpp:148:\n\n"
+                                  "Unable to read the model: x.onnx\n")
+    assert first_line(openvino_style) == "Unable to read the model: x.onnx"
+    assert first_line(RuntimeError("[ONNXRuntimeError] : 7 : INVALID_PROTOBUF : bad\nmore")).endswith("bad")
+    assert first_line(RuntimeError("\n  \n")) == "RuntimeError"
+
+
+@pytest.mark.parametrize("runtime, library", [("openvino", "openvino"), ("ort-cpu", "onnxruntime"), ("torch", "torch")])
+def test_a_missing_library_is_a_backend_error_even_for_the_class_itself(edge, monkeypatch, runtime, library):
+    """Constructing a backend class directly must check availability before importing its library."""
+    _, path, _ = edge
+    cls = get_backend(runtime)
+    monkeypatch.setitem(sys.modules, library, None)  # `import library` now raises ImportError
+    with pytest.raises(BackendError, match=f"{runtime} is not available: {library} is not installed"):
+        cls(path)
+
+
+def test_fp16_exports_keep_their_declared_input_and_output_names(edge, tmp_path):
+    """OpenVINO fuses an fp16 graph's input Cast and last Linear into the graph's ports and
+    would name them '_to_copy' and 'linear_N'."""
+    model, _, images = edge
+    path = tmp_path / "fp16.onnx"
+    export_onnx(model, path, with_masks=True, fp16=True)
+    for runtime in CPU_RUNTIMES:
+        backend = open_backend(runtime, path, threads=1)
+        assert backend.input_names == ["pixel_values"] and backend.output_names == ["logits", "token_masks"]
+        assert set(backend.run({"pixel_values": images[:2]})) == {"logits", "token_masks"}
+
+
+def test_ort_cuda_availability_is_asked_of_onnx_runtime(monkeypatch):
+    """Even when the provider is listed, CUDA is available only if a session really starts on it."""
+    listed = onnxruntime.get_available_providers()
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CUDAExecutionProvider", *listed])
+    with pytest.warns(UserWarning):  # this CPU build warns that it has no such provider, then runs on the CPU
+        available = cuda_availability.__wrapped__()
+    assert not available and "started CPUExecutionProvider instead of CUDAExecutionProvider" in available.reason
+
+
+def test_runtimes_command_says_available_or_why_not(capsys):
+    assert runtimes_main(["ort-cpu"]) == 0
+    assert capsys.readouterr().out == "ort-cpu: available\n"
+    expected = 0 if get_backend("ort-cuda").availability() else 2
+    assert runtimes_main(["ort-cuda"]) == expected
+    out = capsys.readouterr().out
+    assert out == "ort-cuda: available\n" if expected == 0 else out.startswith("ort-cuda: not available: ")
+    assert runtimes_main(["bogus"]) == 2
+    assert "unknown runtime 'bogus'" in capsys.readouterr().err

@@ -1,6 +1,7 @@
 """The validation harness: comparator rules, the timer, records, the command end to end."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -11,12 +12,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import validation.harness
+import validation.pictures
 from dyt_export import build_model, export_onnx, load_checkpoint, save
+from dyt_export.errors import UserError
 from runtimes.base import Availability, Backend, TensorSpec, check_inputs
 from validation.cli import main
-from validation.compare import Tolerances, accuracy, compare
+from validation.compare import TOLERANCES, Tolerances, accuracy, compare, tolerances_for
+from validation.models import read_model, twin
 from validation.pictures import draw
-from validation.record import check_record, load_schema
+from validation.record import check_record, load_schema, write_record
 from validation.throughput import batches_of, measure
 
 from conftest import force_dispatcher, small_config
@@ -107,6 +112,40 @@ def test_logit_tolerances_and_top1_are_enforced():
     assert any("NaN/inf logits" in f for f in compare(ref, nan, ref["token_masks"], LAYERS).failures)
 
 
+def test_top1_min_lets_a_share_of_images_change_class():
+    ref = _reference(batch=200)
+    logits = ref["logits"].copy()
+    logits[7] = np.roll(logits[7], 1)
+    loose = dict(max_rel=10.0, cosine_min=-1.0)
+    assert compare(ref, logits, ref["token_masks"], LAYERS, Tolerances(**loose, top1_min=0.99)).passed
+    failures = compare(ref, logits, ref["token_masks"], LAYERS, Tolerances(**loose)).failures
+    assert failures == ["top-1 class differs on 1 of 200 image(s) without flips (agreement 0.9950 < 1), e.g. image 7"]
+
+
+def test_default_tolerances_follow_the_precision_and_nan_is_refused():
+    assert tolerances_for("fp32") == Tolerances(max_rel=1e-4, cosine_min=0.9999, flip_logit=1e-5, top1_min=1.0)
+    assert tolerances_for("fp16") == Tolerances(max_rel=5e-3, cosine_min=0.9999, flip_logit=1e-2, top1_min=1.0)
+    assert tolerances_for("int8") == Tolerances(max_rel=0.5, cosine_min=0.95, flip_logit=0.3, top1_min=0.99)
+    assert tolerances_for("int8", max_rel=0.1).max_rel == 0.1
+    assert tolerances_for("bf16") == TOLERANCES["fp32"]  # no measured defaults: the strictest
+    for bad in ({"max_rel": float("nan")}, {"cosine_min": float("nan")}, {"flip_logit": float("inf")},
+                {"cosine_min": 1.5}, {"top1_min": -0.1}, {"max_rel": -1e-3}):
+        with pytest.raises(UserError, match="must be a finite number"):
+            Tolerances(**bad)
+
+
+def test_figures_that_cannot_be_measured_are_none_never_nan():
+    ref = _reference()
+    parity = compare(ref, ref["logits"][:, :3], ref["token_masks"], LAYERS)
+    assert not parity.passed and (parity.max_abs, parity.max_rel, parity.cosine_min) == (None, None, None)
+    assert parity.summary().startswith("max_rel n/a")
+    broken = {**ref, "logits": ref["logits"].copy()}
+    broken["logits"][1, 2] = np.nan
+    parity = compare(broken, ref["logits"], ref["token_masks"], LAYERS)
+    assert any("the reference gives NaN/inf logits for 1 image(s)" in f for f in parity.failures)
+    assert np.isfinite([parity.max_abs, parity.max_rel, parity.cosine_min]).all()
+
+
 def test_accuracy_counts_labeled_images_only():
     logits = np.eye(4, dtype=np.float32)
     assert accuracy(logits, np.array([0, 1, 3, -1])) == pytest.approx(2 / 3)
@@ -122,13 +161,14 @@ class _Recorder(Backend):
     def availability(cls) -> Availability:
         return Availability(True)
 
-    def __init__(self, model=None, *, threads=None, precision="fp32"):
+    def __init__(self, model=None, *, threads=None, precision="fp32", dtype=np.float32):
         self._set_common(threads, precision)
         self.calls: list[float] = []
+        self.dtype = np.dtype(dtype)
 
     @property
     def input_specs(self):
-        return [TensorSpec("pixel_values", np.dtype(np.float32), (None, 1, 2, 2))]
+        return [TensorSpec("pixel_values", self.dtype, (None, 1, 2, 2))]
 
     @property
     def output_names(self):
@@ -160,6 +200,8 @@ def test_measure_warms_every_batch_then_times_whole_passes():
     given[:3, 0, 1] = True  # only the first batch has an active patch token
     assert measure(_Recorder(), images, 3, iters=1, masks=given).activation_rate == pytest.approx(1 / 12)
     assert [b.tolist() for b in batches_of(2, 3)] == [[0, 1, 0]]
+    fp16_io = _Recorder(dtype=np.float16)  # an --fp16-io export: float32 images are fed as float16
+    assert measure(fp16_io, images, 3, iters=1).calls == 3 and fp16_io.calls[:3] == firsts
 
 
 @pytest.fixture(scope="module")
@@ -209,7 +251,8 @@ def test_validation_command_end_to_end(exported, runtime, capsys):
     assert record["flops_g"]["dyt"] < record["flops_g"]["dense"]
     assert record["model"]["twins"]["masks"].endswith(".dynamic-masks.onnx")
     assert record["model"]["twins"]["dense"].endswith(".dense.onnx")
-    assert record["reference"]["matches_model_source"] is True
+    assert record["reference"]["matches_model_source"] is True and record["reference"]["threads"] == 1
+    assert record["tolerances"] == dataclasses.asdict(TOLERANCES["fp32"])
     assert [(r["batch"], r["threads"]) for r in record["throughput"]] == [(1, 1), (4, 1)]
     assert all(r["activation_rate"] == 1.0 for r in record["dense_baseline"])
     assert all(0 < r["activation_rate"] < 1 for r in record["throughput"])
@@ -237,17 +280,75 @@ def test_parity_miss_exits_non_zero_and_keeps_the_record(exported, capsys):
     (["--model", "{root}/missing.onnx"], "does not exist"),
     (["--model", "{root}/tiny.safetensors"], "is not a readable ONNX model"),
     (["--model", "{model}", "--images", "{root}/no-such-dir"], "image folder"),
+    (["--model", "{model}", "--precision", "bf16"], "ort-cpu takes precision fp32, not 'bf16'"),
+    (["--model", "{model}", "--option", "bogus=1"], "unexpected keyword argument 'bogus'"),
+    (["--model", "{model}", "--out", "{root}/a-file"], "exists and is not a directory"),
+    (["--model", "{model}", "--out", "{root}/a-file/records"], "a-file is not a directory"),
+    (["--model", "{model}", "--out", "/proc/dyt-records"], "cannot be written"),
+    (["--model", "{model}", "--ref", "{root}/seven.safetensors"],
+     "reference seven.safetensors and model tiny.onnx disagree on num_classes 7 vs 10"),
 ])
-def test_bad_requests_exit_2_with_one_line(exported, args, message, capsys):
+def test_bad_requests_exit_2_with_one_line_before_any_work(exported, args, message, monkeypatch, capsys):
     root, model, _ = exported
+    (root / "a-file").write_text("")
+    save(build_model(small_config(embed_dim=64, num_heads=2, mlp_hidden_dim=256, num_classes=7)), root / "seven.safetensors")
+    monkeypatch.setattr(validation.harness, "run_all", lambda *a, **k: pytest.fail("work started"))
     args = [a.format(root=root, model=model) for a in args]
-    result = _validate(*args, "--out", str(root / "bad"), "--no-throughput", capsys=capsys)
+    result = _validate(*args, *(["--out", str(root / "bad")] * ("--out" not in args)), "--no-throughput", capsys=capsys)
     assert result.returncode == 2, result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+    assert not (root / "bad").exists() and (root / "a-file").read_text() == ""
 
 
-def test_a_model_with_masks_is_its_own_mask_twin_and_records_follow_the_schema(exported, capsys):
+@pytest.mark.parametrize("args, message", [
+    (["--iters", "0"], "argument --iters: expected a finite integer >= 1, got '0'"),
+    (["--min-seconds", "-1"], "argument --min-seconds: expected a finite number >= 0, got '-1'"),
+    (["--warmup", "-1"], "argument --warmup: expected a finite integer >= 0"),
+    (["--limit", "0"], "argument --limit: expected a finite integer >= 1"),
+    (["--threads", "0"], "argument --threads: expected positive integers"),
+    (["--max-rel", "nan"], "argument --max-rel: tolerance max_rel must be a finite number >= 0, got nan"),
+    (["--cosine-min", "nan"], "argument --cosine-min: tolerance cosine_min must be a finite number in [-1, 1]"),
+    (["--flip-logit", "inf"], "argument --flip-logit: tolerance flip_logit must be a finite number >= 0"),
+    (["--top1-min", "1.5"], "argument --top1-min: tolerance top1_min must be a finite number in [0, 1]"),
+    (["--bogus"], "unrecognized arguments: --bogus"),
+])
+def test_bad_arguments_are_one_line_not_a_usage_block(args, message, capsys):
+    result = _validate(*args, capsys=capsys)
+    assert result.returncode == 2 and len(result.stderr.splitlines()) == 1
+    assert result.stderr.startswith(f"python -m validation: error: {message}")
+    assert result.stderr.endswith(" (see python -m validation --help)\n")
+
+
+def test_fp16_io_exports_validate_with_fp16_twins_and_tolerances(exported, capsys):
+    """The model takes float16 pixels: validation feeds them, builds its twins in fp16 with
+    fp16 input, and judges with the documented fp16 tolerances."""
+    root, _, _ = exported
+    path = root / "tiny-fp16io.onnx"
+    export_onnx(load_checkpoint(root / "tiny.safetensors"), path, fp16=True, fp16_io=True)
+    out = root / "fp16"
+    result = _validate("--runtime", "openvino", "--model", str(path), "--out", str(out), "--no-throughput",
+                       "--limit", "10", "--data", "digits+scenes", capsys=capsys)
+    assert result.returncode == 0, result.stderr
+    record = json.loads((out / "openvino.json").read_text())
+    assert record["model"]["precision"] == "fp16" and record["tolerances"] == dataclasses.asdict(TOLERANCES["fp16"])
+    assert 1e-6 < record["parity"]["max_rel"] < 5e-3  # fp16 arithmetic really ran
+    made = read_model(Path(record["model"]["twins"]["masks"]))
+    assert (made.precision, made.fp16_io) == ("fp16", True)
+
+
+def test_int8_twins_are_quantized_like_the_model_and_reused(exported, tmp_path):
+    root, model_path, _ = exported
+    reference = load_checkpoint(root / "tiny.safetensors")
+    model = dataclasses.replace(read_model(model_path), precision="int8")  # what an int8 export declares
+    path, reused = twin(reference, model, tmp_path, dispatch="dynamic", with_masks=True)
+    made = read_model(path)
+    assert not reused and made.precision == "int8" and made.has_masks and "dyt.int8" in made.props
+    assert twin(reference, model, tmp_path, dispatch="dynamic", with_masks=True) == (path, True)
+    assert ".int8." in path.name  # an fp32 model's twin never takes this file's place
+
+
+def test_a_model_with_masks_is_its_own_mask_twin_and_records_follow_the_schema(exported, capsys, tmp_path):
     root, _, _ = exported
     result = _validate("--runtime", "ort-cpu", "--model", str(root / "tiny-masks.onnx"), "--out", str(root / "schema"),
                        "--no-throughput", "--limit", "4", "--threads", "1", capsys=capsys)
@@ -261,6 +362,10 @@ def test_a_model_with_masks_is_its_own_mask_twin_and_records_follow_the_schema(e
                    {**record, "runtime": "torch"}):
         with pytest.raises(jsonschema.ValidationError):
             check_record(broken)
+    check_record({**record, "parity": {**record["parity"], "max_abs": None, "max_rel": None, "cosine_min": None}})
+    with pytest.raises(ValueError, match="not JSON compliant"):  # NaN is schema-valid, but never written
+        write_record({**record, "parity": {**record["parity"], "max_rel": float("nan")}}, tmp_path)
+    assert list(tmp_path.iterdir()) == []  # nothing, not even half a record
 
 
 def test_pictures_for_any_model_and_images(exported, tmp_path):
@@ -273,3 +378,25 @@ def test_pictures_for_any_model_and_images(exported, tmp_path):
     for path in paths:
         with Image.open(path) as image:
             assert image.format == "PNG" and min(image.size) > 100
+
+
+def test_pictures_refuse_bad_requests_before_work_and_never_leave_half(exported, tmp_path, monkeypatch, capsys):
+    root, model, _ = exported
+    (tmp_path / "a-file").write_text("")
+    for args, message in ((["--count", "0"], "argument --count: expected a finite integer from 1 to 64, got '0'"),
+                          (["--count", "-3"], "argument --count"),
+                          (["--out", str(tmp_path / "a-file")], "exists and is not a directory"),
+                          (["--prefix", "../up"], "must be a plain file name prefix")):
+        assert validation.pictures.main([str(model), "--out", str(tmp_path / "img"), *args]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1
+    with pytest.raises(UserError, match="count must be an integer from 1 to 64"):
+        draw(model, tmp_path / "img", count=0)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(validation.pictures, "token_grid", broken)
+    with pytest.raises(RuntimeError, match="disk full"):
+        draw(model, tmp_path / "img", count=2)
+    assert list((tmp_path / "img").iterdir()) == []  # not the activation chart alone

@@ -1,17 +1,23 @@
 """`python -m validation`: parity, accuracy and throughput of one ONNX model on one runtime.
 
 Exit codes: 0 parity passed; 3 parity failed (the record is still written); 2 bad input
-(missing or unreadable model, unavailable runtime, bad option); 1 internal error. Errors
-are one line on stderr; --debug shows the traceback.
+(missing or unreadable model, unavailable runtime, bad option or output directory, all
+checked before any work); 1 internal error. Errors are one line on stderr, bad arguments
+included (the package's own argparse `Parser`, shared with `dyt-export`, and with
+`python -m validation.pictures` and `validation.demo` through `run_command`); --debug shows
+the traceback.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
 from typing import Any, Callable
+
+from dyt_export.cli.common import Parser
 
 EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT, EXIT_PARITY = 0, 1, 2, 3
 
@@ -24,8 +30,46 @@ EPILOG = """examples:
 parity rules (see validation/compare.py): a token-mask difference is a flip only when the
 reference dispatcher logit is within --flip-logit of 0 (each flip is reported); any other
 mask difference fails. Logits of images without flips must satisfy max|diff|/max|ref| <=
---max-rel and cosine >= --cosine-min, with the same top-1 class.
+--max-rel and cosine >= --cosine-min, with the same top-1 class on a --top1-min share of them.
+Defaults follow the model's precision (max-rel / cosine-min / flip-logit / top1-min):
+{defaults}.
 exit codes: 0 pass, 3 parity failure, 2 bad input or runtime not available, 1 internal error."""
+
+
+def number(cast: type, low: float = -math.inf, high: float = math.inf) -> Callable[[str], Any]:
+    """An argparse type: `cast(text)`, finite and within [low, high]. float('nan') parses,
+    and a NaN count or duration would switch a check off silently."""
+    kind = "integer" if cast is int else "number"
+
+    def parse(text: str) -> Any:
+        try:
+            value = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an' if cast is int else 'a'} {kind}, got {text!r}") from None
+        if not math.isfinite(value) or not low <= value <= high:
+            bounds = (f" from {low:g} to {high:g}" if -math.inf < low and high < math.inf
+                      else f" >= {low:g}" if low > -math.inf else f" <= {high:g}" if high < math.inf else "")
+            raise argparse.ArgumentTypeError(f"expected a finite {kind}{bounds}, got {text!r}")
+        return value
+    return parse
+
+
+def tolerance(name: str) -> Callable[[str], float]:
+    """An argparse type for tolerance `name`, within the comparator's own LIMITS."""
+    from dyt_export.errors import UserError
+
+    from .compare import check_tolerance
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        try:
+            return check_tolerance(name, value)
+        except UserError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return parse
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -50,40 +94,47 @@ def _option(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def parser() -> argparse.ArgumentParser:
-    from .compare import COSINE_MIN, FLIP_LOGIT, MAX_REL
+def parser() -> Parser:
+    from .compare import TOLERANCES
     from .data import SOURCES
 
-    p = argparse.ArgumentParser(prog="python -m validation", description=__doc__.splitlines()[0],
-                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    defaults = "; ".join(f"{name} {t.max_rel:g} / {t.cosine_min:g} / {t.flip_logit:g} / {t.top1_min:g}"
+                         for name, t in TOLERANCES.items())
+    p = Parser(prog="python -m validation", description=__doc__.splitlines()[0],
+               epilog=EPILOG.format(defaults=defaults), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runtime", default="ort-cpu", help="ort-cpu (default), ort-cuda or openvino")
     p.add_argument("--model", type=Path, help="ONNX file exported by dyt-export (default: the demo model)")
     p.add_argument("--ref", type=Path, help="reference checkpoint (default: the source recorded in the model)")
     p.add_argument("--out", type=Path, help="output directory (default: validation/records/<model>/)")
     p.add_argument("--data", default="digits", choices=SOURCES, help="image-like inputs (default: digits test split)")
     p.add_argument("--images", type=Path, help="a folder of images added to the inputs")
-    p.add_argument("--limit", type=int, help="use at most this many images")
+    p.add_argument("--limit", type=number(int, 1), help="use at most this many images")
     p.add_argument("--batches", type=_ints, default=(1, 8, 32), help="batch sizes to time (default 1,8,32)")
     p.add_argument("--threads", type=_ints, default=(os.cpu_count() or 1,), help="thread counts (default: all cores)")
-    p.add_argument("--iters", type=int, default=20, help="minimum timed calls per row (default 20)")
-    p.add_argument("--min-seconds", type=float, default=1.0, help="minimum timed seconds per row (default 1)")
-    p.add_argument("--warmup", type=int, default=0, help="minimum warm-up calls (every distinct batch runs once anyway)")
+    p.add_argument("--ref-threads", type=number(int, 1),
+                   help="torch threads of the untimed reference (default 1: spinning OpenMP threads crawl on busy cores)")
+    p.add_argument("--iters", type=number(int, 1), default=20, help="minimum timed calls per row (default 20)")
+    p.add_argument("--min-seconds", type=number(float, 0), default=1.0, help="minimum timed seconds per row (default 1)")
+    p.add_argument("--warmup", type=number(int, 0), default=0,
+                   help="minimum warm-up calls (every distinct batch runs once anyway)")
     p.add_argument("--no-throughput", action="store_true", help="parity and accuracy only")
-    p.add_argument("--precision", default="fp32", help="fp32 (default) or bf16 (OpenVINO only)")
-    p.add_argument("--max-rel", type=float, default=MAX_REL, help=f"logit tolerance (default {MAX_REL:g})")
-    p.add_argument("--cosine-min", type=float, default=COSINE_MIN, help=f"per-image cosine (default {COSINE_MIN})")
-    p.add_argument("--flip-logit", type=float, default=FLIP_LOGIT, help=f"flip window on |logit| (default {FLIP_LOGIT:g})")
+    p.add_argument("--precision", default="fp32", help="runtime precision: fp32 (default) or bf16 (OpenVINO only)")
+    p.add_argument("--max-rel", type=tolerance("max_rel"), help="logit tolerance (default: by model precision)")
+    p.add_argument("--cosine-min", type=tolerance("cosine_min"), help="per-image cosine (default: by model precision)")
+    p.add_argument("--flip-logit", type=tolerance("flip_logit"), help="flip window on |logit| (default: by model precision)")
+    p.add_argument("--top1-min", type=tolerance("top1_min"),
+                   help="share of images without flips that keep their top-1 class (default: by model precision)")
     p.add_argument("--option", type=_option, action="append", default=[], metavar="KEY=VALUE",
                    help="backend option, e.g. performance_hint=THROUGHPUT, graph_optimization=basic")
-    p.add_argument("--num-heads", type=int, help="for a reference checkpoint that cannot state it")
-    p.add_argument("--adapter-scale", type=float, help="for a reference checkpoint that cannot state it")
+    p.add_argument("--num-heads", type=number(int, 1), help="for a reference checkpoint that cannot state it")
+    p.add_argument("--adapter-scale", type=number(float), help="for a reference checkpoint that cannot state it")
     p.add_argument("--trust-checkpoint", action="store_true", help="load foreign pickle globals as inert placeholders")
     p.add_argument("--quiet", action="store_true", help="print only the result line")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 
 
-def run_guarded(body: Callable[[], int], debug: bool) -> int:
+def run_guarded(body: Callable[[], int], debug: bool, prog: str) -> int:
     """Run `body`, turning the toolkit's errors into one line and an exit code."""
     from dyt_export.errors import UserError
     from runtimes.base import BackendError
@@ -93,31 +144,36 @@ def run_guarded(body: Callable[[], int], debug: bool) -> int:
     except (UserError, BackendError) as e:
         if debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # a bug: one line unless asked for more
         if debug:
             raise
-        print(f"internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", file=sys.stderr)
+        print(f"{prog}: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", file=sys.stderr)
         return EXIT_INTERNAL
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+def run_command(parser: Parser, argv: list[str] | None, body: Callable[[argparse.Namespace], int]) -> int:
+    """Parse `argv` and run `body(args)`, bad arguments included in the one-line errors."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return run_guarded(lambda: body(parser.parse_args(argv)), "--debug" in argv, parser.prog)
 
-    def body() -> int:
-        from .compare import Tolerances
-        from .harness import Options, validate
+
+def main(argv: list[str] | None = None) -> int:
+    def body(args: argparse.Namespace) -> int:
+        from .harness import REFERENCE_THREADS, Options, validate
 
         log = (lambda _: None) if args.quiet else (lambda line: print(line, file=sys.stderr))
+        overrides = {name: getattr(args, name) for name in ("max_rel", "cosine_min", "flip_logit", "top1_min")
+                     if getattr(args, name) is not None}
         opts = Options(
             runtime=args.runtime, model=args.model, ref=args.ref, out=args.out, data=args.data, images=args.images,
             limit=args.limit, batches=args.batches, threads=args.threads, iters=args.iters,
             min_seconds=args.min_seconds, warmup=args.warmup, throughput=not args.no_throughput,
-            precision=args.precision, tolerances=Tolerances(args.max_rel, args.cosine_min, args.flip_logit),
+            precision=args.precision, tolerance_overrides=overrides, ref_threads=args.ref_threads or REFERENCE_THREADS,
             backend_options=dict(args.option),
             loader_overrides={"num_heads": args.num_heads, "adapter_scale": args.adapter_scale,
                               "trust_checkpoint": args.trust_checkpoint or None},
@@ -125,10 +181,9 @@ def main(argv: list[str] | None = None) -> int:
         outcome = validate(opts, log=log)
         p = outcome.parity
         print(f"{'PASS' if p.passed else 'FAIL'} {outcome.record['runtime']} {outcome.record['model']['name']}: "
-              f"max_rel {p.max_rel:.2e}, top-1 agreement {p.top1_agreement:.4f}, flips {len(p.flips)} "
-              f"-> {outcome.json_path}")
+              f"{p.summary()} -> {outcome.json_path}")
         for failure in p.failures:
             print(f"  parity failure: {failure}", file=sys.stderr)
         return EXIT_OK if p.passed else EXIT_PARITY
 
-    return run_guarded(body, args.debug)
+    return run_command(parser(), argv, body)

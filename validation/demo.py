@@ -12,6 +12,10 @@ empty background, which is what a token dispatcher should learn to tell apart; w
 4 blocks, 3 heads, MLP 384, adapter bottleneck 16: the largest model whose two training
 phases fit ~1-2 minutes on 2 CPU cores. Width 96 has no conventional head count, so the
 checkpoint needs `--num-heads 3` when given to dyt-export alone (the ONNX metadata carries it).
+
+Exit codes as `python -m validation`: 0 every runtime passed, 3 a parity failure, 2 a
+runtime that is unknown or not available here (refused before training) or that could not
+validate the model, 1 internal error.
 """
 from __future__ import annotations
 
@@ -101,9 +105,23 @@ def ensure_demo_model(recipe: Recipe = Recipe(), *, retrain: bool = False, show_
         return DemoModel(checkpoint, onnx_path, timings)
 
 
+def _runtimes(text: str) -> list[str]:
+    """argparse type: comma-separated runtime names, each one validation runs on."""
+    from runtimes import ONNX_RUNTIMES
+
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in ONNX_RUNTIMES]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"unknown runtime(s) {', '.join(unknown) or repr(text)}; "
+                                         f"choose from {', '.join(ONNX_RUNTIMES)}")
+    return names
+
+
 def _table(results: list[tuple[str, dict[str, Any] | None, str]]) -> str:
     from rich.console import Console
     from rich.table import Table
+
+    from .compare import fmt
 
     table = Table(title="DyT demo: sklearn digits test split, PyTorch reference vs runtime")
     for column in ("runtime", "acc torch", "acc runtime", "max rel", "top-1 agree", "mask agree", "flips",
@@ -118,7 +136,7 @@ def _table(results: list[tuple[str, dict[str, Any] | None, str]]) -> str:
         s32 = next((s for s in record["speedup"] if s["batch"] == max(speeds, default=0)), None)
         table.add_row(
             runtime, f"{a.get('reference', float('nan')):.4f}", f"{a.get('runtime', float('nan')):.4f}",
-            f"{p['max_rel']:.1e}", f"{p['top1_agreement']:.4f}", f"{p['mask_agreement']:.6f}", str(len(p["flips"])),
+            fmt(p["max_rel"], ".1e"), f"{p['top1_agreement']:.4f}", fmt(p["mask_agreement"], ".6f"), str(len(p["flips"])),
             f"{record['activation_rate_mean']:.3f}", f"{f['dense'] * 1e3:.1f}M / {f['dyt'] * 1e3:.1f}M",
             " / ".join(f"{speeds[b]:.0f}" for b in sorted(speeds)) or "-",
             f"{s32['measured']:.2f}x ({s32['flops_ideal']:.2f}x)" if s32 else "-",
@@ -130,25 +148,33 @@ def _table(results: list[tuple[str, dict[str, Any] | None, str]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .cli import EXIT_OK, EXIT_PARITY, run_guarded
+    from dyt_export.cli.common import Parser
 
-    p = argparse.ArgumentParser(prog="python -m validation.demo", description=__doc__.splitlines()[0])
-    p.add_argument("--runtimes", default="ort-cpu,openvino", help="comma-separated (default ort-cpu,openvino)")
+    from .cli import EXIT_BAD_INPUT, EXIT_OK, EXIT_PARITY, run_command
+
+    p = Parser(prog="python -m validation.demo", description=__doc__.splitlines()[0])
+    p.add_argument("--runtimes", type=_runtimes, default="ort-cpu,openvino",
+                   help="comma-separated (default ort-cpu,openvino)")
     p.add_argument("--retrain", action="store_true", help="train again even when a cached model exists")
     p.add_argument("--out", type=Path, help="record directory (default validation/records/dyt_digits/)")
     p.add_argument("--no-throughput", action="store_true")
     p.add_argument("--debug", action="store_true")
-    args = p.parse_args(argv)
 
-    def body() -> int:
+    def body(args: argparse.Namespace) -> int:
         from dyt_export.errors import UserError
-        from runtimes import BackendError
+        from runtimes import BackendError, get_backend
 
-        from .harness import Options, validate
+        from .harness import Options, check_output_dir, validate
 
         def log(line: str) -> None:
             print(line, file=sys.stderr)
 
+        for runtime in args.runtimes:  # refuse before two minutes of training
+            available = get_backend(runtime).availability()
+            if not available:
+                raise BackendError(f"{runtime} is not available: {available.reason}")
+        if args.out is not None:
+            check_output_dir(args.out)
         start = time.perf_counter()
         demo = ensure_demo_model(retrain=args.retrain, show_steps=True, log=log)
         print(f"demo checkpoint (public DyT layout): {demo.checkpoint}")
@@ -157,24 +183,25 @@ def main(argv: list[str] | None = None) -> int:
             print("export steps: " + ", ".join(f"{k} {v:.2f} s" for k, v in demo.export_timings.items()))
         else:
             print("export: reused the cached ONNX file (delete it or pass --retrain to time the export)")
-        results, failed = [], False
-        for runtime in args.runtimes.split(","):
+        results, code = [], EXIT_OK
+        for runtime in args.runtimes:
             try:
                 outcome = validate(Options(runtime=runtime, model=demo.onnx, out=args.out, data="digits",
                                            throughput=not args.no_throughput, show=True), log=log)
             except (BackendError, UserError) as e:
                 results.append((runtime, None, str(e)))
-                failed = True
+                code = EXIT_BAD_INPUT
                 continue
             results.append((runtime, outcome.record, str(outcome.json_path)))
-            failed |= not outcome.parity.passed
+            if not outcome.parity.passed and code == EXIT_OK:
+                code = EXIT_PARITY
         print(_table(results))
         for runtime, record, note in results:
             print(f"{runtime}: {note}")
         print(f"demo finished in {time.perf_counter() - start:.0f} s")
-        return EXIT_PARITY if failed else EXIT_OK
+        return code
 
-    return run_guarded(body, args.debug)
+    return run_command(p, argv, body)
 
 
 if __name__ == "__main__":

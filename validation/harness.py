@@ -1,13 +1,24 @@
 """`validate`: run the reference and a runtime on the same images, judge parity, time both
 the DyT model and its dense twin, and write the record.
 
-Order matters for the user's time: cheap checks that can refuse the job (runtime
-availability, model metadata, reference checkpoint) run before any export or timing.
+Order matters for the user's time: checks that can refuse the job (runtime availability
+and precision, model metadata, output directory, loading the model on the runtime with the
+backend options, the reference checkpoint and its geometry) run before any export, parity
+run or timing, so a bad option costs seconds, not a whole validation.
+
+The PyTorch reference runs on one thread by default (`ref_threads`): it is not timed, and
+torch's OpenMP workers spin-wait between parallel regions, so with two threads on two
+cores any other busy process turns every op's barrier into a scheduler time slice. Measured
+here (2 cores, one other busy process): the demo model's 450 images took 7-14 s on 2
+threads against 0.7-0.8 s on 1 (0.45 s on 2 threads when the machine was quiet;
+OMP_WAIT_POLICY=passive brought 2 threads back to 1.3-1.6 s); a ViT-S/16 took 3.3 s for 16
+images on 2 busy threads against 1.8 s on 1.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,16 +31,20 @@ from dyt_export.progress import Steps
 from runtimes import ONNX_RUNTIMES, Backend, BackendError, get_backend, open_backend
 from runtimes.torch_ref import TorchReference
 
-from .compare import Parity, Tolerances, accuracy, compare
+from .compare import Parity, accuracy, compare, tolerances_for
 from .costs import activation_rates, gmacs
 from .data import ImageSet, load_inputs
 from .machine import machine_info
 from .models import ModelUnderTest, read_model, twin
 from .record import build_record, write_record
-from .throughput import ThroughputRow, batches_of, measure
+from .throughput import ThroughputRow, batches_of, feed, measure
 
 RUN_CHUNK = 16
 """Images per call in the parity runs (timing uses the requested batch sizes)."""
+REFERENCE_THREADS = 1
+"""torch threads of the reference (see the module docstring)."""
+GEOMETRY = ("num_classes", "in_chans", "img_size", "patch_size", "dispatcher_names")
+"""What the reference and the model must share for their outputs to be comparable at all."""
 
 
 @dataclass
@@ -51,7 +66,10 @@ class Options:
     warmup: int = 0
     throughput: bool = True
     precision: str = "fp32"
-    tolerances: Tolerances = Tolerances()
+    """The runtime's precision option ('bf16': OpenVINO lowers on purpose)."""
+    tolerance_overrides: dict[str, float] = field(default_factory=dict)
+    """Tolerances that replace the defaults of the model's precision (see compare.TOLERANCES)."""
+    ref_threads: int = REFERENCE_THREADS
     backend_options: dict[str, Any] = field(default_factory=dict)
     loader_overrides: dict[str, Any] = field(default_factory=dict)
     """num_heads / adapter_scale / trust_checkpoint for the reference checkpoint."""
@@ -66,15 +84,30 @@ class Outcome:
     parity: Parity
 
 
-def _run_all(backend: Backend, images: np.ndarray, names: tuple[str, ...]) -> dict[str, np.ndarray]:
-    """`names` outputs of `backend` over all images, in chunks."""
+def run_all(backend: Backend, images: np.ndarray, names: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """`names` outputs of `backend` over all images, RUN_CHUNK images per call."""
     parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
-    input_name = backend.input_names[0]
     for start in range(0, len(images), RUN_CHUNK):
-        out = backend.run({input_name: images[start:start + RUN_CHUNK]})
+        out = backend.run(feed(backend, images[start:start + RUN_CHUNK]))
         for n in names:
             parts[n].append(out[n])
     return {n: np.concatenate(v) for n, v in parts.items()}
+
+
+def check_output_dir(out: Path) -> None:
+    """Refuse, before any work, an output directory that cannot be created or written: an
+    existing file, a path under a file, a read-only place. Missing parents are created later."""
+    out = Path(out).absolute()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output directory {out} exists and is not a directory")
+    existing = next(p for p in out.parents if p.exists()) if not out.exists() else out
+    if not existing.is_dir():
+        raise UserError(f"cannot create output directory {out}: {existing} is not a directory")
+    try:  # a real probe: os.access says yes to root even on read-only filesystems
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise UserError(f"output directory {out} cannot be written ({existing}: {e.strerror or e})") from None
 
 
 def _default_out(model: Path) -> Path:
@@ -84,13 +117,20 @@ def _default_out(model: Path) -> Path:
 def _check_options(opts: Options) -> None:
     if opts.runtime not in ONNX_RUNTIMES:
         raise BackendError(f"cannot validate on {opts.runtime!r}; choose one of {', '.join(ONNX_RUNTIMES)}")
-    available = get_backend(opts.runtime).availability()
+    backend = get_backend(opts.runtime)
+    available = backend.availability()
     if not available:
         raise BackendError(f"{opts.runtime} is not available: {available.reason}")
-    if not opts.batches or any(b < 1 for b in opts.batches):
-        raise UserError(f"batch sizes must be >= 1, got {list(opts.batches)}")
-    if not opts.threads or any(t < 1 for t in opts.threads):
-        raise UserError(f"thread counts must be >= 1, got {list(opts.threads)}")
+    if opts.precision not in backend.precisions:
+        raise UserError(f"{opts.runtime} takes precision {', '.join(backend.precisions)}, not {opts.precision!r}")
+    for name, values in (("batch sizes", opts.batches), ("thread counts", opts.threads),
+                         ("reference threads", (opts.ref_threads,))):
+        if not values or any(not isinstance(v, int) or v < 1 for v in values):
+            raise UserError(f"{name} must be integers >= 1, got {list(values)}")
+    if opts.iters < 1 or opts.warmup < 0 or not 0 <= opts.min_seconds < float("inf"):
+        raise UserError(f"need iters >= 1, warmup >= 0 and a finite min_seconds >= 0, got {opts.iters}, "
+                        f"{opts.warmup}, {opts.min_seconds}")
+    tolerances_for("fp32", **opts.tolerance_overrides)  # a bad override fails now, not after the runs
 
 
 def _reference(opts: Options, model: ModelUnderTest, steps: Steps) -> TorchReference:
@@ -100,7 +140,14 @@ def _reference(opts: Options, model: ModelUnderTest, steps: Steps) -> TorchRefer
         if opts.ref is not None:  # geometry the checkpoint cannot state comes from the ONNX file
             overrides = {"num_heads": model.cfg.num_heads, "adapter_scale": model.cfg.adapter_scale,
                          "img_size": model.cfg.img_size, **overrides}
-        return TorchReference(source, threads=max(opts.threads), dispatch=model.dispatch, **overrides)
+        reference = TorchReference(source, threads=opts.ref_threads, dispatch=model.dispatch, **overrides)
+    ref_cfg = reference.module.dyt_config
+    differ = [f"{name} {getattr(ref_cfg, name)} vs {getattr(model.cfg, name)}"
+              for name in GEOMETRY if getattr(ref_cfg, name) != getattr(model.cfg, name)]
+    if differ:
+        raise UserError(f"reference {reference.path.name} and model {model.path.name} disagree on "
+                        f"{'; '.join(differ)}: their outputs cannot be compared")
+    return reference
 
 
 def _throughput(opts: Options, model: Path, dense: Path, images: ImageSet, masks: np.ndarray,
@@ -146,19 +193,27 @@ def validate(opts: Options, log: Callable[[str], None] = lambda _: None) -> Outc
     _check_options(opts)
     steps = Steps(show=opts.show)
     started = time.perf_counter()
+    if opts.out is not None:
+        check_output_dir(opts.out)  # before the demo model may train
     if opts.model is None:
         from .demo import ensure_demo_model
 
         opts = dataclasses.replace(opts, model=ensure_demo_model(log=log).onnx)
     model = read_model(opts.model)
     out = Path(opts.out) if opts.out is not None else _default_out(model.path)
+    if opts.out is None:
+        check_output_dir(out)
+    tolerances = tolerances_for(model.precision, **opts.tolerance_overrides)
+    with steps.step(f"load model ({opts.runtime})"):
+        backend = open_backend(opts.runtime, model.path, threads=opts.threads[0], precision=opts.precision,
+                               **opts.backend_options)
     reference = _reference(opts, model, steps)
     cfg, layers = model.cfg, model.cfg.dispatcher_names
 
     with steps.step("prepare inputs"):
         images = load_inputs(opts.data, cfg.img_size, cfg.in_chans, limit=opts.limit, images_dir=opts.images)
     with steps.step("reference (torch)"):
-        ref = _run_all(reference, images.pixel_values, ("logits", "token_masks", "dispatch_logits"))
+        ref = run_all(reference, images.pixel_values, ("logits", "token_masks", "dispatch_logits"))
 
     twins: dict[str, str | None] = {"masks": None, "dense": None}
     twin_dir = out / "twins"
@@ -174,19 +229,16 @@ def validate(opts: Options, log: Callable[[str], None] = lambda _: None) -> Outc
         twins["dense"] = str(dense_path)
 
     with steps.step(f"parity run ({opts.runtime})"):
-        backend = open_backend(opts.runtime, model.path, threads=opts.threads[0], precision=opts.precision,
-                               **opts.backend_options)
         runtime_info = backend.info()
-        got = _run_all(backend, images.pixel_values, ("logits", "token_masks") if model.has_masks else ("logits",))
+        got = run_all(backend, images.pixel_values, ("logits", "token_masks") if model.has_masks else ("logits",))
+        del backend
         if not model.has_masks:
             mask_backend = open_backend(opts.runtime, masks_path, threads=opts.threads[0], precision=opts.precision,
                                         **opts.backend_options)
-            got["token_masks"] = _run_all(mask_backend, images.pixel_values, ("token_masks",))["token_masks"]
+            got["token_masks"] = run_all(mask_backend, images.pixel_values, ("token_masks",))["token_masks"]
             del mask_backend
-        del backend
-    parity = compare(ref, got["logits"], got["token_masks"], layers, opts.tolerances)
-    log(f"parity: {'PASS' if parity.passed else 'FAIL'}  max_rel {parity.max_rel:.2e}  top1 {parity.top1_agreement:.4f}  "
-        f"masks {parity.mask_agreement:.6f}  flips {len(parity.flips)}")
+    parity = compare(ref, got["logits"], got["token_masks"], layers, tolerances)
+    log(f"parity: {'PASS' if parity.passed else 'FAIL'}  {parity.summary()}")
 
     throughput: list[ThroughputRow] = []
     dense: list[ThroughputRow] = []
@@ -197,14 +249,14 @@ def validate(opts: Options, log: Callable[[str], None] = lambda _: None) -> Outc
     rates = activation_rates(ref["token_masks"])
     record = build_record(
         runtime=opts.runtime, runtime_info=runtime_info, model=model, twins=twins,
-        reference={"backend": "torch", "checkpoint": str(reference.path),
+        reference={"backend": "torch", "checkpoint": str(reference.path), "threads": reference.threads,
                    "sha256": getattr(reference.module, "provenance", {}).get("sha256", ""),
                    "matches_model_source": (getattr(reference.module, "provenance", {}).get("sha256") == model.source_sha256)
                    if model.source_sha256 else None},
         machine=machine_info(),
         inputs={"source": images.source, "images": len(images), "labeled": int((images.labels >= 0).sum())
                 if images.labels is not None else 0, "img_size": cfg.img_size},
-        tolerances=opts.tolerances, parity=parity,
+        tolerances=tolerances, parity=parity,
         accuracy=_accuracy(ref["logits"], got["logits"], images),
         activation_rate=dict(zip(layers, map(float, rates))),
         flops_g={"dense": float(gmacs(cfg, None)[0]), "dyt": float(gmacs(cfg, ref["token_masks"]).mean())},

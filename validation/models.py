@@ -6,12 +6,20 @@ checkpoint (the reference) when the user's file cannot serve as them:
   mask comparison (skipped when the user's file already outputs masks);
 * a *dense twin*: `dispatch='dense'`, for the dense baseline timing (skipped when the
   user's file is itself dense).
-Twins are cached in `OUT/twins/`, named by the checkpoint's sha256, and reused only while
-their recorded config, source hash, opset and precision still match.
+Twins follow the model's precision, so that masks and the dense baseline are those of the
+arithmetic the user ships: fp16 twins are exported with `--fp16` (and `--fp16-io` when the
+model takes float16 pixels); int8 twins are the fp32 export quantized the way `dyt-export
+--int8` does it, calibrated on the same default inputs (64 seeded image-like images), since
+the images the user calibrated on are not recorded in the file. An int8 model calibrated on
+other images has slightly different activation ranges than its twins; give the model
+`--with-masks` to compare its own masks.
+Twins are cached in `OUT/twins/`, named by the checkpoint's sha256 and precision, and
+reused only while their recorded config, source hash, opset and precision still match.
 """
 from __future__ import annotations
 
 import json
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,12 +37,18 @@ class ModelUnderTest:
     cfg: DyTConfig
     dispatch: str
     precision: str
+    fp16_io: bool
+    """The model takes float16 pixels (exported with --fp16-io)."""
     opset: int
     outputs: list[str]
 
     @property
     def has_masks(self) -> bool:
         return "token_masks" in self.outputs
+
+    @property
+    def precision_label(self) -> str:
+        return f"{self.precision}-io" if self.fp16_io else self.precision
 
     @property
     def source(self) -> str:
@@ -58,34 +72,53 @@ def read_model(path: Path) -> ModelUnderTest:
     except (ValueError, TypeError):
         raise UserError(f"{path} has malformed dyt metadata (outputs/opset)") from None
     return ModelUnderTest(path=path, props=props, cfg=cfg, dispatch=props.get("dyt.dispatch", "dynamic"),
-                          precision=props.get("dyt.precision", "fp32"), opset=opset, outputs=outputs)
+                          precision=props.get("dyt.precision", "fp32"), fp16_io=_takes_fp16(path), opset=opset,
+                          outputs=outputs)
+
+
+def _takes_fp16(path: Path) -> bool:
+    """Whether the (readable) ONNX file's first input is float16: `dyt.precision` says fp16
+    for --fp16 with and without --fp16-io."""
+    import onnx
+
+    inputs = onnx.load(str(path), load_external_data=False).graph.input
+    return bool(inputs) and inputs[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
 
 
 def _twin_matches(path: Path, model: ModelUnderTest, sha256: str, dispatch: str, with_masks: bool) -> bool:
     try:
-        props = read_metadata(path)
-        cfg = config_from_metadata(props, path)
+        cached = read_model(path)
     except UserError:
         return False
-    outputs = json.loads(props.get("dyt.outputs", "[]"))
-    return (cfg == model.cfg and props.get("dyt.source_sha256") == sha256 and props.get("dyt.dispatch") == dispatch
-            and props.get("dyt.precision") == model.precision and props.get("dyt.opset") == str(model.opset)
-            and ("token_masks" in outputs) == with_masks)
+    return (cached.cfg == model.cfg and cached.source_sha256 == sha256 and cached.dispatch == dispatch
+            and cached.precision_label == model.precision_label and cached.opset == model.opset
+            and cached.has_masks == with_masks)
 
 
 def twin(reference: Any, model: ModelUnderTest, directory: Path, *, dispatch: str, with_masks: bool,
          steps: Steps | None = None) -> tuple[Path, bool]:
-    """(path, reused) of a twin of `model` exported from the reference module."""
+    """(path, reused) of a twin of `model` exported from the reference module, in the model's precision."""
     from dyt_export.export import export_onnx
 
     sha256 = getattr(reference, "provenance", {}).get("sha256", "")
     if not sha256:
         raise UserError("the reference model has no source hash; load it from a checkpoint file")
+    if model.precision not in ("fp32", "fp16", "int8"):
+        raise UserError(f"cannot build {model.precision} twins of {model.path.name}; export it with --with-masks "
+                        f"and validate with --no-throughput")
     kind = f"{dispatch}{'-masks' if with_masks else ''}"
-    path = directory / f"{model.path.stem}.{sha256[:12]}.{kind}.onnx"
+    path = directory / f"{model.path.stem}.{sha256[:12]}.{model.precision_label}.{kind}.onnx"
     if path.exists() and _twin_matches(path, model, sha256, dispatch, with_masks):
         return path, True
     directory.mkdir(parents=True, exist_ok=True)
-    export_onnx(reference, path, opset=model.opset, dispatch=dispatch, with_masks=with_masks,
-                fp16=model.precision == "fp16", steps=steps)
+    if model.precision != "int8":
+        export_onnx(reference, path, opset=model.opset, dispatch=dispatch, with_masks=with_masks,
+                    fp16=model.precision == "fp16", fp16_io=model.fp16_io, steps=steps)
+        return path, False
+    from dyt_export.quantize import calibration_images, quantize_int8
+
+    with tempfile.TemporaryDirectory(dir=directory) as tmp:
+        fp32 = Path(tmp) / path.name
+        export_onnx(reference, fp32, opset=model.opset, dispatch=dispatch, with_masks=with_masks, steps=steps)
+        quantize_int8(fp32, path, calibration_images(model.cfg, None))
     return path, False

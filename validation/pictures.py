@@ -7,20 +7,29 @@
 
 `python -m validation.pictures [MODEL]` takes an ONNX file from dyt-export (its source
 checkpoint comes from the metadata) or a checkpoint; the masks are the PyTorch
-reference's, which validation proves equal to every runtime's.
+reference's, which validation proves equal to every runtime's. Options are checked and
+the output directory probed before the model is loaded; both PNGs are staged and renamed
+into place together, so a failure leaves neither.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
+
+from dyt_export.cli.common import Parser
+from dyt_export.errors import UserError
 
 from .data import SOURCES, ImageSet, load_inputs
 
 WASH = 0.75
 """How far a skipped token is blended toward grey in the overlays."""
+MAX_COUNT = 64
+"""Rows of the overlay grid at most (each ~180 px high): more than a page can show, and far
+below the 2^16 px at which matplotlib refuses to draw."""
 
 
 def activation_chart(rates: np.ndarray, layers: list[str], path: Path, title: str) -> Path:
@@ -81,65 +90,72 @@ def token_grid(images: ImageSet, masks: np.ndarray, layers: list[str], patch: in
     return path
 
 
-def draw(model: Path, out: Path, *, prefix: str | None = None, data: str = "digits", images_dir: Path | None = None,
-         count: int = 6, ref: Path | None = None, overrides: dict | None = None) -> list[Path]:
-    """Both pictures for `model` (ONNX or checkpoint) on the given images; returns their paths."""
+def draw(model: Path | None, out: Path, *, prefix: str | None = None, data: str = "digits",
+         images_dir: Path | None = None, count: int = 6, ref: Path | None = None, overrides: dict | None = None,
+         log: Callable[[str], None] = lambda _: None) -> list[Path]:
+    """Both pictures for `model` (ONNX or checkpoint; None: the demo model, trained on first
+    use) on the given images; returns their paths."""
+    from dyt_export.atomic import staged_outputs
     from runtimes.torch_ref import TorchReference
 
     from .costs import activation_rates
-    from .harness import RUN_CHUNK
+    from .harness import REFERENCE_THREADS, check_output_dir, run_all
 
-    reference = TorchReference(ref or model, **{k: v for k, v in (overrides or {}).items() if v is not None})
+    if not isinstance(count, int) or not 1 <= count <= MAX_COUNT:
+        raise UserError(f"count must be an integer from 1 to {MAX_COUNT}, got {count!r}")
+    if prefix is not None and (Path(prefix).name != prefix or prefix in ("", ".", "..")):
+        raise UserError(f"prefix {prefix!r} must be a plain file name prefix, not a path")
+    check_output_dir(out)
+    if model is None:
+        from .demo import ensure_demo_model
+
+        model = ensure_demo_model(log=log).onnx
+    prefix = prefix or Path(model).stem
+    reference = TorchReference(ref or model, threads=REFERENCE_THREADS,
+                               **{k: v for k, v in (overrides or {}).items() if v is not None})
     cfg = reference.module.dyt_config
     if not cfg.dispatcher_names:
-        from dyt_export.errors import UserError
-
         raise UserError(f"{model} has no token dispatchers: nothing to draw")
     inputs = load_inputs(data, cfg.img_size, cfg.in_chans, images_dir=images_dir)
-    masks = np.concatenate([reference.run({"pixel_values": inputs.pixel_values[i:i + RUN_CHUNK]})["token_masks"]
-                            for i in range(0, len(inputs), RUN_CHUNK)])
-    out.mkdir(parents=True, exist_ok=True)
-    prefix = prefix or Path(model).stem
+    masks = run_all(reference, inputs.pixel_values, ("token_masks",))["token_masks"]
     layers = cfg.dispatcher_names
-    rates = activation_rates(masks)
     shown = inputs.take(count)
-    return [
-        activation_chart(rates, layers, out / f"{prefix}-activation.png",
-                         f"{prefix}: activated patch tokens per layer\n({len(inputs)} images, {inputs.source})"),
-        token_grid(shown, masks[:count], layers, cfg.patch_size, out / f"{prefix}-tokens.png",
-                   f"{prefix}: activated tokens in colour, skipped tokens greyed"),
-    ]
+    names = (f"{prefix}-activation.png", f"{prefix}-tokens.png")
+    out.mkdir(parents=True, exist_ok=True)
+    with staged_outputs(out / names[1]) as stage:
+        activation_chart(activation_rates(masks), layers, stage / names[0],
+                         f"{prefix}: activated patch tokens per layer\n({len(inputs)} images, {inputs.source})")
+        token_grid(shown, masks[:count], layers, cfg.patch_size, stage / names[1],
+                   f"{prefix}: activated tokens in colour, skipped tokens greyed")
+    return [out / name for name in names]
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .cli import run_guarded
+    from .cli import number, run_command
 
-    p = argparse.ArgumentParser(prog="python -m validation.pictures", description=__doc__.splitlines()[0])
+    p = Parser(prog="python -m validation.pictures", description=__doc__.splitlines()[0])
     p.add_argument("model", type=Path, nargs="?", help="ONNX file from dyt-export, or a checkpoint (default: the demo model)")
     p.add_argument("--ref", type=Path, help="checkpoint to use instead of the ONNX file's recorded source")
     p.add_argument("--out", type=Path, default=Path("docs/img"), help="output directory (default docs/img)")
     p.add_argument("--prefix", help="file name prefix (default: the model's name)")
     p.add_argument("--data", default="digits", choices=SOURCES)
     p.add_argument("--images", type=Path, help="a folder of images (drawn first)")
-    p.add_argument("--count", type=int, default=6, help="images in the overlay grid (default 6)")
-    p.add_argument("--num-heads", type=int)
-    p.add_argument("--adapter-scale", type=float)
+    p.add_argument("--count", type=number(int, 1, MAX_COUNT), default=6,
+                   help=f"images in the overlay grid (default 6, at most {MAX_COUNT})")
+    p.add_argument("--num-heads", type=number(int, 1))
+    p.add_argument("--adapter-scale", type=number(float))
     p.add_argument("--debug", action="store_true")
-    args = p.parse_args(argv)
 
-    def body() -> int:
-        if args.model is None:
-            from .demo import ensure_demo_model
-
-            args.model = ensure_demo_model(log=lambda line: print(line, file=sys.stderr)).onnx
+    def body(args: argparse.Namespace) -> int:
         paths = draw(args.model, args.out, prefix=args.prefix, data=args.data, images_dir=args.images,
                      count=args.count, ref=args.ref,
-                     overrides={"num_heads": args.num_heads, "adapter_scale": args.adapter_scale})
+                     overrides={"num_heads": args.num_heads, "adapter_scale": args.adapter_scale},
+                     log=lambda line: print(line, file=sys.stderr))
         for path in paths:
             print(path)
         return 0
 
-    return run_guarded(body, args.debug)
+    return run_command(p, argv, body)
 
 
 if __name__ == "__main__":

@@ -3,19 +3,25 @@
 The JSON layout is described by `record.schema.json` (JSON Schema 2020-12) beside this
 file and versioned by `schema_version` (major.minor: a minor bump only adds fields; a
 major bump renames or removes some). Every record is checked against the schema before it
-is written, so a record on disk is always schema-valid.
+is written, so a record on disk is always schema-valid, and it holds no NaN or infinity
+(which JSON does not have): figures that cannot be measured are null. The JSON and Markdown
+files are staged and renamed into place together, so an interrupted write leaves the
+previous record, never half of one.
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 from pathlib import Path
 from typing import Any
 
-from .compare import Parity, Tolerances
+from dyt_export.atomic import staged_outputs
+
+from .compare import Parity, Tolerances, fmt
 from .throughput import ThroughputRow
 
-SCHEMA_VERSION = "1.1"
+SCHEMA_VERSION = "1.2"
 SCHEMA_PATH = Path(__file__).with_name("record.schema.json")
 FLOPS_CONVENTION = "G multiply-adds per image (the DyT paper's 'FLOPs'; dense ViT-B/16 = 17.58)"
 
@@ -54,8 +60,7 @@ def build_record(*, runtime: str, runtime_info: dict[str, Any], model: Any, twin
         "reference": reference,
         "machine": machine,
         "inputs": inputs,
-        "tolerances": {"max_rel": tolerances.max_rel, "cosine_min": tolerances.cosine_min,
-                       "flip_logit": tolerances.flip_logit},
+        "tolerances": dataclasses.asdict(tolerances),
         "parity": parity.to_dict(),
         "accuracy": accuracy,
         "activation_rate": activation_rate,
@@ -68,13 +73,9 @@ def build_record(*, runtime: str, runtime_info: dict[str, Any], model: Any, twin
     }
 
 
-def _fmt(value: float | None, spec: str) -> str:
-    return "n/a" if value is None else format(value, spec)
-
-
 def markdown(record: dict[str, Any]) -> str:
     """A human summary of one record."""
-    p, m = record["parity"], record["model"]
+    p, m, t = record["parity"], record["model"], record["tolerances"]
     lines = [
         f"# {m['name']} on {record['runtime']}: {'PASS' if record['passed'] else 'FAIL'}",
         "",
@@ -86,11 +87,12 @@ def markdown(record: dict[str, Any]) -> str:
         "",
         "| max abs | max rel | cosine min | top-1 agreement | mask agreement | flips |",
         "|---|---|---|---|---|---|",
-        f"| {p['max_abs']:.3g} | {p['max_rel']:.3g} | {p['cosine_min']:.7f} | {p['top1_agreement']:.4f} | "
-        f"{_fmt(p['mask_agreement'], '.6f')} | {len(p['flips'])} |",
+        f"| {fmt(p['max_abs'], '.3g')} | {fmt(p['max_rel'], '.3g')} | {fmt(p['cosine_min'], '.7f')} | "
+        f"{p['top1_agreement']:.4f} | {fmt(p['mask_agreement'], '.6f')} | {len(p['flips'])} |",
         "",
-        f"Tolerances: max rel <= {record['tolerances']['max_rel']:g}, cosine >= {record['tolerances']['cosine_min']}, "
-        f"flip window |logit| <= {record['tolerances']['flip_logit']:g}.",
+        f"Tolerances ({m['precision']} defaults unless overridden): max rel <= {t['max_rel']:g}, "
+        f"cosine >= {t['cosine_min']}, same top-1 on >= {t['top1_min']:.2%} of the images without flips, "
+        f"flip window |logit| <= {t['flip_logit']:g}.",
     ]
     lines += [f"- FAIL: {f}" for f in p["failures"]]
     lines += [f"- flip: image {f['image']}, {f['layer']} token {f['token']}, reference logit {f['logit']:.2e}"
@@ -113,18 +115,21 @@ def markdown(record: dict[str, Any]) -> str:
             key = (r["batch"], r["threads"])
             d, s = dense.get(key), speed.get(key)
             lines.append(f"| {r['batch']} | {r['threads']} | {r['img_per_s']:.1f} | {r['p50_ms']:.2f} | {r['p90_ms']:.2f} | "
-                         f"{r['p99_ms']:.2f} | {_fmt(r['activation_rate'], '.3f')} | {_fmt(d and d['img_per_s'], '.1f')} | "
-                         f"{_fmt(s and s['measured'], '.3f')} | {_fmt(s and s['flops_ideal'], '.3f')} |")
+                         f"{r['p99_ms']:.2f} | {fmt(r['activation_rate'], '.3f')} | {fmt(d and d['img_per_s'], '.1f')} | "
+                         f"{fmt(s and s['measured'], '.3f')} | {fmt(s and s['flops_ideal'], '.3f')} |")
     return "\n".join(lines) + "\n"
 
 
 def write_record(record: dict[str, Any], out: Path) -> tuple[Path, Path]:
-    """Check `record` against the schema, then write OUT/<runtime>.json and OUT/<runtime>.md."""
+    """Check `record` against the schema, then write OUT/<runtime>.json and OUT/<runtime>.md
+    (both staged, then renamed into place)."""
     check_record(record)
+    text = json.dumps(record, indent=2, allow_nan=False) + "\n"  # a NaN that slipped through is a bug: no file
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     json_path = out / f"{record['runtime']}.json"
     markdown_path = out / f"{record['runtime']}.md"
-    json_path.write_text(json.dumps(record, indent=2) + "\n")
-    markdown_path.write_text(markdown(record))
+    with staged_outputs(json_path) as stage:
+        (stage / json_path.name).write_text(text)
+        (stage / markdown_path.name).write_text(markdown(record))
     return json_path, markdown_path

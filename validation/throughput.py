@@ -53,6 +53,13 @@ def batches_of(count: int, batch: int) -> list[np.ndarray]:
     return [np.arange(i, i + batch) for i in range(0, count - batch + 1, batch)]
 
 
+def feed(backend: Backend, images: np.ndarray) -> dict[str, np.ndarray]:
+    """`images` as the input of a one-input `backend`, in the dtype the model declares:
+    image sets are float32, and an export made with `--fp16 --fp16-io` takes float16."""
+    spec = backend.input_specs[0]
+    return {spec.name: np.ascontiguousarray(images, dtype=spec.dtype)}
+
+
 def _rate(masks: np.ndarray) -> float:
     """Fraction of patch tokens (CLS excluded: always active) active in [B, D, N] masks."""
     if masks.shape[1] == 0:
@@ -61,7 +68,7 @@ def _rate(masks: np.ndarray) -> float:
 
 
 def measure(backend: Backend, images: np.ndarray, batch: int, *, iters: int = 20, warmup: int = 0,
-            min_seconds: float = 0.0, masks: np.ndarray | None = None, input_name: str | None = None) -> ThroughputRow:
+            min_seconds: float = 0.0, masks: np.ndarray | None = None) -> ThroughputRow:
     """Time `backend` on batches of `batch` images cut from `images` [N, C, H, W].
 
     `masks` [N, D, T] (the reference token masks of `images`) gives the row its activation
@@ -70,9 +77,8 @@ def measure(backend: Backend, images: np.ndarray, batch: int, *, iters: int = 20
     """
     if iters < 1:
         raise ValueError("iters must be >= 1")
-    name = input_name or backend.input_names[0]
     groups = batches_of(len(images), batch)
-    feeds = [{name: np.ascontiguousarray(images[g])} for g in groups]
+    feeds = [feed(backend, images[g]) for g in groups]
     seen_masks: list[np.ndarray] = []
     for i in range(max(warmup, len(feeds))):
         backend.run(feeds[i % len(feeds)])
@@ -81,9 +87,9 @@ def measure(backend: Backend, images: np.ndarray, batch: int, *, iters: int = 20
     passes = 0
     start = time.perf_counter()
     while len(latencies) < iters or time.perf_counter() - start < min_seconds:
-        for feed in feeds:
+        for inputs in feeds:
             t0 = time.perf_counter()
-            out = backend.run(feed)
+            out = backend.run(inputs)
             latencies.append(time.perf_counter() - t0)
             if passes == 0 and masks is None and "token_masks" in out:
                 seen_masks.append(out["token_masks"])
