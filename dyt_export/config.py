@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +30,13 @@ DISPATCH_MODES: tuple[str, ...] = ("dynamic", "masked", "dense")
 masked: training-time dense multiply by the mask (same numbers, no savings).
 dense: every token active, dispatchers unused (the AdaptFormer baseline)."""
 
+
+def check_dispatch_mode(mode: str) -> None:
+    """Refuse a mode outside DISPATCH_MODES: the one message, wherever a mode is chosen."""
+    if mode not in DISPATCH_MODES:
+        raise UserError(f"unknown dispatch mode {mode!r}; choose one of {', '.join(DISPATCH_MODES)}")
+
+
 OPSETS: tuple[int, ...] = (17, 18, 19, 20, 21)
 """ONNX opsets tested end to end. 18 is the default: the newest that ONNX Runtime's CUDA EP
 covers for ScatterND (runtime notes)."""
@@ -39,6 +47,18 @@ THRESHOLD_LOGIT: float = 0.0
 
 # ViT convention for heads when nothing in a checkpoint says it (reference, "Checkpoints").
 HEADS_BY_DIM: dict[int, int] = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}
+
+MAX_EXPERTS: int = 64
+"""The paper uses 4 experts; far more is a typo that would allocate E full adapters per unit
+(`init --experts 100000` ran out of memory instead of saying so)."""
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_finite_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def unit_module_names(unit: str) -> tuple[str, str]:
@@ -76,18 +96,27 @@ class DyTConfig:
     as structure."""
 
     def __post_init__(self) -> None:
+        """Refuse any config that cannot be a model, with one line naming the field. Every path
+        (flags, `args` of a pickle, a toolkit file's JSON, `init`) builds a DyTConfig, so this
+        is the one place values are checked; JSON can hold any type, hence the type checks."""
         if self.variant not in VARIANTS:
             raise UserError(f"unknown variant {self.variant!r}; choose one of {', '.join(VARIANTS)}")
         positive = ("embed_dim", "depth", "num_heads", "mlp_hidden_dim", "patch_size", "img_size",
                     "in_chans", "num_classes")
         for name in positive:
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if not _is_int(value) or value < 1:
                 raise UserError(f"{name} must be a positive integer, got {value!r}")
-        if not isinstance(self.bottleneck, int) or self.bottleneck < 0:
-            raise UserError(f"bottleneck must be an integer >= 0 (0 = no adapters), got {self.bottleneck!r}")
-        if self.experts < 0:
-            raise UserError(f"experts must be >= 0 (0 = plain adapter), got {self.experts}")
+        if not _is_int(self.bottleneck) or not 0 <= self.bottleneck <= self.embed_dim:
+            raise UserError(f"bottleneck must be an integer in 0..embed_dim {self.embed_dim} (0 = no adapters), "
+                            f"got {self.bottleneck!r}")
+        if not _is_int(self.experts) or not 0 <= self.experts <= MAX_EXPERTS:
+            raise UserError(f"experts must be an integer in 0..{MAX_EXPERTS} (0 = plain adapter), got {self.experts!r}")
+        if not _is_finite_number(self.adapter_scale):
+            raise UserError(f"adapter scale must be a finite number, got {self.adapter_scale!r}")
+        object.__setattr__(self, "adapter_scale", float(self.adapter_scale))
+        if not isinstance(self.extra, dict):
+            raise UserError(f"extra must be a mapping, got {type(self.extra).__name__}")
         if self.experts and not self.bottleneck:
             raise UserError("an MoE-adapter needs a bottleneck > 0")
         if self.embed_dim % self.num_heads:
@@ -95,7 +124,10 @@ class DyTConfig:
         if self.img_size % self.patch_size:
             raise UserError(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
         if self.dispatch_blocks is not None:
-            blocks = tuple(sorted(set(int(b) for b in self.dispatch_blocks)))
+            blocks = self.dispatch_blocks
+            if not isinstance(blocks, (list, tuple)) or not all(_is_int(b) for b in blocks):
+                raise UserError(f"dispatch_blocks must be a list of block indices, got {blocks!r}")
+            blocks = tuple(sorted(set(blocks)))
             if any(b < 0 or b >= self.depth for b in blocks):
                 raise UserError(f"dispatch_blocks {blocks} outside 0..{self.depth - 1}")
             object.__setattr__(self, "dispatch_blocks", None if len(blocks) == self.depth else blocks)
@@ -137,20 +169,24 @@ class DyTConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise UserError(f"config has unknown fields: {', '.join(unknown)}")
-        d = dict(d)
-        if d.get("dispatch_blocks") is not None:
-            d["dispatch_blocks"] = tuple(d["dispatch_blocks"])
         return cls(**d)
 
     @classmethod
-    def from_json(cls, text: str) -> "DyTConfig":
+    def from_json(cls, text: str, source: object = None) -> "DyTConfig":
+        """The config a file's `dyt.config` metadata holds; errors name `source` (the file)
+        when given, since the JSON of a damaged or hand-made file can hold anything."""
         try:
-            d = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise UserError(f"config metadata is not valid JSON: {e}") from None
-        if not isinstance(d, dict):
-            raise UserError("config metadata is not a JSON object")
-        return cls.from_dict(d)
+            try:
+                d = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise UserError(f"config metadata is not valid JSON: {e}") from None
+            if not isinstance(d, dict):
+                raise UserError("config metadata is not a JSON object")
+            return cls.from_dict(d)
+        except UserError as e:
+            if source is None:
+                raise
+            raise UserError(f"{source} has an invalid dyt.config: {e}") from None
 
 
 def vit_config(name: str, **overrides: Any) -> DyTConfig:

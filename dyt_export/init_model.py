@@ -24,7 +24,12 @@ from .checkpoint.layout import strip_prefix
 from .checkpoint.native import load_tensors, read_header
 from .config import DyTConfig
 from .errors import UserError
+from .files import check_input_file
 from .model import DyTVisionTransformer, build_model
+
+MAX_CLASSES = 100_000
+"""`init` allocates the head from nothing, so a typo in --num-classes would exhaust memory
+(ImageNet-21k has 21,843 classes). Experts and bottleneck are bounded in DyTConfig."""
 
 CALIBRATION_IMAGES = 16
 """Seeded images the dispatcher biases are calibrated on: 16 x 196 patch tokens per
@@ -79,23 +84,22 @@ def backbone_config(name: str, *, variant: str = "mlp", experts: int = 0, bottle
         raise UserError(f"{name} has {', '.join(unsupported)}: not the plain ViT DyT adapts")
     if bottleneck < 1:
         raise UserError(f"--bottleneck must be >= 1 (a DyT model has adapters), got {bottleneck}")
-    if num_classes is not None and num_classes < 1:
-        raise UserError(f"--num-classes must be >= 1, got {num_classes}")
-    if not torch.isfinite(torch.tensor(adapter_scale)):
-        raise UserError(f"--adapter-scale must be a finite number, got {adapter_scale}")
+    if num_classes is None and vit.num_classes == 0:
+        raise UserError(f"{name} has no classifier in timm (num_classes 0); pass --num-classes K")
+    if num_classes is not None and not 1 <= num_classes <= MAX_CLASSES:
+        raise UserError(f"--num-classes must lie in 1..{MAX_CLASSES}, got {num_classes}")
     return DyTConfig(
         embed_dim=vit.embed_dim, depth=len(vit.blocks), num_heads=vit.blocks[0].attn.num_heads,
         mlp_hidden_dim=vit.blocks[0].mlp.fc1.out_features, patch_size=vit.patch_embed.patch_size[0],
         img_size=vit.patch_embed.img_size[0], in_chans=vit.patch_embed.proj.in_channels,
         num_classes=vit.num_classes if num_classes is None else num_classes, variant=variant,
-        bottleneck=bottleneck, adapter_scale=float(adapter_scale), experts=experts,
+        bottleneck=bottleneck, adapter_scale=adapter_scale, experts=experts,
     )
 
 
 def _load_backbone(model: DyTVisionTransformer, path: Path) -> str:
     """Copy a timm ViT's weights from a safetensors file; returns what happened to the head."""
-    if not path.is_file():
-        raise UserError(f"--weights {path}: no such file")
+    check_input_file(path, "--weights")
     if read_header(path) is None:
         raise UserError(f"--weights {path} is not a safetensors file (timm's model.safetensors is)")
     weights = strip_prefix(load_tensors(path))
@@ -130,6 +134,8 @@ def init_model(backbone: str, *, variant: str = "mlp", experts: int = 0, bottlen
     """
     if activation is not None and not 0.0 <= activation <= 1.0:
         raise UserError(f"--activation must lie in [0, 1], got {activation}")
+    if not 0 <= seed < 2**32:
+        raise UserError(f"--seed must lie in 0..{2**32 - 1}, got {seed}")
     cfg = backbone_config(backbone, variant=variant, experts=experts, bottleneck=bottleneck,
                           adapter_scale=adapter_scale, num_classes=num_classes)
     model = build_model(cfg, seed=seed)

@@ -26,8 +26,6 @@ and all) over seeded image-like inputs, or over the user's preprocessed images.
 """
 from __future__ import annotations
 
-import contextlib
-import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +35,8 @@ import numpy as np
 
 from .atomic import staged_outputs
 from .errors import UserError
+from .files import check_input_file
+from .progress import quiet_logs
 
 QUANTIZED_OPS = ("MatMul", "Gemm")
 CALIBRATION_BATCH = 4
@@ -74,19 +74,6 @@ def weight_nodes(model: Any) -> list[str]:
 def _batches(images: np.ndarray) -> Iterator[dict[str, np.ndarray]]:
     for start in range(0, len(images), CALIBRATION_BATCH):
         yield {"pixel_values": np.ascontiguousarray(images[start:start + CALIBRATION_BATCH], dtype=np.float32)}
-
-
-@contextlib.contextmanager
-def _quiet_root_logger() -> Iterator[None]:
-    """onnxruntime.quantization logs advice ("consider pre-processing") on the root logger;
-    a one-line-errors command must not print it."""
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        root.setLevel(level)
 
 
 def _keep_dispatchers_float(model: Any, dispatchers: set[str]) -> int:
@@ -153,7 +140,7 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, calibration: np.n
         def get_next(self) -> dict[str, np.ndarray] | None:
             return next(self._it, None)
 
-    with tempfile.TemporaryDirectory() as tmp, _quiet_root_logger():
+    with tempfile.TemporaryDirectory() as tmp, quiet_logs(""):  # ORT logs advice on the root logger
         staged = Path(tmp) / "int8.onnx"
         quantize_static(
             str(fp32_path), str(staged), Reader(), quant_format=QuantFormat.QDQ,
@@ -181,19 +168,43 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, calibration: np.n
     return Int8Result(out_path, q_nodes, len(dispatchers), len(calibration))
 
 
+def load_calibration_file(path: str | Path) -> np.ndarray:
+    """Preprocessed images from a .npy file: a finite float array [N, C, H, W], N >= 1, as
+    float32. Checked before any export work, so a bad file costs nothing and touches nothing;
+    pickled (object) arrays are refused, never unpickled."""
+    path = Path(path)
+    check_input_file(path, "--calibration-images")
+    flag = f"--calibration-images {path}"
+    try:
+        images = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        pickled = "pickle" in str(e).lower() or "object arrays" in str(e).lower()
+        reason = "pickled Python objects, refused" if pickled else str(e).splitlines()[0][:120]
+        raise UserError(f"{flag} is not a .npy array of images ({reason})") from None
+    if not isinstance(images, np.ndarray):  # an .npz archive
+        raise UserError(f"{flag} is an .npz archive; save one array [N, C, H, W] with numpy.save")
+    if not np.issubdtype(images.dtype, np.floating):
+        raise UserError(f"{flag} holds {images.dtype} data; need float images, preprocessed as the model expects")
+    if images.ndim != 4 or len(images) == 0:
+        raise UserError(f"{flag} has shape {list(images.shape)}; need images [N, C, H, W] with N >= 1")
+    if not np.isfinite(images).all():
+        raise UserError(f"{flag} holds NaN or infinite values")
+    return images.astype(np.float32, copy=False)
+
+
+def check_calibration_shape(images: np.ndarray, cfg: Any, source: str | Path = "calibration images") -> np.ndarray:
+    """`images` if each is [C, H, W] of the model `cfg` describes."""
+    want = (cfg.in_chans, cfg.img_size, cfg.img_size)
+    if tuple(images.shape[1:]) != want:
+        raise UserError(f"{source}: images of shape {list(images.shape[1:])}, the model takes [{', '.join(map(str, want))}]")
+    return images
+
+
 def calibration_images(cfg: Any, path: str | Path | None, count: int = 64, seed: int = 0) -> np.ndarray:
-    """The user's preprocessed images (.npy, [N, C, H, W] float32, normalised as the model
+    """The user's preprocessed images (.npy, [N, C, H, W] float, normalised as the model
     expects), or `count` seeded image-like inputs when `path` is None."""
     if path is None:
         from .calibrate import image_like
 
         return image_like(count, size=cfg.img_size, chans=cfg.in_chans, seed=seed).numpy()
-    path = Path(path)
-    if path.suffix != ".npy" or not path.is_file():
-        raise UserError(f"--calibration-images {path}: expected a .npy file of preprocessed images [N, C, H, W]")
-    images = np.load(path).astype(np.float32, copy=False)
-    want = (cfg.in_chans, cfg.img_size, cfg.img_size)
-    if images.ndim != 4 or tuple(images.shape[1:]) != want or not np.isfinite(images).all():
-        raise UserError(f"--calibration-images {path}: shape {list(images.shape)}, need finite [N, {', '.join(map(str, want))}]")
-    return images
-
+    return check_calibration_shape(load_calibration_file(path), cfg, f"--calibration-images {path}")

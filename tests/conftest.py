@@ -1,5 +1,9 @@
-"""Shared fixtures: small seeded DyT models (dim 64-192, 2-4 blocks) and image-like inputs."""
+"""Shared fixtures: small seeded DyT models (dim 64-192, 2-4 blocks), image-like inputs, and
+the command line run in-process with the one-line-error contract checked."""
 from __future__ import annotations
+
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -45,3 +49,28 @@ def image_batch(batch: int, size: int = 32, seed: int = 0) -> np.ndarray:
 def small_model():
     """A seeded MLP-dispatch model whose middle layer activates roughly half the tokens."""
     return build_model(small_config(), seed=0)
+
+
+@pytest.fixture
+def run_cli(capsys):
+    """Run `dyt-export ARGS` in-process (importing torch per call would cost seconds each)."""
+    from dyt_export.cli import main
+
+    def run(*args) -> subprocess.CompletedProcess:
+        capsys.readouterr()
+        code = main([str(a) for a in args])
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, out, err)
+    return run
+
+
+def assert_refused(result: subprocess.CompletedProcess, message: str, leftovers: Path | None = None) -> None:
+    """Exit 2, exactly one line on stderr containing `message`, no traceback; with `leftovers`,
+    no ONNX, partial or staging file in that directory."""
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dyt-export: error:"), result.stderr
+    assert message in lines[0], lines[0]
+    assert "Traceback" not in result.stderr + result.stdout
+    if leftovers is not None:
+        assert [p.name for p in leftovers.iterdir() if p.suffix == ".onnx" or ".partial" in p.name] == []

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 
@@ -12,6 +13,7 @@ from safetensors.torch import save_file
 import dyt_export
 from dyt_export import CheckpointError, build_model, load_checkpoint, save, write_public_checkpoint
 from dyt_export.checkpoint import Overrides, infer_config
+from dyt_export.checkpoint.reader import build_from_state
 
 from conftest import image_batch, small_config
 
@@ -179,10 +181,18 @@ def test_numpy_scalars_in_args_are_allowed(tmp_path, small_model):
 
 
 @pytest.mark.parametrize("edit, message", [
-    (lambda s: s.pop("blocks.1.mlp.fc2.bias"), "missing keys: blocks.1.mlp.fc2.bias"),
-    (lambda s: s.__setitem__("fc_norm.weight", torch.ones(192)), "unexpected keys: fc_norm.weight"),
-    (lambda s: s.__setitem__("blocks.0.mlp.fc2.bias", torch.ones(5)), r"mis-shaped tensors: blocks.0.mlp.fc2.bias \(5,\)"),
+    (lambda s: s.pop("blocks.1.mlp.fc2.bias"), "^1 missing key: blocks.1.mlp.fc2.bias$"),
+    (lambda s: s.__setitem__("fc_norm.weight", torch.ones(192)), "^1 unexpected key: fc_norm.weight$"),
+    (lambda s: s.__setitem__("blocks.0.mlp.fc2.bias", torch.ones(5)), r"^1 mis-shaped tensor: blocks.0.mlp.fc2.bias \(5,\)"),
     (lambda s: s.pop("cls_token"), "missing key cls_token"),
+    # tensors the geometry is read from: the wrong one is named, not the ones that fit the model
+    (lambda s: s.__setitem__("blocks.0.adaptmlp.down_proj.weight", torch.ones(4, 192)),
+     r"^1 mis-shaped tensor: blocks.0.adaptmlp.down_proj.weight \(4, 192\) \(expected \(8, 192\)\)$"),
+    (lambda s: s.__setitem__("blocks.0.mlp.fc1.weight", torch.ones(100, 192)),
+     r"^1 mis-shaped tensor: blocks.0.mlp.fc1.weight \(100, 192\) \(expected \(768, 192\)\)$"),
+    (lambda s: s.__setitem__("cls_token", torch.ones(1, 1, 100)),
+     r"^1 mis-shaped tensor: cls_token \(1, 1, 100\) \(expected \(1, 1, 192\)\)$"),
+    (lambda s: s.__setitem__("head.weight", torch.ones(10)), r"^1 mis-shaped tensor: head.weight \(10,\)"),
 ])
 def test_key_problems_are_named(tmp_path, small_model, edit, message):
     state = dict(small_model.state_dict())
@@ -190,6 +200,83 @@ def test_key_problems_are_named(tmp_path, small_model, edit, message):
     torch.save({"model": state, "args": argparse.Namespace(scale=0.1)}, tmp_path / "bad.pt")
     with pytest.raises(CheckpointError, match=message):
         load_checkpoint(tmp_path / "bad.pt")
+
+
+def test_moe_geometry_is_agreed_on_by_all_experts():
+    model = build_model(small_config(variant="attn_mlp", experts=3), seed=0)
+    state = dict(model.state_dict())
+    assert infer_config(state, argparse.Namespace(scale=0.1), Overrides()) == model.dyt_config
+    state["blocks.1.adaptattn.router.weight"] = torch.ones(5, 192)  # one wrong expert count
+    cfg = infer_config(state, argparse.Namespace(scale=0.1), Overrides())
+    assert cfg == model.dyt_config
+    with pytest.raises(CheckpointError, match=r"^1 mis-shaped tensor: blocks.1.adaptattn.router.weight \(5, 192\)"):
+        build_from_state(state, cfg)
+
+
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), "0.1", None])
+def test_adapter_scale_in_args_must_be_a_finite_number(tmp_path, small_model, scale):
+    torch.save({"model": small_model.state_dict(), "args": argparse.Namespace(scale=scale)}, tmp_path / "m.pt")
+    message = {str: "args.scale in this checkpoint is '0.1' \\(str\\), not a number",
+               type(None): "not recorded"}.get(type(scale), "adapter scale must be a finite number")
+    with pytest.raises(dyt_export.UserError, match=message):
+        load_checkpoint(tmp_path / "m.pt")
+    assert load_checkpoint(tmp_path / "m.pt", adapter_scale=0.1).dyt_config.adapter_scale == 0.1
+
+
+def test_bad_overrides_are_refused_before_reading(tmp_path, small_model):
+    path = write_public_checkpoint(small_model, tmp_path / "m.pt")
+    for overrides, message in [({"num_heads": 0}, "--num-heads must be a positive integer, got 0"),
+                               ({"num_heads": -3}, "--num-heads must be a positive integer"),
+                               ({"img_size": 0}, "--img-size must be a positive integer"),
+                               ({"dispatch": "dynamic"}, "dispatch='dynamic'"),
+                               ({"adapter_scale": float("inf")}, "adapter scale must be a finite number"),
+                               ({"adapter_scale": float("nan")}, "adapter scale must be a finite number")]:
+        with pytest.raises(dyt_export.UserError, match=message):
+            load_checkpoint(path, **overrides)
+    assert load_checkpoint(path, dispatch="dense").dyt_config == small_model.dyt_config
+
+
+def _rewrite_config(path, **changes) -> None:
+    """Edit the JSON config in a toolkit file's header, as a damaged or hand-made file would."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    with safe_open(str(path), framework="pt") as f:
+        metadata = dict(f.metadata())
+    config = json.loads(metadata["dyt.config"])
+    config.update(changes)
+    metadata["dyt.config"] = json.dumps(config)
+    save_file(load_file(str(path)), str(path), metadata=metadata)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"experts": "2"}, "experts must be an integer"),
+    ({"dispatch_blocks": "ab"}, "dispatch_blocks must be a list of block indices"),
+    ({"adapter_scale": "x"}, "adapter scale must be a finite number, got 'x'"),
+    ({"adapter_scale": float("nan")}, "adapter scale must be a finite number, got nan"),
+    ({"depth": True}, "depth must be a positive integer"),
+    ({"extra": [1]}, "extra must be a mapping"),
+])
+def test_malformed_toolkit_config_is_refused_in_one_line(tmp_path, changes, message):
+    path = save(build_model(small_config(depth=2), seed=0), tmp_path / "m.safetensors")
+    _rewrite_config(path, **changes)
+    with pytest.raises(dyt_export.UserError, match=f"m.safetensors has an invalid dyt.config: {message}"):
+        load_checkpoint(path)
+
+
+def test_truncated_toolkit_file_is_called_truncated(tmp_path):
+    path = save(build_model(small_config(depth=1), seed=0), tmp_path / "m.safetensors")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="is a truncated or corrupt safetensors file"):
+        load_checkpoint(path)
+
+
+def test_num_heads_override_of_a_toolkit_file(tmp_path):
+    """The file records its head count: the same value is accepted, another refused."""
+    path = save(build_model(small_config(depth=1), seed=0), tmp_path / "m.safetensors")
+    assert load_checkpoint(path, num_heads=3).dyt_config.num_heads == 3
+    with pytest.raises(CheckpointError, match="--num-heads 6: .* records num_heads 3"):
+        load_checkpoint(path, num_heads=6)
 
 
 def test_public_api_is_exposed():

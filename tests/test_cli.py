@@ -1,30 +1,23 @@
 """The command line: every bad input is one line on stderr, exit 2, and no output file."""
 from __future__ import annotations
 
+import json
 import os
+import pickle
+import random
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from dyt_export import __version__, build_model, export_onnx, write_public_checkpoint
+from dyt_export import __version__, build_model, save, write_public_checkpoint
 
-from conftest import small_config
+from conftest import assert_refused, small_config
 
-from dyt_export.cli import main
-
-
-@pytest.fixture
-def run_cli(capsys):
-    """Run the command in-process (importing torch per call would cost seconds each)."""
-    def run(*args) -> subprocess.CompletedProcess:
-        capsys.readouterr()
-        code = main([str(a) for a in args])
-        out, err = capsys.readouterr()
-        return subprocess.CompletedProcess(args, code, out, err)
-    return run
+_TORCH_LEGACY_MAGIC = b"\x80\x02\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
 
 
 @pytest.fixture(scope="module")
@@ -33,14 +26,20 @@ def checkpoint(tmp_path_factory) -> Path:
     return write_public_checkpoint(model, tmp_path_factory.mktemp("c") / "model.pt")
 
 
-def _assert_refused(result: subprocess.CompletedProcess, message: str, leftovers: Path | None = None) -> None:
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("dyt-export: error:"), result.stderr
-    assert message in lines[0]
-    assert "Traceback" not in result.stderr + result.stdout
-    if leftovers is not None:  # nothing written, not even a partial or staging file
-        assert sorted(p.name for p in leftovers.iterdir() if p.suffix in (".onnx", ".partial") or ".partial" in p.name) == []
+@pytest.fixture(scope="module")
+def exported(checkpoint, tmp_path_factory) -> Path:
+    """`checkpoint` exported once by the command, for the tests that read an ONNX file."""
+    from dyt_export.cli import main
+    out = tmp_path_factory.mktemp("e") / "model.onnx"
+    assert main([str(checkpoint), "-o", str(out)]) == 0
+    return out
+
+
+def _seeded_bytes(count: int) -> bytes:
+    """Noise that is the same on every run; its first byte is no format's magic."""
+    data = random.Random(0).randbytes(count)
+    assert data[0] not in (0x80, 0x08, ord("P"))
+    return data
 
 
 def _bad_file(tmp_path: Path, kind: str, checkpoint: Path) -> Path:
@@ -51,9 +50,12 @@ def _bad_file(tmp_path: Path, kind: str, checkpoint: Path) -> Path:
         data = checkpoint.read_bytes()
         path.write_bytes(data[: len(data) // 2])
     elif kind == "random":
-        path.write_bytes(os.urandom(4096))
+        path.write_bytes(_seeded_bytes(4096))
+    elif kind == "random-0x80":  # a pickle protocol byte, then noise (1 in 256 random files)
+        path.write_bytes(b"\x80" + _seeded_bytes(4095))
+    elif kind == "legacy-header-then-noise":  # a legacy torch.save header, then garbage
+        path.write_bytes(_TORCH_LEGACY_MAGIC + b"." + _seeded_bytes(4000))
     elif kind == "truncated-safetensors":
-        from dyt_export import save
         full = save(build_model(small_config(depth=2), seed=0), tmp_path / "full.safetensors")
         data = full.read_bytes()
         path = tmp_path / "cut.safetensors"
@@ -70,29 +72,48 @@ def _bad_file(tmp_path: Path, kind: str, checkpoint: Path) -> Path:
     ("empty", "is empty"),
     ("truncated", "truncated or corrupt"),
     ("random", "is not a checkpoint"),
-    ("truncated-safetensors", "is not a checkpoint"),
+    ("random-0x80", "is not a checkpoint"),
+    ("legacy-header-then-noise", "is not a readable PyTorch checkpoint (corrupt pickle data"),
+    ("truncated-safetensors", "is a truncated or corrupt safetensors file"),
     ("text", "is not a checkpoint"),
     ("list", "holds a list"),
 ])
 def test_unreadable_files(run_cli, tmp_path, checkpoint, kind, message):
     path = _bad_file(tmp_path, kind, checkpoint)
-    _assert_refused(run_cli(path, "-o", tmp_path / "out.onnx"), message, tmp_path)
+    assert_refused(run_cli(path, "-o", tmp_path / "out.onnx"), message, tmp_path)
 
 
 def test_missing_file_and_directory(run_cli, tmp_path):
-    _assert_refused(run_cli(tmp_path / "nope.pt"), "no such file", tmp_path)
-    _assert_refused(run_cli(tmp_path, "-o", tmp_path / "x.onnx"), "is a directory", tmp_path)
+    assert_refused(run_cli(tmp_path / "nope.pt"), "no such file", tmp_path)
+    assert_refused(run_cli(tmp_path, "-o", tmp_path / "x.onnx"), "is a directory", tmp_path)
 
 
-def test_onnx_file_passed_as_checkpoint(run_cli, tmp_path):
-    onnx_path = export_onnx(build_model(small_config(depth=2), seed=0), tmp_path / "m.onnx").path
-    _assert_refused(run_cli(onnx_path, "-o", tmp_path / "again.onnx"), "is an ONNX model, not a checkpoint")
+def test_cheap_checks_come_before_importing_torch(tmp_path):
+    """A missing or empty file, a directory or an unwritable output is refused before the
+    seconds-long torch import (a fresh process, so torch is not imported already)."""
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "noise.pt").write_bytes(_seeded_bytes(64))
+    cases = [["nope.pt"], ["empty.pt"], ["."], ["noise.pt", "-o", "no/such/dir.onnx"],
+             ["inspect", "nope.onnx"], ["inspect", "noise.pt"], ["init", "--backbone", "x", "--weights", ".", "-o", "m.st"]]
+    script = ("import sys, json; from dyt_export.cli import main; "
+              f"codes = [main(a) for a in {cases!r}]; print(json.dumps([codes, 'torch' in sys.modules]))")
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    codes, torch_imported = json.loads(done.stdout.strip().splitlines()[-1])
+    assert codes == [2] * len(cases) and not torch_imported, done.stderr
+    assert len(done.stderr.strip().splitlines()) == len(cases)
+
+
+def test_onnx_file_passed_as_checkpoint(run_cli, tmp_path, exported):
+    named_pt = tmp_path / "model.pt"
+    named_pt.write_bytes(exported.read_bytes())
+    for path in (exported, named_pt):  # recognised by content, whatever its name
+        assert_refused(run_cli(path, "-o", tmp_path / "again.onnx"), "is an ONNX model, not a checkpoint")
     assert not (tmp_path / "again.onnx").exists()
 
 
 def test_output_equal_to_input_is_refused(run_cli, checkpoint):
     before = checkpoint.read_bytes()
-    _assert_refused(run_cli(checkpoint, "-o", checkpoint), "is the input file")
+    assert_refused(run_cli(checkpoint, "-o", checkpoint), "is the input file")
     assert checkpoint.read_bytes() == before
 
 
@@ -103,26 +124,65 @@ def test_output_directory_not_writable(run_cli, checkpoint, tmp_path):
         locked = tmp_path / "locked"
         locked.mkdir(mode=0o555)
         target = locked / "m.onnx"
-    _assert_refused(run_cli(checkpoint, "-o", target), "is not writable")
+    assert_refused(run_cli(checkpoint, "-o", target), "is not writable")
     assert not target.exists()
-    _assert_refused(run_cli(checkpoint, "-o", tmp_path / "no" / "such" / "dir.onnx"), "does not exist")
+    assert_refused(run_cli(checkpoint, "-o", tmp_path / "no" / "such" / "dir.onnx"), "does not exist")
 
 
-def test_failed_export_leaves_no_file(run_cli, checkpoint, tmp_path):
-    """A plain timm checkpoint fails after parsing: nothing appears at the target."""
+def _only_target_left(directory: Path, target: Path, before: bytes) -> None:
+    """The pre-existing target is byte for byte what it was, and nothing else was left."""
+    assert target.read_bytes() == before
+    assert sorted(p.name for p in directory.iterdir()) == [target.name]
+
+
+def test_failed_export_leaves_no_file(run_cli, checkpoint, tmp_path, monkeypatch):
+    """Failures before anything is written, and one after the graph was staged (the checker
+    step): no temporary or target file appears, and an existing target is left as it was."""
     import timm
     vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=3, img_size=32, patch_size=8)
     torch.save(vit.state_dict(), tmp_path / "timm.pt")
-    _assert_refused(run_cli(tmp_path / "timm.pt", "-o", tmp_path / "t.onnx"), "not a DyT model", tmp_path)
-    _assert_refused(run_cli(tmp_path / "timm.pt", "--dispatch", "dense", "--with-masks", "-o", tmp_path / "t.onnx"),
-                    "no token dispatchers", tmp_path)
+    assert_refused(run_cli(tmp_path / "timm.pt", "-o", tmp_path / "t.onnx"), "not a DyT model", tmp_path)
+    assert_refused(run_cli(tmp_path / "timm.pt", "--dispatch", "dense", "--with-masks", "-o", tmp_path / "t.onnx"),
+                   "no token dispatchers", tmp_path)
+
+    import onnx.checker
+    staged = []
+
+    def failing_check(path, **kwargs):
+        staged.append((Path(path), Path(path).is_file()))
+        raise onnx.checker.ValidationError("injected failure")
+    monkeypatch.setattr(onnx.checker, "check_model", failing_check)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    target = out_dir / "m.onnx"
+    target.write_bytes(b"previous export")
+    result = run_cli(checkpoint, "-o", target)
+    assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1
+    assert "injected failure" in result.stderr
+    (path, existed), = staged  # the graph was written, beside the target, before the failure
+    assert existed and path.parent.parent == out_dir.resolve() and path.name == target.name
+    _only_target_left(out_dir, target, b"previous export")
 
 
-def test_bad_flags(run_cli, checkpoint):
-    _assert_refused(run_cli(checkpoint, "--opset", "12"), "invalid choice")
-    _assert_refused(run_cli(checkpoint, "--dispatch", "sparse"), "invalid choice")
-    _assert_refused(run_cli(checkpoint, "--fp16-io"), "--fp16-io needs --fp16")
-    _assert_refused(run_cli(checkpoint, "--img-size", "33"), "multiple of the patch size")
+def test_bad_flags(run_cli, checkpoint, tmp_path):
+    assert_refused(run_cli(checkpoint, "--opset", "12"), "invalid choice")
+    assert_refused(run_cli(checkpoint, "--dispatch", "sparse"), "invalid choice")
+    assert_refused(run_cli(checkpoint, "--fp16-io"), "--fp16-io needs --fp16")
+    assert_refused(run_cli(checkpoint, "--img-size", "33"), "multiple of the patch size")
+    assert_refused(run_cli(checkpoint, "--num-heads", "0", "-o", tmp_path / "m.onnx"),
+                   "--num-heads must be a positive integer, got 0", tmp_path)
+    for scale in ("nan", "inf", "-inf"):
+        assert_refused(run_cli(checkpoint, f"--adapter-scale={scale}", "-o", tmp_path / "m.onnx"),
+                       "adapter scale must be a finite number", tmp_path)
+
+
+def test_num_heads_of_a_self_describing_checkpoint(run_cli, tmp_path):
+    """A dyt-export file records its head count: a different --num-heads is refused, the same
+    one is harmless (checked through the loader; the export itself is tested elsewhere)."""
+    from dyt_export import load_checkpoint
+    path = save(build_model(small_config(depth=1), seed=0), tmp_path / "m.safetensors")
+    assert_refused(run_cli(path, "--num-heads", "5", "-o", tmp_path / "m.onnx"), "records num_heads 3", tmp_path)
+    assert load_checkpoint(path, num_heads=3).dyt_config.num_heads == 3
 
 
 def test_default_output_is_checkpoint_with_onnx_suffix(run_cli, checkpoint, tmp_path):
@@ -131,7 +191,48 @@ def test_default_output_is_checkpoint_with_onnx_suffix(run_cli, checkpoint, tmp_
     result = run_cli(local, "--opset", "18")
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "ck.onnx").is_file() and "wrote" in result.stdout
+    assert "import torch" in result.stdout  # the import is a timed step of its own
     assert not [p for p in tmp_path.iterdir() if ".partial" in p.name]
+
+
+def test_int8_calibration_file_is_checked_before_anything_is_written(run_cli, checkpoint, tmp_path):
+    target = tmp_path / "m.onnx"
+    target.write_bytes(b"previous export")
+    cases = {"objects.npy": (np.array([{"a": 1}], dtype=object), "pickled Python objects, refused"),
+             "ints.npy": (np.zeros((2, 3, 32, 32), dtype=np.int64), "holds int64 data"),
+             "flat.npy": (np.zeros((2, 3, 32), dtype=np.float32), "need images [N, C, H, W]"),
+             "nan.npy": (np.full((1, 3, 32, 32), np.nan, dtype=np.float32), "NaN or infinite"),
+             "small.npy": (np.zeros((2, 3, 16, 16), dtype=np.float32), "the model takes [3, 32, 32]")}
+    for name, (array, message) in cases.items():
+        np.save(tmp_path / name, array, allow_pickle=True)
+    with open(tmp_path / "pickle.npy", "wb") as f:  # not .npy at all: a plain pickle
+        pickle.dump([1, 2], f)
+    cases["pickle.npy"] = (None, "pickled Python objects, refused")
+    for name, (_, message) in cases.items():
+        assert_refused(run_cli(checkpoint, "--int8", "--calibration-images", tmp_path / name, "-o", target), message)
+        assert target.read_bytes() == b"previous export"
+    assert not [p for p in tmp_path.iterdir() if ".partial" in p.name]
+
+
+def test_int8_failure_after_the_fp32_export_leaves_the_target_alone(run_cli, checkpoint, tmp_path, monkeypatch):
+    """The fp32 graph is staged, never written at the target: if quantization then fails,
+    the existing target and the directory are exactly as before."""
+    import dyt_export.quantize
+    from dyt_export.errors import UserError
+    seen = []
+
+    def failing_quantize(fp32, out, images):
+        seen.append(Path(fp32))
+        assert Path(fp32).is_file() and Path(fp32) != Path(out)
+        raise UserError("int8: injected failure")
+    monkeypatch.setattr(dyt_export.quantize, "quantize_int8", failing_quantize)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    target = out_dir / "m.onnx"
+    target.write_bytes(b"previous export")
+    assert_refused(run_cli(checkpoint, "--int8", "-o", target), "injected failure")
+    assert seen and not seen[0].exists()
+    _only_target_left(out_dir, target, b"previous export")
 
 
 def test_entry_point_help_version_and_exit_codes(tmp_path):
@@ -139,20 +240,51 @@ def test_entry_point_help_version_and_exit_codes(tmp_path):
     exe = [sys.executable, "-m", "dyt_export"]
     help_text = subprocess.run([*exe, "--help"], capture_output=True, text=True, timeout=300)
     assert help_text.returncode == 0 and "examples:" in help_text.stdout and "--dispatch" in help_text.stdout
+    inspect_help = subprocess.run([*exe, "inspect", "--help"], capture_output=True, text=True, timeout=300)
+    assert inspect_help.returncode == 0 and "examples:" in inspect_help.stdout and "trainable" in inspect_help.stdout
     version = subprocess.run([*exe, "--version"], capture_output=True, text=True, timeout=300)
     assert version.returncode == 0 and __version__ in version.stdout
-    _assert_refused(subprocess.run([*exe, str(tmp_path / "nope.pt")], capture_output=True, text=True, timeout=300),
-                    "no such file")
+    assert_refused(subprocess.run([*exe, str(tmp_path / "nope.pt")], capture_output=True, text=True, timeout=300),
+                   "no such file")
 
 
-def test_inspect(run_cli, checkpoint, tmp_path):
-    described = run_cli("inspect", checkpoint, "--json")
+def _inspect(run_cli, path, *flags) -> dict:
+    described = run_cli("inspect", path, "--json", *flags)
     assert described.returncode == 0, described.stderr
-    import json
-    facts = json.loads(described.stdout)
-    assert facts["geometry"]["depth"] == 2 and facts["adapter"]["bottleneck"] == 8
-    assert facts["parameters"]["trainable_adapters_dispatchers"] == 2 * (2 * 192 * 8 + 8 + 192 + 192 + 1)
-    _assert_refused(run_cli("inspect", tmp_path / "missing.onnx"), "not a readable ONNX model")
+    return json.loads(described.stdout)
+
+
+def test_inspect_checkpoint_and_its_onnx_export_agree(run_cli, checkpoint, exported, tmp_path):
+    facts = _inspect(run_cli, checkpoint)
+    assert facts["kind"] == "checkpoint" and facts["geometry"]["depth"] == 2 and facts["adapter"]["bottleneck"] == 8
+    adapters_and_dispatchers = 2 * (2 * 192 * 8 + 8 + 192 + 192 + 1)
+    assert facts["parameters"]["trainable"] == adapters_and_dispatchers and facts["parameters"]["head"] == 192 * 10 + 10
+    renamed = tmp_path / "exported.pt"  # an ONNX file is recognised by content, not by suffix
+    renamed.write_bytes(exported.read_bytes())
+    for onnx_path in (exported, renamed):
+        onnx_facts = _inspect(run_cli, onnx_path)
+        assert onnx_facts["kind"] == "onnx" and onnx_facts["opset"] == 18
+        assert {k: v for k, v in onnx_facts["parameters"].items() if k != "graph_initializer_values"} == facts["parameters"]
+        assert onnx_facts["dispatchers"] == facts["dispatchers"] and all("bias" in d for d in facts["dispatchers"])
+
+
+def test_inspect_public_checkpoint_without_scale(run_cli, tmp_path):
+    model = build_model(small_config(depth=2), seed=0)
+    for shape in ("bare", "model"):
+        path = write_public_checkpoint(model, tmp_path / f"{shape}.pt", shape=shape)
+        facts = _inspect(run_cli, path)
+        assert "not recorded" in facts["adapter"]["scale"] and facts["geometry"]["depth"] == 2
+        assert _inspect(run_cli, path, "--adapter-scale", "0.1")["adapter"]["scale"] == 0.1
+
+
+def test_inspect_refuses_what_is_not_a_model(run_cli, tmp_path):
+    (tmp_path / "empty.onnx").write_bytes(b"")
+    (tmp_path / "noise.onnx").write_bytes(_seeded_bytes(256))
+    (tmp_path / "cut.onnx").write_bytes(b"\x08\x08\x3a\xff\xff\xff\x0f")  # ONNX's start, then a cut graph
+    assert_refused(run_cli("inspect", tmp_path / "missing.onnx"), "no such file")
+    assert_refused(run_cli("inspect", tmp_path / "empty.onnx"), "is empty")
+    assert_refused(run_cli("inspect", tmp_path / "noise.onnx"), "neither an ONNX model nor a checkpoint")
+    assert_refused(run_cli("inspect", tmp_path / "cut.onnx"), "not a readable ONNX model")
 
 
 def test_internal_errors_exit_1_without_traceback(monkeypatch, checkpoint, capsys, tmp_path):

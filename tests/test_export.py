@@ -8,7 +8,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from dyt_export import build_model, export_onnx, write_public_checkpoint
+from dyt_export import build_model, export_onnx, save, write_public_checkpoint
 from dyt_export.cli import main
 from dyt_export.export import read_metadata, summarize
 
@@ -18,9 +18,9 @@ from validation.compare import compare_masks
 FP32_TOLERANCE = 1e-4  # max |diff| <= this x max |logit|
 
 
-def _edge_model():
+def _edge_model(experts: int = 0):
     """Block 0 activates no patch token, block 2 every token, block 1 about half."""
-    model = build_model(small_config(), seed=0)
+    model = build_model(small_config(experts=experts), seed=0)
     force_dispatcher(model, 0, active=False)
     force_dispatcher(model, 2, active=True)
     return model
@@ -92,12 +92,32 @@ def test_batch_axis_is_dynamic(tmp_path):
     assert_parity(model, path, batches=(1, 7, 64))
 
 
-@pytest.mark.parametrize("opset", [17, 19, 20, 21])
-def test_opsets(tmp_path, opset):
-    model = _edge_model()
-    path = export_onnx(model, tmp_path / "m.onnx", opset=opset, with_masks=True).path
-    assert summarize(path).opset == opset
-    assert_parity(model, path, batches=(1, 5))
+@pytest.mark.parametrize("opset,experts", [(17, 0), (17, 2), (19, 0), (20, 0), (21, 2)])
+def test_opsets(tmp_path, capfd, opset, experts):
+    """MLP dispatch at every opset besides the default 18 (which every other test exports),
+    through the command. The file imports exactly the opset asked for, its metadata says the
+    same, it matches PyTorch, and a successful export prints nothing on stderr. Below 18 torch
+    converts down; the MoE router's ReduceMean is what defeated that conversion (the attention
+    variants, which add a ReduceMax, are tested at 17 and 21 in test_variants)."""
+    model = _edge_model(experts)
+    ckpt = save(model, tmp_path / "m.safetensors")
+    capfd.readouterr()
+    assert main([str(ckpt), "-o", str(tmp_path / "m.onnx"), "--opset", str(opset), "--with-masks"]) == 0
+    assert capfd.readouterr().err == ""
+    summary = summarize(tmp_path / "m.onnx")
+    assert summary.opset == opset and summary.metadata["dyt.opset"] == str(opset)
+    assert_parity(model, tmp_path / "m.onnx", batches=(1, 5))
+
+
+def test_an_opset_the_converter_did_not_reach_is_an_error(tmp_path, monkeypatch):
+    """If the down-conversion leaves the graph at torch's opset, nothing is written: never a
+    file whose metadata says one opset while it imports another."""
+    import dyt_export.export.onnx_export as onnx_export
+    monkeypatch.setattr(onnx_export, "_convert_down", lambda model, opset: None)
+    model = build_model(small_config(depth=1), seed=0)
+    with pytest.raises(RuntimeError, match="opset 17 was asked for but the exported graph imports opset 18"):
+        export_onnx(model, tmp_path / "m.onnx", opset=17)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_fp16_export_tolerance(tmp_path):
@@ -134,6 +154,9 @@ def test_metadata_records_what_and_where_from(edge_checkpoints, tmp_path):
     import hashlib
     assert meta["dyt.source_sha256"] == hashlib.sha256(paths["training"].read_bytes()).hexdigest()
     assert meta["dyt.toolkit_version"] and json.loads(meta["dyt.dispatchers"]) == ["blocks.0.mlp", "blocks.1.mlp", "blocks.2.mlp"]
+    adapters_and_dispatchers = 3 * (2 * 192 * 8 + 8 + 192 + 192 + 1)
+    assert json.loads(meta["dyt.parameters"]) == {"total": sum(p.numel() for p in _edge_model().parameters()),
+                                                  "trainable": adapters_and_dispatchers, "head": 192 * 10 + 10}
 
 
 def test_export_leaves_the_model_untouched(tmp_path):

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -12,22 +11,13 @@ from safetensors.torch import load_file, save_file
 
 from dyt_export import load_checkpoint
 from dyt_export.calibrate import image_like
-from dyt_export.cli import main
 from dyt_export.errors import UserError
-from dyt_export.export.metadata import build_metadata
+from dyt_export.export import read_metadata
 from dyt_export.init_model import backbone_config, init_model
 
+from conftest import assert_refused
+
 BACKBONE = "vit_tiny_patch16_224"  # the smallest plain timm ViT: 12 blocks of width 192
-
-
-@pytest.fixture
-def run_cli(capsys):
-    def run(*args) -> subprocess.CompletedProcess:
-        capsys.readouterr()
-        code = main([str(a) for a in args])
-        out, err = capsys.readouterr()
-        return subprocess.CompletedProcess(args, code, out, err)
-    return run
 
 
 @pytest.fixture(scope="module")
@@ -115,9 +105,6 @@ def test_cli_init_then_inspect_says_it_was_calibrated(tmp_path, run_cli):
     assert (cfg.variant, cfg.experts, cfg.bottleneck, cfg.num_classes) == ("attn_mlp", 4, 16, 100)
     assert cfg.extra["init"]["trained"] is False
     assert "not trained" in cfg.extra["init"]["dispatchers"]
-    # and an ONNX file exported from it carries the same words in its metadata
-    assert "not trained" in build_metadata(cfg, dispatch="dynamic", precision="fp32", opset=18, with_masks=False,
-                                           provenance=None)["dyt.config"]
 
     described = run_cli("inspect", out, "--json")
     assert described.returncode == 0, described.stderr
@@ -130,29 +117,45 @@ def test_cli_init_then_inspect_says_it_was_calibrated(tmp_path, run_cli):
     text = run_cli("inspect", out).stdout
     assert "MoE-adapter, 4 experts" in text and "name=blocks.11.mlp" in text and "calibrated_rate=" in text
 
+    # A real export (dense: the smallest graph) carries the same words and facts in its metadata.
+    onnx_path = tmp_path / "model.onnx"
+    exported = run_cli(out, "--dispatch", "dense", "-o", onnx_path)
+    assert exported.returncode == 0, exported.stderr
+    init = json.loads(read_metadata(onnx_path)["dyt.config"])["extra"]["init"]
+    assert init["trained"] is False and "not trained" in init["dispatchers"]
+    onnx_facts = json.loads(run_cli("inspect", onnx_path, "--json").stdout)
+    assert onnx_facts["origin"] == facts["origin"]
+    unbiased = [{k: v for k, v in d.items() if k != "bias"} for d in facts["dispatchers"]]
+    assert onnx_facts["dispatchers"] == unbiased  # a dense graph has no dispatchers, so no biases
+    assert {k: v for k, v in onnx_facts["parameters"].items() if k != "graph_initializer_values"} == facts["parameters"]
+    routers = 12 * 2 * (192 * 4 + 4)  # MoE routers count as adapter parameters
+    assert facts["parameters"]["trainable"] == 12 * 2 * (4 * (2 * 192 * 16 + 16 + 192) + 192 + 1) + routers
+
 
 @pytest.mark.parametrize("args,message", [
     (["--backbone", "resnet50"], "not a VisionTransformer"),
     (["--backbone", "vit_nope"], "unknown timm architecture"),
+    (["--backbone", "vit_large_patch32_224"], "has no classifier in timm (num_classes 0); pass --num-classes K"),
     (["--activation", "1.5"], "activation must lie in [0, 1]"),
-    (["--experts", "-1"], "experts must be >= 0"),
+    (["--experts", "-1"], "experts must be an integer in 0..64"),
+    (["--experts", "100000"], "experts must be an integer in 0..64"),
     (["--bottleneck", "0"], "bottleneck must be >= 1"),
-    (["--num-classes", "0"], "num-classes must be >= 1"),
+    (["--bottleneck", "100000"], "bottleneck must be an integer in 0..embed_dim 192"),
+    (["--num-classes", "0"], "num-classes must lie in 1..100000"),
+    (["--num-classes", "1000000000"], "num-classes must lie in 1..100000"),
+    (["--adapter-scale", "nan"], "adapter scale must be a finite number"),
+    (["--seed", "-1"], "--seed must lie in 0.."),
     (["--variant", "token"], "invalid choice"),
     (["--weights", "missing.safetensors"], "no such file"),
+    (["--weights", "."], "--weights . is a directory"),
     (["--seed", "x"], "invalid int value"),
 ])
 def test_cli_bad_arguments_exit_2_with_one_line(tmp_path, run_cli, args, message):
     backbone = [] if "--backbone" in args else ["--backbone", BACKBONE]
-    result = run_cli("init", *backbone, *args, "-o", tmp_path / "m.safetensors")
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("dyt-export: error:") and message in lines[0], result.stderr
+    assert_refused(run_cli("init", *backbone, *args, "-o", tmp_path / "m.safetensors"), message)
     assert not (tmp_path / "m.safetensors").exists()
 
 
 def test_cli_needs_an_output_and_a_writable_place_for_it(tmp_path, run_cli):
-    result = run_cli("init", "--backbone", BACKBONE)
-    assert result.returncode == 2 and "-o/--output" in result.stderr
-    result = run_cli("init", "--backbone", BACKBONE, "-o", tmp_path / "missing" / "m.safetensors")
-    assert result.returncode == 2 and "does not exist" in result.stderr
+    assert_refused(run_cli("init", "--backbone", BACKBONE), "-o/--output")
+    assert_refused(run_cli("init", "--backbone", BACKBONE, "-o", tmp_path / "missing" / "m.safetensors"), "does not exist")

@@ -17,6 +17,7 @@ from .. import __version__
 from ..atomic import check_output_path, staged_outputs
 from ..config import DyTConfig
 from ..errors import CheckpointError, UserError
+from ..files import file_kind
 
 FORMAT = "dyt-export/1"
 
@@ -37,21 +38,30 @@ def save(model: torch.nn.Module, path: str | Path, *, extra: dict[str, Any] | No
     return path
 
 
+def _corrupt(path: Path, error: Exception) -> CheckpointError:
+    return CheckpointError(f"{path} is a truncated or corrupt safetensors file ({error})")
+
+
 def read_header(path: Path) -> dict[str, str] | None:
-    """The safetensors metadata, or None when the file is not safetensors at all."""
+    """The safetensors metadata; None when the file does not start like safetensors at all.
+    A file that does but cannot be opened (truncated, damaged) is refused as such."""
+    if file_kind(path) != "safetensors":
+        return None
     try:
         with safe_open(str(path), framework="pt") as f:
             return dict(f.metadata() or {})
-    except (SafetensorError, OSError, ValueError):
-        return None
+    except (SafetensorError, OSError, ValueError) as e:
+        raise _corrupt(path, e) from None
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file whose header `read_header` accepted; data that
+    does not match that header is reported as corruption."""
     try:
         with safe_open(str(path), framework="pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path} is a truncated or corrupt safetensors file ({e})") from None
+        raise _corrupt(path, e) from None
 
 
 def config_of(header: dict[str, str], path: Path) -> DyTConfig | None:
@@ -60,4 +70,4 @@ def config_of(header: dict[str, str], path: Path) -> DyTConfig | None:
         return None
     if "dyt.config" not in header:
         raise CheckpointError(f"{path} says it is {FORMAT} but has no dyt.config metadata")
-    return DyTConfig.from_json(header["dyt.config"])
+    return DyTConfig.from_json(header["dyt.config"], source=path)

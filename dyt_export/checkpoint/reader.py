@@ -18,6 +18,7 @@ from timm.layers import resample_abs_pos_embed
 
 from ..config import DyTConfig
 from ..errors import CheckpointError
+from ..files import check_input_file, file_kind
 from ..model import DyTVisionTransformer, build_model
 from . import native
 from .layout import Overrides, infer_config, strip_prefix
@@ -32,26 +33,6 @@ def file_sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def _check_file(path: Path) -> None:
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such file")
-    if path.is_dir():
-        raise CheckpointError(f"{path} is a directory, not a checkpoint file")
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"{path} is empty")
-
-
-def _looks_like_onnx(path: Path, head: bytes) -> bool:
-    if not head.startswith(b"\x08"):  # ModelProto field 1 (ir_version), varint
-        return False
-    import onnx
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception:  # not parseable as ONNX: it is simply not ONNX
-        return False
-    return len(model.graph.node) > 0
 
 
 def _unwrap(obj: Any, path: Path) -> tuple[dict[str, Any], Any, str]:
@@ -78,13 +59,17 @@ def _check_keys(model: DyTVisionTransformer, state: Mapping[str, Any]) -> None:
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     if missing:
-        raise CheckpointError(f"{len(missing)} missing keys: {', '.join(missing[:_SHOW])}")
+        raise CheckpointError(f"{_count(missing, 'missing key')}: {', '.join(missing[:_SHOW])}")
     if unexpected:
-        raise CheckpointError(f"{len(unexpected)} unexpected keys: {', '.join(unexpected[:_SHOW])}")
+        raise CheckpointError(f"{_count(unexpected, 'unexpected key')}: {', '.join(unexpected[:_SHOW])}")
     wrong = [f"{k} {tuple(state[k].shape)} (expected {tuple(v.shape)})"
              for k, v in expected.items() if state[k].shape != v.shape]
     if wrong:
-        raise CheckpointError(f"{len(wrong)} mis-shaped tensors: {'; '.join(wrong[:3])}")
+        raise CheckpointError(f"{_count(wrong, 'mis-shaped tensor')}: {'; '.join(wrong[:3])}")
+
+
+def _count(items: list[str], noun: str) -> str:
+    return f"{len(items)} {noun}{'' if len(items) == 1 else 's'}"
 
 
 def _resize(cfg: DyTConfig, state: dict[str, torch.Tensor], img_size: int | None) -> DyTConfig:
@@ -105,39 +90,47 @@ def build_from_state(state: dict[str, torch.Tensor], cfg: DyTConfig) -> DyTVisio
     return model.float().eval()
 
 
+def _native_config(cfg: DyTConfig, overrides: Overrides, path: Path) -> DyTConfig:
+    """A toolkit file's own config with the flags applied. Its head count is recorded, so a
+    different --num-heads can only be a mistake and is refused; --adapter-scale replaces the
+    recorded scalar (a recipe constant the user may mean to change)."""
+    if overrides.num_heads is not None and overrides.num_heads != cfg.num_heads:
+        raise CheckpointError(f"--num-heads {overrides.num_heads}: {path} records num_heads {cfg.num_heads}; "
+                              "the flag is only for checkpoints that do not say")
+    return cfg if overrides.adapter_scale is None else cfg.replace(adapter_scale=overrides.adapter_scale)
+
+
 def load_checkpoint(path: str | Path, *, num_heads: int | None = None, adapter_scale: float | None = None,
                     img_size: int | None = None, dispatch: str | None = None,
                     trust_checkpoint: bool = False) -> DyTVisionTransformer:
     """A DyT model (eval mode, returns logits) from any checkpoint the toolkit recognises.
 
-    Keyword overrides say what a checkpoint cannot: `num_heads` (default: ViT convention),
-    `adapter_scale` (default: `args.scale`; required without it), `img_size` (resample the
-    position embedding), `dispatch='dense'` (accept a plain timm ViT without DyT parts),
-    `trust_checkpoint` (load foreign pickle globals as inert placeholders).
+    Keyword overrides say what a checkpoint cannot: `num_heads` (default: ViT convention;
+    a toolkit file records it, and a different value is refused), `adapter_scale` (default:
+    `args.scale` or the toolkit file's; required for public checkpoints without `args`),
+    `img_size` (resample the position embedding), `dispatch='dense'` (accept a plain timm ViT
+    without DyT parts; no other value), `trust_checkpoint` (load foreign pickle globals as
+    inert placeholders).
     """
     path = Path(path)
-    _check_file(path)
+    check_input_file(path)
     overrides = Overrides(num_heads, adapter_scale, img_size, dispatch, trust_checkpoint)
-    with open(path, "rb") as f:
-        head = f.read(16)
+    kind = file_kind(path)
 
-    header = native.read_header(path)
-    if header is not None:
+    if kind == "safetensors":
+        header = native.read_header(path)
         state = strip_prefix(native.load_tensors(path))
         cfg = native.config_of(header, path)
         fmt = "dyt-export" if cfg is not None else "safetensors"
-        if cfg is None:
-            cfg = infer_config(state, None, overrides)
-        elif adapter_scale is not None:
-            cfg = cfg.replace(adapter_scale=float(adapter_scale))
-    elif head.startswith(b"PK\x03\x04") or head.startswith(b"\x80"):
-        if head.startswith(b"PK") and not zipfile.is_zipfile(path):
+        cfg = infer_config(state, None, overrides) if cfg is None else _native_config(cfg, overrides, path)
+    elif kind in ("torch-zip", "torch-legacy"):
+        if kind == "torch-zip" and not zipfile.is_zipfile(path):
             raise CheckpointError(f"{path} is a truncated or corrupt checkpoint (damaged zip archive)")
         state, args, shape = _unwrap(load_pickle(path, trust=trust_checkpoint), path)
         state = strip_prefix(state)
         cfg = infer_config(state, args, overrides)
         fmt = f"torch/{shape}"
-    elif _looks_like_onnx(path, head):
+    elif kind == "onnx":
         raise CheckpointError(f"{path} is an ONNX model, not a checkpoint; pass the checkpoint it was exported from")
     else:
         raise CheckpointError(f"{path} is not a checkpoint (neither a torch.save file nor safetensors)")

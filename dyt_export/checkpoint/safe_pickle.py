@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -51,8 +52,11 @@ def _foreign_globals(path: Path) -> list[str]:
 
 
 def _load(path: Path, placeholders: list[str]) -> Any:
+    """torch.load with the allow-list; torch's own warnings about a damaged file ("Detected
+    pickle protocol ...") are dropped, since the error this raises is reported in one line."""
     allowed = ALLOWED_GLOBALS + [(Opaque, name) for name in placeholders]
-    with torch.serialization.safe_globals(allowed):
+    with torch.serialization.safe_globals(allowed), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         return torch.load(str(path), map_location="cpu", weights_only=True, mmap=False)
 
 
@@ -92,9 +96,15 @@ def load_pickle(path: Path, *, trust: bool = False) -> Any:
 
 
 def _reason(message: str, is_zip: bool) -> str:
+    """The part of torch's error that says what is wrong with the file, in a few words; torch's
+    advice about `weights_only=False` would be wrong here (that runs code from the file)."""
     lowered = message.lower()
     if "central directory" in lowered or "ran out of input" in lowered or "eof" in lowered or "truncated" in lowered:
         return "truncated or corrupt"
     if not is_zip and ("invalid load key" in lowered or "magic number" in lowered):
         return "not a torch.save file"
+    marker = "WeightsUnpickler error:"
+    if marker in message:
+        detail = next((line.strip() for line in message.split(marker, 1)[1].splitlines() if line.strip()), "")
+        return f"corrupt pickle data: {detail[:120]}" if detail else "corrupt pickle data"
     return message.splitlines()[0][:160] if message else "unreadable"

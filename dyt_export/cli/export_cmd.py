@@ -3,10 +3,14 @@ from __future__ import annotations
 
 import argparse
 import resource
+import tempfile
 from pathlib import Path
 
+from ..atomic import check_output_path
 from ..config import DEFAULT_OPSET, DISPATCH_MODES, OPSETS
 from ..errors import UserError
+from ..files import check_input_file
+from ..progress import Steps
 from .common import add_checkpoint_overrides, checkpoint_overrides
 
 DESCRIPTION = "Export a DyT checkpoint to ONNX with data-dependent token dispatch."
@@ -44,41 +48,50 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..atomic import check_output_path
-    from ..checkpoint import load_checkpoint
-    from ..export import export_onnx, summarize
-    from ..progress import Steps
-
     if args.fp16_io and not args.fp16:
         raise UserError("--fp16-io needs --fp16")
     if args.int8 and args.fp16:
         raise UserError("--int8 quantizes the fp32 export; drop --fp16")
     if args.calibration_images and not args.int8:
         raise UserError("--calibration-images needs --int8")
+    # Everything checkable without torch first: importing it takes seconds.
+    check_input_file(args.checkpoint)
     out: Path = args.output or args.checkpoint.with_suffix(".onnx")
     check_output_path(out, args.checkpoint)
+    calibration = None
+    if args.calibration_images:
+        from ..quantize import load_calibration_file
+        calibration = load_calibration_file(args.calibration_images)
+
     steps = Steps(show=True)
+    with steps.step("import torch"):
+        from ..checkpoint import load_checkpoint
+        from ..export import export_onnx, summarize
     with steps.step("load checkpoint"):
         model = load_checkpoint(args.checkpoint, **checkpoint_overrides(args))
-    result = export_onnx(model, out, opset=args.opset, dispatch=args.dispatch, with_masks=args.with_masks,
-                         fp16=args.fp16, fp16_io=args.fp16_io, steps=steps)
     cfg = model.dyt_config
+    options = dict(opset=args.opset, dispatch=args.dispatch, with_masks=args.with_masks, fp16=args.fp16,
+                   fp16_io=args.fp16_io, steps=steps)
+    external = None
     if args.int8:
-        from ..quantize import calibration_images, quantize_int8
-
-        with steps.step("int8 quantization"):
-            try:
-                quantize_int8(out, out, calibration_images(cfg, args.calibration_images))
-            except BaseException:
-                out.unlink(missing_ok=True)  # never leave an fp32 file where an int8 one was asked for
-                raise
+        from ..quantize import calibration_images, check_calibration_shape, quantize_int8
+        images = (calibration_images(cfg, None) if calibration is None
+                  else check_calibration_shape(calibration, cfg, f"--calibration-images {args.calibration_images}"))
+        # The fp32 graph is an intermediate: it lives in a staging directory beside the target,
+        # and only the int8 file is moved into place, so a failure leaves the target as it was.
+        with tempfile.TemporaryDirectory(prefix=f".{out.name}.", suffix=".partial", dir=out.resolve().parent) as tmp:
+            fp32 = export_onnx(model, Path(tmp) / out.name, **options).path
+            with steps.step("int8 quantization"):
+                quantize_int8(fp32, out, images)
+    else:
+        external = export_onnx(model, out, **options).external_data
     summary = summarize(out)
     ops = ", ".join(f"{k} {v}" for k, v in summary.dispatch_op_counts.items()) or "none"
-    size_mb = (out.stat().st_size + (result.external_data.stat().st_size if result.external_data else 0)) / 1e6
+    size_mb = (out.stat().st_size + (external.stat().st_size if external else 0)) / 1e6
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"wrote {out} ({size_mb:.1f} MB{', weights in ' + result.external_data.name if result.external_data else ''})")
-    print(f"  {cfg.variant} dispatch, {args.dispatch} mode, {'int8' if args.int8 else 'fp16' if args.fp16 else 'fp32'}, opset {args.opset}, "
-          f"{len(cfg.dispatcher_names)} dispatchers, dispatch ops: {ops}")
+    print(f"wrote {out} ({size_mb:.1f} MB{', weights in ' + external.name if external else ''})")
+    print(f"  {cfg.variant} dispatch, {args.dispatch} mode, {'int8' if args.int8 else 'fp16' if args.fp16 else 'fp32'}, "
+          f"opset {summary.opset}, {len(cfg.dispatcher_names)} dispatchers, dispatch ops: {ops}")
     print(steps.report())
     print(f"  peak memory {peak_mb:.0f} MB (resident, whole process)")
     return 0

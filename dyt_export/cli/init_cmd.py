@@ -38,12 +38,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..atomic import check_output_path
-    from ..checkpoint import save
-    from ..init_model import init_model
+    from ..files import check_input_file
     from ..progress import Steps
 
+    # Paths first: importing torch and timm takes seconds.
+    if args.weights is not None:
+        check_input_file(args.weights, "--weights")
     check_output_path(args.output, *([args.weights] if args.weights else []))
     steps = Steps(show=True)
+    with steps.step("import torch and timm"):
+        from ..checkpoint import save
+        from ..init_model import init_model
     with steps.step("build model" + (" and calibrate dispatchers" if args.activation is not None else "")):
         model = init_model(args.backbone, variant=args.variant, experts=args.experts, bottleneck=args.bottleneck,
                            adapter_scale=args.adapter_scale, num_classes=args.num_classes, seed=args.seed,

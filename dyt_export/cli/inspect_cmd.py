@@ -6,10 +6,25 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..config import DyTConfig
+from ..config import DyTConfig, unit_module_names
+from ..errors import UserError
+from ..files import check_input_file, file_kind
 from .common import add_checkpoint_overrides, checkpoint_overrides
 
-DESCRIPTION = "Describe a DyT checkpoint or an exported ONNX file."
+DESCRIPTION = "Describe a DyT checkpoint or an exported ONNX file (recognised by content, not by name)."
+EXAMPLES = """\
+examples:
+  dyt-export inspect model.onnx              # opset, dynamic axes, dispatch ops, dispatchers and biases, metadata
+  dyt-export inspect model.safetensors       # a dyt-export checkpoint: everything it records
+  dyt-export inspect checkpoint.pth --json   # public DyT layout, as one JSON object
+  dyt-export inspect bare.pt --num-heads 12  # flags as for export, for what a file cannot say
+
+Parameters: total; trainable = what DyT trains and its paper counts (adapters, MoE routers,
+token dispatchers); the classifier head, also trained, is reported apart. A public
+checkpoint without args.scale is described with its scale marked as not recorded.
+"""
+
+TRAINABLE_MEANS = "adapters (MoE experts and routers included) + token dispatchers, as the DyT paper counts; head apart"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -19,30 +34,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_checkpoint_overrides(parser)
 
 
-def _is_onnx(path: Path) -> bool:
-    return path.suffix.lower() == ".onnx"
-
-
-def _dispatcher_facts(cfg: DyTConfig, model: Any = None) -> list[dict[str, Any]]:
-    """One entry per dispatcher: where it sits, its bias (checkpoints; ONNX initializer names
-    are the exporter's) and, for `dyt-export init` models, the rate it was calibrated to."""
-    from ..config import unit_module_names
+def _dispatcher_facts(cfg: DyTConfig, biases: dict[str, float]) -> list[dict[str, Any]]:
+    """One entry per dispatcher: where it sits, its bias when known, and, for `dyt-export init`
+    models, the rate it was calibrated to."""
     rates = cfg.extra.get("init", {}).get("calibration", {}).get("rates")
     facts = []
     for index, name in enumerate(cfg.dispatcher_names):
         _, block, unit = name.split(".")
         entry: dict[str, Any] = {"name": name, "block": int(block), "unit": unit}
-        if model is not None:
-            head = getattr(model.blocks[int(block)], unit_module_names(unit)[1]).mlp_head
-            entry["bias"] = round(float(head.bias.detach()), 6)
+        if name in biases:
+            entry["bias"] = round(biases[name], 6)
         if rates:
             entry["calibrated_rate"] = rates[index]
         facts.append(entry)
     return facts
 
 
-def _config_facts(cfg: DyTConfig, model: Any = None) -> dict[str, Any]:
-    facts = {
+def _bias_key(name: str) -> str:
+    """The state-dict (and ONNX initializer) name of dispatcher `blocks.{i}.{unit}`'s bias."""
+    _, block, unit = name.split(".")
+    return f"blocks.{block}.{unit_module_names(unit)[1]}.mlp_head.bias"
+
+
+def _config_facts(cfg: DyTConfig, biases: dict[str, float], parameters: dict[str, int] | None) -> dict[str, Any]:
+    facts: dict[str, Any] = {
         "geometry": {"embed_dim": cfg.embed_dim, "depth": cfg.depth, "num_heads": cfg.num_heads,
                      "mlp_hidden_dim": cfg.mlp_hidden_dim, "patch_size": cfg.patch_size,
                      "img_size": cfg.img_size, "tokens": cfg.num_tokens, "num_classes": cfg.num_classes},
@@ -50,8 +65,10 @@ def _config_facts(cfg: DyTConfig, model: Any = None) -> dict[str, Any]:
         "dispatched_units": f"{', '.join(cfg.units)} per block; a token is active iff its logit > 0",
         "adapter": {"kind": f"MoE-adapter, {cfg.experts} experts" if cfg.experts else "adapter" if cfg.bottleneck else "none",
                     "bottleneck": cfg.bottleneck, "scale": cfg.adapter_scale, "experts": cfg.experts},
-        "dispatchers": _dispatcher_facts(cfg, model),
+        "dispatchers": _dispatcher_facts(cfg, biases),
     }
+    if parameters:
+        facts["parameters"] = {**parameters, "trainable_means": TRAINABLE_MEANS}
     if "init" in cfg.extra:  # made by `dyt-export init`: say what is random and what was calibrated
         facts["origin"] = {k: v for k, v in cfg.extra["init"].items() if k != "calibration"}
     return facts
@@ -59,27 +76,44 @@ def _config_facts(cfg: DyTConfig, model: Any = None) -> dict[str, Any]:
 
 def describe_checkpoint(path: Path, overrides: dict) -> dict[str, Any]:
     from ..checkpoint import load_checkpoint
-    model = load_checkpoint(path, **overrides)
-    total = sum(p.numel() for p in model.parameters())
-    # DyT trains adapters and dispatchers (the head too, counted apart as PEFT papers do).
-    dyt = sum(p.numel() for n, p in model.named_parameters() if ".adapt" in n or "_token_select." in n)
-    head = sum(p.numel() for p in model.head.parameters())
-    return {"file": str(path), "kind": "checkpoint", "format": model.provenance["format"],
-            "sha256": model.provenance["sha256"], **_config_facts(model.dyt_config, model),
-            "parameters": {"total": total, "trainable_adapters_dispatchers": dyt, "head": head}}
+    from ..checkpoint.layout import AdapterScaleMissing
+    try:
+        model, scale_known = load_checkpoint(path, **overrides), True
+    except AdapterScaleMissing:  # describe the rest; any scale gives the same shapes and counts
+        model, scale_known = load_checkpoint(path, **{**overrides, "adapter_scale": 1.0}), False
+    cfg = model.dyt_config
+    state = model.state_dict()
+    biases = {name: float(state[_bias_key(name)]) for name in cfg.dispatcher_names}
+    facts = {"file": str(path), "kind": "checkpoint", "format": model.provenance["format"],
+             "sha256": model.provenance["sha256"], **_config_facts(cfg, biases, model.parameter_counts())}
+    if not scale_known:
+        facts["adapter"]["scale"] = "not recorded in the checkpoint (no args.scale); export needs --adapter-scale S"
+    return facts
+
+
+def _onnx_biases(model: Any, cfg: DyTConfig) -> dict[str, float]:
+    """Dispatcher biases stored in the graph (the exporter keeps their state-dict names);
+    weights in external data are not read."""
+    from onnx import numpy_helper
+    wanted = {_bias_key(name): name for name in cfg.dispatcher_names}
+    return {wanted[init.name]: float(numpy_helper.to_array(init).reshape(-1)[0])
+            for init in model.graph.initializer if init.name in wanted and init.data_location != init.EXTERNAL}
 
 
 def describe_onnx(path: Path) -> dict[str, Any]:
-    from ..export import config_from_metadata, summarize
-    from ..export.metadata import PREFIX
-    summary = summarize(path)
+    from ..export.graph import load_onnx, summarize
+    from ..export.metadata import PREFIX, config_from_metadata
+    model = load_onnx(path)
+    summary = summarize(model)
     facts: dict[str, Any] = {"file": str(path), "kind": "onnx", "opset": summary.opset,
                              "inputs": summary.inputs, "outputs": summary.outputs,
-                             "dispatch_ops": summary.dispatch_op_counts,
-                             "parameters": {"initializers": summary.initializer_params}}
+                             "dispatch_ops": summary.dispatch_op_counts}
     if PREFIX + "config" in summary.metadata:
-        facts.update(_config_facts(config_from_metadata(summary.metadata, path)))
+        cfg = config_from_metadata(summary.metadata, path)
+        parameters = json.loads(summary.metadata.get(PREFIX + "parameters", "{}")) or None
+        facts.update(_config_facts(cfg, _onnx_biases(model, cfg), parameters))
         facts["dispatch"] = summary.metadata.get(PREFIX + "dispatch", "")
+    facts.setdefault("parameters", {})["graph_initializer_values"] = summary.initializer_params
     facts["metadata"] = summary.metadata
     return facts
 
@@ -101,7 +135,14 @@ def _print_text(facts: dict[str, Any]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    facts = describe_onnx(args.file) if _is_onnx(args.file) else describe_checkpoint(args.file, checkpoint_overrides(args))
+    from ..progress import Steps
+
+    check_input_file(args.file)
+    kind = file_kind(args.file)
+    if kind is None:
+        raise UserError(f"{args.file} is neither an ONNX model nor a checkpoint (torch.save or safetensors)")
+    with Steps(show=True).step(f"reading {args.file.name}"):
+        facts = describe_onnx(args.file) if kind == "onnx" else describe_checkpoint(args.file, checkpoint_overrides(args))
     if args.json:
         print(json.dumps(facts, indent=2))
     else:

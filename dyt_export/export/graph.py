@@ -8,6 +8,7 @@ from pathlib import Path
 import onnx
 
 from ..errors import UserError
+from ..files import check_input_file
 
 DISPATCH_OPS: tuple[str, ...] = ("NonZero", "TopK", "Gather", "GatherElements", "GatherND",
                                  "ScatterND", "ScatterElements", "Compress")
@@ -36,17 +37,32 @@ def _dims(value_info: onnx.ValueInfoProto) -> list[str | int]:
     return [d.dim_param if d.dim_param else d.dim_value for d in shape.dim]
 
 
-def summarize(path: Path) -> GraphSummary:
-    """Op counts, I/O shapes (symbolic names for dynamic axes), parameter count, metadata."""
+def onnx_opset(model: onnx.ModelProto) -> int | None:
+    """The version of the default ONNX domain the model imports (None: imports none)."""
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+
+
+def load_onnx(path: Path) -> onnx.ModelProto:
+    """An ONNX file's model without its external weights. Anything that is not a model with a
+    graph and an ONNX opset (missing, empty, damaged, another protobuf) gets one message."""
+    check_input_file(path)
     try:
         model = onnx.load(str(path), load_external_data=False)
-    except Exception as e:  # any decode failure means the same thing to the user
+    except Exception as e:  # onnx raises DecodeError, OSError, ...: all mean "not a readable ONNX file"
         raise UserError(f"{path} is not a readable ONNX model ({type(e).__name__})") from None
+    if not model.graph.node or onnx_opset(model) is None:
+        raise UserError(f"{path} is not a readable ONNX model (no graph nodes or no ONNX opset import)")
+    return model
+
+
+def summarize(source: Path | onnx.ModelProto) -> GraphSummary:
+    """Op counts, I/O shapes (symbolic names for dynamic axes), parameter count, metadata of an
+    ONNX file, or of a model already loaded with `load_onnx`."""
+    model = source if isinstance(source, onnx.ModelProto) else load_onnx(source)
     graph = model.graph
     counts: Counter[str] = Counter(node.op_type for node in graph.node)
     for fn in model.functions:  # ops inside model-local functions count too
         counts.update(node.op_type for node in fn.node)
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     params = 0
     for init in graph.initializer:
         n = 1
@@ -54,7 +70,7 @@ def summarize(path: Path) -> GraphSummary:
             n *= d
         params += n
     return GraphSummary(
-        opset=opset,
+        opset=onnx_opset(model),
         inputs={i.name: _dims(i) for i in graph.input},
         outputs={o.name: _dims(o) for o in graph.output},
         op_counts=dict(sorted(counts.items())),

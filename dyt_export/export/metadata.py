@@ -9,17 +9,18 @@ import json
 from pathlib import Path
 from typing import Any
 
-import onnx
-
 from .. import __version__
 from ..config import THRESHOLD_LOGIT, DyTConfig
 from ..errors import UserError
+from .graph import load_onnx
 
 PREFIX = "dyt."
 
 
 def build_metadata(cfg: DyTConfig, *, dispatch: str, precision: str, opset: int, with_masks: bool,
-                   provenance: dict[str, Any] | None) -> dict[str, str]:
+                   provenance: dict[str, Any] | None, parameters: dict[str, int]) -> dict[str, str]:
+    """The props, JSON-encoded where not strings. `parameters` is the model's
+    `parameter_counts()`: an ONNX graph no longer tells adapters from backbone weights."""
     provenance = provenance or {}
     props: dict[str, Any] = {
         "toolkit_version": __version__,
@@ -34,6 +35,7 @@ def build_metadata(cfg: DyTConfig, *, dispatch: str, precision: str, opset: int,
                     f"patch={cfg.patch_size} img={cfg.img_size} classes={cfg.num_classes}",
         "adapter": f"bottleneck={cfg.bottleneck} scale={cfg.adapter_scale} experts={cfg.experts}",
         "config": cfg.to_dict(),
+        "parameters": parameters,
         "source_path": provenance.get("path", ""),
         "source_sha256": provenance.get("sha256", ""),
         "source_format": provenance.get("format", ""),
@@ -43,15 +45,11 @@ def build_metadata(cfg: DyTConfig, *, dispatch: str, precision: str, opset: int,
 
 def read_metadata(path: Path) -> dict[str, str]:
     """All metadata_props of an ONNX file (weights not loaded)."""
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as e:  # onnx raises DecodeError, OSError, ...: all mean "not a readable ONNX file"
-        raise UserError(f"{path} is not a readable ONNX model ({type(e).__name__})") from None
-    return {p.key: p.value for p in model.metadata_props}
+    return {p.key: p.value for p in load_onnx(path).metadata_props}
 
 
 def config_from_metadata(props: dict[str, str], path: Path | str = "model") -> DyTConfig:
     """The DyTConfig an ONNX file was exported from."""
     if PREFIX + "config" not in props:
         raise UserError(f"{path} has no dyt.config metadata: it was not exported by dyt-export")
-    return DyTConfig.from_json(props[PREFIX + "config"])
+    return DyTConfig.from_json(props[PREFIX + "config"], source=path)

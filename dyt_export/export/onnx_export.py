@@ -2,8 +2,10 @@
 
 The dynamo exporter traces the gathered inference path: NonZero (or TopK for attention
 units) -> Gather -> the unit on the active tokens only -> Scatter. The graph is optimized
-by the onnxscript optimizer during export, checked with `onnx.checker` (full check, which
-includes strict shape inference), stamped with metadata, and only then moved into place.
+by the onnxscript optimizer during export, converted down when an opset below torch's own
+is asked for, checked with `onnx.checker` (full check, which includes strict shape
+inference) and for the opset it really imports, stamped with metadata, and only then moved
+into place.
 """
 from __future__ import annotations
 
@@ -13,26 +15,34 @@ import io
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from ..atomic import check_output_path, staged_outputs
-from ..config import DEFAULT_OPSET, DISPATCH_MODES, OPSETS
+from ..config import DEFAULT_OPSET, OPSETS, check_dispatch_mode
 from ..errors import UserError
 from ..model import DyTVisionTransformer, to_fp16
-from ..progress import Steps
+from ..progress import Steps, quiet_logs
+from .graph import summarize
 from .metadata import build_metadata
 
 EXTERNAL_DATA_BYTES = 1_800_000_000
 """Weights above this go to `<name>.data` beside the model: protobuf caps a file at 2 GB."""
+
+TORCH_OPSET = 18
+"""The lowest opset torch's exporter (torchlib) writes. Lower ones are converted from it."""
+
+_REDUCE_WITH_AXES_ATTRIBUTE = {"ReduceMax", "ReduceMin", "ReduceMean", "ReduceProd", "ReduceL1", "ReduceL2",
+                               "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare"}
+"""Reductions that took `axes` as an attribute before opset 18 and had no `noop_with_empty_axes`
+(ReduceSum moved to an axes input, with that attribute, at 13 already)."""
 
 
 @dataclass
 class ExportResult:
     path: Path
     external_data: Path | None
-    timings: dict[str, float]
-    exporter_log: str
 
 
 def _prepare(model: DyTVisionTransformer, dispatch: str, with_masks: bool, fp16: bool,
@@ -43,6 +53,26 @@ def _prepare(model: DyTVisionTransformer, dispatch: str, with_masks: bool, fp16:
     return prepared.eval()
 
 
+def _convert_down(model: Any, opset: int) -> None:
+    """Convert the optimized ONNX IR model in place from TORCH_OPSET to `opset`.
+
+    Not left to torch.onnx.export(opset_version=17): torch converts the unoptimized graph,
+    where the MoE router's ReduceMean takes its axes from a node the ONNX converter cannot
+    read, so it gives up and keeps opset 18 with a warning. After optimization the axes are
+    constants. The ONNX converter then moves them to the attribute but leaves the opset-18
+    attribute `noop_with_empty_axes` on ReduceMax/ReduceMean, which opset 17 rejects; with
+    value 0 it only restates opset 17's meaning of absent axes (reduce all), so it is dropped.
+    """
+    from onnxscript.version_converter import ConvertVersionPass
+
+    ConvertVersionPass(target_version=opset, fallback=True)(model)
+    for node in model.graph.all_nodes():
+        if node.op_type in _REDUCE_WITH_AXES_ATTRIBUTE and node.domain in ("", "ai.onnx"):
+            noop = node.attributes.pop("noop_with_empty_axes", None)
+            if noop is not None and noop.as_int() != 0:
+                raise RuntimeError(f"{node.op_type} with noop_with_empty_axes=1 has no opset-{opset} form")
+
+
 def export_onnx(model: DyTVisionTransformer, path: str | Path, *, opset: int = DEFAULT_OPSET,
                 dispatch: str = "dynamic", with_masks: bool = False, fp16: bool = False,
                 fp16_io: bool = False, example_batch: int = 2, steps: Steps | None = None) -> ExportResult:
@@ -50,14 +80,14 @@ def export_onnx(model: DyTVisionTransformer, path: str | Path, *, opset: int = D
     [batch, classes] and, with masks, `token_masks` [batch, dispatchers, tokens] (bool).
 
     The batch axis is dynamic. The example batch must be >= 2: the exporter specialises
-    sizes 0 and 1. The model itself is not modified.
+    sizes 0 and 1. The model itself is not modified. The file imports exactly `opset`, or
+    nothing is written.
     """
     if not isinstance(model, DyTVisionTransformer):
         raise UserError(f"expected a DyT model from dyt_export, got {type(model).__name__}")
     if opset not in OPSETS:
         raise UserError(f"opset {opset} is not supported; choose one of {', '.join(map(str, OPSETS))}")
-    if dispatch not in DISPATCH_MODES:
-        raise UserError(f"unknown dispatch mode {dispatch!r}; choose one of {', '.join(DISPATCH_MODES)}")
+    check_dispatch_mode(dispatch)
     if fp16_io and not fp16:
         raise UserError("--fp16-io needs --fp16")
     if with_masks and not model.dyt_config.dispatcher_names:
@@ -78,20 +108,22 @@ def export_onnx(model: DyTVisionTransformer, path: str | Path, *, opset: int = D
         if fp16_io:
             example = example.half()
 
-    log = io.StringIO()
     with steps.step("torch.onnx.export (dynamo)"):
         batch = torch.export.Dim("batch", min=1)
-        with contextlib.redirect_stdout(log), warnings.catch_warnings():
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings(), \
+                quiet_logs("torch.onnx", "torch.export", "onnxscript", "onnx_ir"):
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
                 prepared, (example,), dynamo=True, optimize=True, verbose=False,
                 input_names=["pixel_values"],
                 output_names=["logits", "token_masks"] if with_masks else ["logits"],
-                dynamic_shapes={"pixel_values": {0: batch}}, opset_version=opset,
+                dynamic_shapes={"pixel_values": {0: batch}}, opset_version=max(opset, TORCH_OPSET),
             )
+            if opset < TORCH_OPSET:
+                _convert_down(program.model, opset)
         program.model.metadata_props.update(build_metadata(
             cfg, dispatch=dispatch, precision="fp16" if fp16 else "fp32", opset=opset,
-            with_masks=with_masks, provenance=provenance))
+            with_masks=with_masks, provenance=provenance, parameters=model.parameter_counts()))
 
     weight_bytes = sum(p.numel() * p.element_size() for p in prepared.parameters())
     external = weight_bytes > EXTERNAL_DATA_BYTES
@@ -105,7 +137,9 @@ def export_onnx(model: DyTVisionTransformer, path: str | Path, *, opset: int = D
             try:
                 onnx.checker.check_model(str(staged), full_check=True)
             except onnx.checker.ValidationError as e:
-                raise RuntimeError(f"exported graph failed onnx.checker: {e}") from e
+                raise RuntimeError(f"exported graph failed onnx.checker: {str(e).splitlines()[0]}") from e
+            written = summarize(staged).opset
+            if written != opset:  # a converter that gave up must not leave a mislabelled file
+                raise RuntimeError(f"opset {opset} was asked for but the exported graph imports opset {written}")
     data = path.with_name(path.name + ".data")
-    return ExportResult(path=path, external_data=data if external else None,
-                        timings=dict(steps.timings), exporter_log=log.getvalue())
+    return ExportResult(path=path, external_data=data if external else None)

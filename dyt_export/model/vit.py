@@ -11,9 +11,10 @@ from typing import NamedTuple
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from ..config import DISPATCH_MODES, DyTConfig
-from ..errors import UserError
+from ..config import DyTConfig, check_dispatch_mode
+from .adapter import Adapter, MoEAdapter
 from .block import DispatchRecord, DyTBlock, norm32
+from .dispatcher import TokenDispatcher
 
 
 class Trace(NamedTuple):
@@ -59,9 +60,23 @@ class DyTVisionTransformer(VisionTransformer):
 
     @dispatch_mode.setter
     def dispatch_mode(self, mode: str) -> None:
-        if mode not in DISPATCH_MODES:
-            raise UserError(f"unknown dispatch mode {mode!r}; choose one of {', '.join(DISPATCH_MODES)}")
+        check_dispatch_mode(mode)
         self._dispatch_mode = mode
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Parameters in all, trained by DyT, and in the classifier head.
+
+        `trainable` counts what the paper counts as DyT's trainable parameters (0.16 M on
+        VTAB-1K): the adapters (MoE experts and routers included) and the token dispatchers.
+        The head is trained too but is reported apart, as PEFT papers do; the backbone is frozen.
+        Checkpoint `inspect`, ONNX metadata and ONNX `inspect` all use these numbers.
+        """
+        trained = (Adapter, MoEAdapter, TokenDispatcher)
+        return {
+            "total": sum(p.numel() for p in self.parameters()),
+            "trainable": sum(p.numel() for m in self.modules() if isinstance(m, trained) for p in m.parameters()),
+            "head": sum(p.numel() for p in self.head.parameters()),
+        }
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -85,8 +100,7 @@ class DyTVisionTransformer(VisionTransformer):
     @torch.no_grad()
     def trace(self, pixel_values: torch.Tensor, mode: str | None = None) -> Trace:
         mode = mode or self._dispatch_mode
-        if mode not in DISPATCH_MODES:
-            raise UserError(f"unknown dispatch mode {mode!r}; choose one of {', '.join(DISPATCH_MODES)}")
+        check_dispatch_mode(mode)
         records: list[DispatchRecord] = []
         logits = self._run(pixel_values, mode, records)
         b, n = pixel_values.shape[0], self.dyt_config.num_tokens
