@@ -26,11 +26,17 @@ def check_output_path(out: Path, *inputs: Path) -> None:
     parent = out_resolved.parent
     if not parent.is_dir():
         raise UserError(f"output directory {parent} does not exist")
-    try:  # a real probe: os.access says yes to root even on read-only filesystems
-        with tempfile.TemporaryFile(dir=parent):
+    probe_writable(parent, f"output directory {parent} is not writable")
+
+
+def probe_writable(directory: Path, message: str) -> None:
+    """Raise UserError(`message (reason)`) unless a file can be created in `directory`.
+    A real probe: os.access says yes to root even on read-only filesystems."""
+    try:
+        with tempfile.TemporaryFile(dir=directory):
             pass
     except OSError as e:
-        raise UserError(f"output directory {parent} is not writable ({e.strerror})") from None
+        raise UserError(f"{message} ({e.strerror or e})") from None
 
 
 @contextlib.contextmanager

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from dyt_export.atomic import probe_writable
 from dyt_export.errors import UserError
 from dyt_export.progress import Steps
 from runtimes import ONNX_RUNTIMES, Backend, BackendError, get_backend, open_backend
@@ -103,11 +103,7 @@ def check_output_dir(out: Path) -> None:
     existing = next(p for p in out.parents if p.exists()) if not out.exists() else out
     if not existing.is_dir():
         raise UserError(f"cannot create output directory {out}: {existing} is not a directory")
-    try:  # a real probe: os.access says yes to root even on read-only filesystems
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-    except OSError as e:
-        raise UserError(f"output directory {out} cannot be written ({existing}: {e.strerror or e})") from None
+    probe_writable(existing, f"output directory {out} cannot be written ({existing})")
 
 
 def _default_out(model: Path) -> Path:
