@@ -42,9 +42,10 @@ validate: setup
 bench: setup
 	DYT_BENCH_FROM_MAKE=1 $(BIN)/python -m validation.bench $(ARGS)
 
-# Activation-rate chart and token overlays of MODEL (default: the demo model) into docs/img.
+# Activation-rate chart and token overlays of MODEL (default: the demo model, as the README
+# shows it: docs/img/demo-digits-*.png) into docs/img.
 pictures: setup
-	$(BIN)/python -m validation.pictures $(MODEL) $(ARGS)
+	$(BIN)/python -m validation.pictures $(if $(MODEL),$(MODEL),--prefix demo-digits) $(ARGS)
 
 # ONNX Runtime with CUDA for RUNTIME=ort-cuda: swaps the onnxruntime wheel for onnxruntime-gpu
 # (both install the `onnxruntime` module, so only one can be present) with the CUDA 12 and
