@@ -200,11 +200,25 @@ def check_calibration_shape(images: np.ndarray, cfg: Any, source: str | Path = "
     return images
 
 
-def calibration_images(cfg: Any, path: str | Path | None, count: int = 64, seed: int = 0) -> np.ndarray:
-    """The user's preprocessed images (.npy, [N, C, H, W] float, normalised as the model
-    expects), or `count` seeded image-like inputs when `path` is None."""
-    if path is None:
-        from .calibrate import image_like
+def calibration_images(cfg: Any, count: int = 64, seed: int = 0) -> np.ndarray:
+    """`count` seeded image-like inputs for a model `cfg` describes: the calibration set when
+    the user gives none (their own images come through `load_calibration_file`)."""
+    from .calibrate import image_like
 
-        return image_like(count, size=cfg.img_size, chans=cfg.in_chans, seed=seed).numpy()
-    return check_calibration_shape(load_calibration_file(path), cfg, f"--calibration-images {path}")
+    return image_like(count, size=cfg.img_size, chans=cfg.in_chans, seed=seed).numpy()
+
+
+def export_int8(model: Any, path: str | Path, calibration: np.ndarray, *, steps: Any = None,
+                **export_options: Any) -> Int8Result:
+    """Export `model` in fp32 (`export_onnx` with `export_options`) and write its int8 form to
+    `path`. The fp32 graph is an intermediate in a staging directory beside `path`, and only
+    the int8 file is moved into place, so a failure at any step leaves `path` as it was."""
+    from .export import export_onnx
+    from .progress import Steps
+
+    path = Path(path)
+    steps = steps or Steps()
+    with tempfile.TemporaryDirectory(prefix=f".{path.name}.", suffix=".partial", dir=path.resolve().parent) as tmp:
+        fp32 = export_onnx(model, Path(tmp) / path.name, steps=steps, **export_options).path
+        with steps.step("int8 quantization"):
+            return quantize_int8(fp32, path, calibration)

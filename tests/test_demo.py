@@ -47,7 +47,7 @@ def test_demo_int8_export_passes_the_documented_int8_tolerances(tmp_path):
     model = load_checkpoint(demo.checkpoint, num_heads=Recipe().num_heads)
     path = tmp_path / "dyt_digits_int8.onnx"
     export_onnx(model, path, with_masks=True)
-    quantize_int8(path, path, calibration_images(model.dyt_config, None))
+    quantize_int8(path, path, calibration_images(model.dyt_config))
     int8 = TOLERANCES["int8"]
     for runtime in ("ort-cpu", "openvino"):
         record = validate(Options(runtime=runtime, model=path, out=tmp_path, throughput=False, threads=(1,))).record

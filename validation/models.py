@@ -19,14 +19,16 @@ reused only while their recorded config, source hash, opset and precision still 
 from __future__ import annotations
 
 import json
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import onnx
+
 from dyt_export.config import DyTConfig
 from dyt_export.errors import UserError
-from dyt_export.export import config_from_metadata, read_metadata
+from dyt_export.export import config_from_metadata
+from dyt_export.export.graph import load_onnx
 from dyt_export.progress import Steps
 
 
@@ -64,25 +66,20 @@ def read_model(path: Path) -> ModelUnderTest:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"model {path} does not exist or is not a file")
-    props = read_metadata(path)
+    graph = load_onnx(path)  # once: metadata and input type come from the same load
+    props = {p.key: p.value for p in graph.metadata_props}
     cfg = config_from_metadata(props, path)
     try:
         outputs = json.loads(props.get("dyt.outputs", '["logits"]'))
         opset = int(props.get("dyt.opset", "18"))
     except (ValueError, TypeError):
         raise UserError(f"{path} has malformed dyt metadata (outputs/opset)") from None
+    # `dyt.precision` says fp16 for --fp16 with and without --fp16-io; the input type tells them apart.
+    inputs = graph.graph.input
+    fp16_io = bool(inputs) and inputs[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
     return ModelUnderTest(path=path, props=props, cfg=cfg, dispatch=props.get("dyt.dispatch", "dynamic"),
-                          precision=props.get("dyt.precision", "fp32"), fp16_io=_takes_fp16(path), opset=opset,
+                          precision=props.get("dyt.precision", "fp32"), fp16_io=fp16_io, opset=opset,
                           outputs=outputs)
-
-
-def _takes_fp16(path: Path) -> bool:
-    """Whether the (readable) ONNX file's first input is float16: `dyt.precision` says fp16
-    for --fp16 with and without --fp16-io."""
-    import onnx
-
-    inputs = onnx.load(str(path), load_external_data=False).graph.input
-    return bool(inputs) and inputs[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
 
 
 def _twin_matches(path: Path, model: ModelUnderTest, sha256: str, dispatch: str, with_masks: bool) -> bool:
@@ -115,10 +112,8 @@ def twin(reference: Any, model: ModelUnderTest, directory: Path, *, dispatch: st
         export_onnx(reference, path, opset=model.opset, dispatch=dispatch, with_masks=with_masks,
                     fp16=model.precision == "fp16", fp16_io=model.fp16_io, steps=steps)
         return path, False
-    from dyt_export.quantize import calibration_images, quantize_int8
+    from dyt_export.quantize import calibration_images, export_int8
 
-    with tempfile.TemporaryDirectory(dir=directory) as tmp:
-        fp32 = Path(tmp) / path.name
-        export_onnx(reference, fp32, opset=model.opset, dispatch=dispatch, with_masks=with_masks, steps=steps)
-        quantize_int8(fp32, path, calibration_images(model.cfg, None))
+    export_int8(reference, path, calibration_images(model.cfg), opset=model.opset, dispatch=dispatch,
+                with_masks=with_masks, steps=steps)
     return path, False

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import resource
-import tempfile
 from pathlib import Path
 
 from ..atomic import check_output_path
@@ -74,15 +73,10 @@ def run(args: argparse.Namespace) -> int:
                    fp16_io=args.fp16_io, steps=steps)
     external = None
     if args.int8:
-        from ..quantize import calibration_images, check_calibration_shape, quantize_int8
-        images = (calibration_images(cfg, None) if calibration is None
+        from ..quantize import calibration_images, check_calibration_shape, export_int8
+        images = (calibration_images(cfg) if calibration is None
                   else check_calibration_shape(calibration, cfg, f"--calibration-images {args.calibration_images}"))
-        # The fp32 graph is an intermediate: it lives in a staging directory beside the target,
-        # and only the int8 file is moved into place, so a failure leaves the target as it was.
-        with tempfile.TemporaryDirectory(prefix=f".{out.name}.", suffix=".partial", dir=out.resolve().parent) as tmp:
-            fp32 = export_onnx(model, Path(tmp) / out.name, **options).path
-            with steps.step("int8 quantization"):
-                quantize_int8(fp32, out, images)
+        export_int8(model, out, images, **options)
     else:
         external = export_onnx(model, out, **options).external_data
     summary = summarize(out)
