@@ -9,12 +9,11 @@ levers experiment checks outputs against the unrewritten file). The forms:
   boolean mask that feeds NonZero (the scatter still needs NonZero's indices);
 * `scatter_elements`: `ScatterND(data, idx[:, None], rows)` as `ScatterElements` (same reduction) with the
   index expanded to the rows' shape (what a per-element scatter needs);
-* `gelu_mul_first`: exact GELU `x * (0.5 * (1 + erf(x / sqrt2)))` reordered to
-  `(x * 0.5) * (1 + erf(x / sqrt2))`, the order ONNX Runtime's GeluFusion matches (bitwise
-  the same in float: multiplying by 0.5 is exact);
 * `linear_as_gemm`: `MatMul(X[B, N, C], W) + b` with a static N as
   `Reshape(X, [-1, C]) -> Gemm(W, b) -> Reshape([-1, N, C'])`, which lets ORT fold the bias
-  into the GEMM without a fixed batch.
+  into the GEMM without a fixed batch;
+* `attention_op`: `Softmax((q * s) @ Transpose(k)) @ v` as one ONNX `Attention` (opset 23,
+  scale s), the fused attention both runtimes implement; the model's opset goes to 23.
 """
 from __future__ import annotations
 
@@ -129,38 +128,6 @@ def scatter_elements(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def gelu_mul_first(model: onnx.ModelProto) -> onnx.ModelProto:
-    """x * (0.5 * (1 + erf(x / sqrt2))) -> (x * 0.5) * (1 + erf(x / sqrt2))."""
-    g = _Graph(model)
-    swaps = {}
-    index_of = {id(node): i for i, node in enumerate(g.graph.node)}
-    for node in g.graph.node:
-        if node.op_type != "Erf":
-            continue
-        div = g.producer.get(node.input[0])
-        adds = g.consumers.get(node.output[0], [])
-        if div is None or div.op_type != "Div" or not g.is_const(div.input[1], 2 ** 0.5) or len(adds) != 1:
-            continue
-        add = adds[0]
-        halves = g.consumers.get(add.output[0], [])
-        if add.op_type != "Add" or len(halves) != 1 or halves[0].op_type != "Mul":
-            continue
-        half = halves[0]
-        const = next((n for n in half.input if n != add.output[0]), None)
-        finals = g.consumers.get(half.output[0], [])
-        if const is None or not g.is_const(const, 0.5) or len(finals) != 1 or finals[0].op_type != "Mul":
-            continue
-        final = finals[0]
-        x = div.input[0]
-        if x not in final.input:
-            continue
-        scaled = g.new_name("half_x")
-        swaps[index_of[id(half)]] = [helper.make_node("Mul", [x, const], [scaled])]
-        swaps[index_of[id(final)]] = [helper.make_node("Mul", [scaled, add.output[0]], list(final.output))]
-    _replace_nodes(g.graph, swaps)
-    return model
-
-
 def linear_as_gemm(model: onnx.ModelProto) -> onnx.ModelProto:
     """MatMul(X[?, N, C], W[C, D]) + b[D] with static N -> Reshape, Gemm with bias, Reshape."""
     inferred = onnx.shape_inference.infer_shapes(model)
@@ -191,7 +158,37 @@ def linear_as_gemm(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+def attention_op(model: onnx.ModelProto) -> onnx.ModelProto:
+    """MatMul(Softmax(MatMul(Mul(q, s), Transpose(k, [0, 1, 3, 2]))), v) -> Attention(q, k, v, scale=s)."""
+    g = _Graph(model)
+    swaps: dict[int, list[onnx.NodeProto]] = {}
+    index_of = {id(node): i for i, node in enumerate(g.graph.node)}
+    for soft in g.graph.node:
+        scores, users = g.producer.get(soft.input[0]), g.consumers.get(soft.output[0], [])
+        if soft.op_type != "Softmax" or scores is None or scores.op_type != "MatMul" or len(users) != 1:
+            continue
+        mix, scaled, key_t = users[0], g.producer.get(scores.input[0]), g.producer.get(scores.input[1])
+        if mix.op_type != "MatMul" or mix.input[0] != soft.output[0] or scaled is None or scaled.op_type != "Mul":
+            continue
+        if key_t is None or key_t.op_type != "Transpose" or list(key_t.attribute[0].ints) != [0, 1, 3, 2]:
+            continue
+        q, s = (scaled.input[0], scaled.input[1]) if g.const(scaled.input[1]) is not None else scaled.input[::-1]
+        scale = g.const(s)
+        if scale is None or scale.size != 1 or any(len(g.consumers[n.output[0]]) != 1 for n in (scaled, key_t, scores)):
+            continue
+        for dead in (scaled, key_t, scores, soft):
+            swaps[index_of[id(dead)]] = []
+        swaps[index_of[id(mix)]] = [helper.make_node("Attention", [q, key_t.input[0], mix.input[1]], list(mix.output),
+                                                     scale=float(scale.reshape(-1)[0]))]
+    _replace_nodes(g.graph, swaps)
+    for opset in model.opset_import:
+        if opset.domain in ("", "ai.onnx"):
+            opset.version = max(opset.version, 23)
+    model.ir_version = max(model.ir_version, 10)
+    return model
+
+
 FORMS: dict[str, Callable[[onnx.ModelProto], onnx.ModelProto]] = {
     "gather_nd": gather_nd, "compress": compress, "scatter_elements": scatter_elements,
-    "gelu_mul_first": gelu_mul_first, "linear_as_gemm": linear_as_gemm,
+    "linear_as_gemm": linear_as_gemm, "attention_op": attention_op,
 }

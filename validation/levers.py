@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import functools
 import json
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
+from unittest import mock
 
 import numpy as np
 import onnx
@@ -91,18 +91,16 @@ def ort_profile(path: Path, images: np.ndarray, threads: int, runs: int = 2) -> 
     return {op: us / total for op, us in per_op.most_common()}
 
 
-@contextlib.contextmanager
-def _scatter_add_export() -> Iterator[None]:
-    """While active, MLP units add their rows into the residual inside the scatter (ScatterND
-    reduction "add") instead of scattering into zeros and adding (the shipped form)."""
-    import dyt_export.model.block as block_module
+def _export_once(checkpoint: Path, out: Path, patch: Any, **options: Any) -> Path:
+    """Export `checkpoint` to `out` (once; the file is kept) with one exporter attribute patched
+    (`unittest.mock.patch.object(...)`), to time a model-code or exporter alternative."""
+    from dyt_export import load_checkpoint
+    from dyt_export.export import export_onnx
 
-    original = block_module.rowwise_added
-    block_module.rowwise_added = functools.partial(original, add_in_scatter=True)
-    try:
-        yield
-    finally:
-        block_module.rowwise_added = original
+    if not out.exists():
+        with patch:
+            export_onnx(load_checkpoint(checkpoint), out, **options)
+    return out
 
 
 def _ort_transformers(source: Path, out: Path) -> Path:
@@ -115,21 +113,23 @@ def _ort_transformers(source: Path, out: Path) -> Path:
 
 
 def run(work: Path, out: Path, threads: int, passes: int, batches: list[int], only: set[str] | None) -> list[dict]:
-    from dyt_export import load_checkpoint
-    from dyt_export.export import export_onnx
+    import dyt_export.export.onnx_export as exporter
+    import dyt_export.model.block as block
 
     out.mkdir(parents=True, exist_ok=True)
     pool = np.load(work / "pool.npy")
     dyt, dense = work / "dyt-r0.5.onnx", work / "dyt-r0.5-dense.onnx"
     files = {name: _form_file(dyt, [name], out / f"dyt-{name}.onnx") for name in FORMS}
-    files["dense-gelu_mul_first"] = _form_file(dense, ["gelu_mul_first"], out / "dense-gelu_mul_first.onnx")
     files["dense-linear_as_gemm"] = _form_file(dense, ["linear_as_gemm"], out / "dense-linear_as_gemm.onnx")
-    files["dyt-both"] = _form_file(dyt, ["gelu_mul_first", "linear_as_gemm"], out / "dyt-both.onnx")
-    files["dense-both"] = _form_file(dense, ["gelu_mul_first", "linear_as_gemm"], out / "dense-both.onnx")
-    scatter_add = out / "dyt-scatter_add.onnx"
-    if not scatter_add.exists():
-        with _scatter_add_export():
-            export_onnx(load_checkpoint(work / "dyt-r0.5.pth"), scatter_add)
+    files["dense-attention_op"] = _form_file(dense, ["attention_op"], out / "dense-attention_op.onnx")
+    checkpoint = work / "dyt-r0.5.pth"
+    # MLP units adding their rows into the residual inside the scatter (ScatterND reduction "add")
+    scatter_add = _export_once(checkpoint, out / "dyt-scatter_add.onnx", mock.patch.object(
+        block, "rowwise_added", functools.partial(block.rowwise_added, add_in_scatter=True)))
+    # GELU as torchlib writes it, without the exporter's exact rewrite (dyt_export.export.rewrites)
+    no_rewrite = mock.patch.object(exporter, "apply_exact_rewrites", lambda model: {})
+    torch_gelu = {"dyt": _export_once(checkpoint, out / "dyt-torch_gelu.onnx", no_rewrite),
+                  "dense": _export_once(checkpoint, out / "dense-torch_gelu.onnx", no_rewrite, dispatch="dense")}
     opt_ort = out / "dyt-ort-optimized.onnx"  # ORT's own optimized graph, saved once, loaded without re-optimizing
     open_backend("ort-cpu", dyt, threads=threads, optimized_model_path=opt_ort)
     fused = {name: _ort_transformers(path, out / f"{name}-ort-transformers.onnx") for name, path in (("dyt", dyt), ("dense", dense))}
@@ -142,13 +142,20 @@ def run(work: Path, out: Path, threads: int, passes: int, batches: list[int], on
         "dispatch-ov": {"shipped": (ov, dyt, {}), "scatter_add": (ov, scatter_add, {}),
                         "gather_nd": (ov, files["gather_nd"], {}), "compress": (ov, files["compress"], {}),
                         "scatter_elements": (ov, files["scatter_elements"], {})},
-        "dense-part-ort": {"shipped": (ort_, dyt, {}), "gelu_mul_first": (ort_, files["gelu_mul_first"], {}),
-                           "linear_as_gemm": (ort_, files["linear_as_gemm"], {}), "both": (ort_, files["dyt-both"], {}),
+        "dense-part-ort": {"shipped": (ort_, dyt, {}), "linear_as_gemm": (ort_, files["linear_as_gemm"], {}),
                            "ort-transformers": (ort_, fused["dyt"], {}),
-                           "dense": (ort_, dense, {}), "dense-both": (ort_, files["dense-both"], {}),
+                           "dense": (ort_, dense, {}), "dense-linear_as_gemm": (ort_, files["dense-linear_as_gemm"], {}),
                            "dense-ort-transformers": (ort_, fused["dense"], {})},
-        "dense-part-ov": {"shipped": (ov, dyt, {}), "both": (ov, files["dyt-both"], {}),
-                          "dense": (ov, dense, {}), "dense-both": (ov, files["dense-both"], {})},
+        "dense-part-ov": {"shipped": (ov, dyt, {}), "linear_as_gemm": (ov, files["linear_as_gemm"], {}),
+                          "dense": (ov, dense, {}), "dense-linear_as_gemm": (ov, files["dense-linear_as_gemm"], {})},
+        "attention-ort": {"shipped": (ort_, dyt, {}), "attention_op": (ort_, files["attention_op"], {}),
+                          "dense": (ort_, dense, {}), "dense-attention_op": (ort_, files["dense-attention_op"], {})},
+        "attention-ov": {"shipped": (ov, dyt, {}), "attention_op": (ov, files["attention_op"], {}),
+                         "dense": (ov, dense, {}), "dense-attention_op": (ov, files["dense-attention_op"], {})},
+        "gelu-ov": {"shipped": (ov, dyt, {}), "torch_gelu": (ov, torch_gelu["dyt"], {}),
+                    "dense": (ov, dense, {}), "dense-torch_gelu": (ov, torch_gelu["dense"], {})},
+        "gelu-ort": {"shipped": (ort_, dyt, {}), "torch_gelu": (ort_, torch_gelu["dyt"], {}),
+                     "dense": (ort_, dense, {}), "dense-torch_gelu": (ort_, torch_gelu["dense"], {})},
         "ort-session": {"all": (ort_, dyt, {}), "extended": (ort_, dyt, {"graph_optimization": "extended"}),
                         "basic": (ort_, dyt, {"graph_optimization": "basic"}),
                         "saved-optimized": (ort_, opt_ort, {"graph_optimization": "disable"}),

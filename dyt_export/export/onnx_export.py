@@ -2,7 +2,8 @@
 
 The dynamo exporter traces the gathered inference path: NonZero (or TopK for attention
 units) -> Gather -> the unit on the active tokens only -> Scatter. The graph is optimized
-by the onnxscript optimizer during export, converted down when an opset below torch's own
+by the onnxscript optimizer during export, rewritten exactly where a runtime runs the
+optimized form slowly (`rewrites`), converted down when an opset below torch's own
 is asked for, checked with `onnx.checker` (full check, which includes strict shape
 inference) and for the opset it really imports, stamped with metadata, and only then moved
 into place.
@@ -26,6 +27,7 @@ from ..model import DyTVisionTransformer, to_fp16
 from ..progress import Steps, quiet_logs
 from .graph import summarize
 from .metadata import build_metadata
+from .rewrites import apply_exact_rewrites
 
 EXTERNAL_DATA_BYTES = 1_800_000_000
 """Weights above this go to `<name>.data` beside the model: protobuf caps a file at 2 GB."""
@@ -119,6 +121,7 @@ def export_onnx(model: DyTVisionTransformer, path: str | Path, *, opset: int = D
                 output_names=["logits", "token_masks"] if with_masks else ["logits"],
                 dynamic_shapes={"pixel_values": {0: batch}}, opset_version=max(opset, TORCH_OPSET),
             )
+            apply_exact_rewrites(program.model)
             if opset < TORCH_OPSET:
                 _convert_down(program.model, opset)
         program.model.metadata_props.update(build_metadata(
