@@ -157,6 +157,7 @@ def test_metadata_records_what_and_where_from(edge_checkpoints, tmp_path):
     adapters_and_dispatchers = 3 * (2 * 192 * 8 + 8 + 192 + 192 + 1)
     assert json.loads(meta["dyt.parameters"]) == {"total": sum(p.numel() for p in _edge_model().parameters()),
                                                   "trainable": adapters_and_dispatchers, "head": 192 * 10 + 10}
+    assert json.loads(meta["dyt.rewrites"]) == {"gelu_affine": 3}  # one GELU per block
 
 
 def test_export_leaves_the_model_untouched(tmp_path):

@@ -4,7 +4,8 @@ OpenVINO, and print one table.
 The demo model is a small DyT trained here on scikit-learn's digits (validation/train.py),
 saved in the public DyT training code's checkpoint layout (full training checkpoint with
 `args`) and cached with its ONNX export under `.cache/demo/` (override with DYT_CACHE_DIR).
-The cache is keyed by the training recipe; `--retrain` ignores it.
+The cache is keyed by the training recipe (the ONNX file also by the checkpoint's hash and the
+exporter's graph form); `--retrain` ignores it.
 
 Geometry (validation/train.py `Recipe`): 32x32 inputs (8x8 digits upscaled 4x), patch 4,
 so each token is one digit pixel and the 64 patch tokens split cleanly into strokes and
@@ -80,7 +81,7 @@ def ensure_demo_model(recipe: Recipe = Recipe(), *, retrain: bool = False, show_
     """The cached demo checkpoint and its dynamic ONNX export, made when missing or stale."""
     from dyt_export import export_onnx, load_checkpoint
     from dyt_export.checkpoint import file_sha256
-    from dyt_export.export import read_metadata
+    from dyt_export.export import current_graph_form, read_metadata
     from dyt_export.progress import Steps
 
     directory = cache_dir()
@@ -95,7 +96,8 @@ def ensure_demo_model(recipe: Recipe = Recipe(), *, retrain: bool = False, show_
             stamp.write_text(wanted)
         timings: dict[str, float] = {}
         sha256 = file_sha256(checkpoint)
-        if not onnx_path.exists() or read_metadata(onnx_path).get("dyt.source_sha256") != sha256:
+        cached = read_metadata(onnx_path) if onnx_path.exists() else {}
+        if cached.get("dyt.source_sha256") != sha256 or not current_graph_form(cached):
             onnx_path.unlink(missing_ok=True)
             steps = Steps(show=show_steps)
             with steps.step("load checkpoint"):

@@ -14,7 +14,8 @@ the images the user calibrated on are not recorded in the file. An int8 model ca
 other images has slightly different activation ranges than its twins; give the model
 `--with-masks` to compare its own masks.
 Twins are cached in `OUT/twins/`, named by the checkpoint's sha256 and precision, and
-reused only while their recorded config, source hash, opset and precision still match.
+reused only while their recorded config, source hash, opset and precision still match and
+the current exporter wrote them (`current_graph_form`: same toolkit version and rewrites).
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ import onnx
 
 from dyt_export.config import DyTConfig
 from dyt_export.errors import UserError
-from dyt_export.export import config_from_metadata
+from dyt_export.export import config_from_metadata, current_graph_form
 from dyt_export.export.graph import load_onnx
 from dyt_export.progress import Steps
 
@@ -89,7 +90,7 @@ def _twin_matches(path: Path, model: ModelUnderTest, sha256: str, dispatch: str,
         return False
     return (cached.cfg == model.cfg and cached.source_sha256 == sha256 and cached.dispatch == dispatch
             and cached.precision_label == model.precision_label and cached.opset == model.opset
-            and cached.has_masks == with_masks)
+            and cached.has_masks == with_masks and current_graph_form(cached.props))
 
 
 def twin(reference: Any, model: ModelUnderTest, directory: Path, *, dispatch: str, with_masks: bool,

@@ -18,9 +18,11 @@ PREFIX = "dyt."
 
 
 def build_metadata(cfg: DyTConfig, *, dispatch: str, precision: str, opset: int, with_masks: bool,
-                   provenance: dict[str, Any] | None, parameters: dict[str, int]) -> dict[str, str]:
+                   provenance: dict[str, Any] | None, parameters: dict[str, int],
+                   rewrites: dict[str, int]) -> dict[str, str]:
     """The props, JSON-encoded where not strings. `parameters` is the model's
-    `parameter_counts()`: an ONNX graph no longer tells adapters from backbone weights."""
+    `parameter_counts()`: an ONNX graph no longer tells adapters from backbone weights.
+    `rewrites`: how often each exact rewrite fired, which also dates the graph's form."""
     provenance = provenance or {}
     props: dict[str, Any] = {
         "toolkit_version": __version__,
@@ -36,11 +38,25 @@ def build_metadata(cfg: DyTConfig, *, dispatch: str, precision: str, opset: int,
         "adapter": f"bottleneck={cfg.bottleneck} scale={cfg.adapter_scale} experts={cfg.experts}",
         "config": cfg.to_dict(),
         "parameters": parameters,
+        "rewrites": rewrites,
         "source_path": provenance.get("path", ""),
         "source_sha256": provenance.get("sha256", ""),
         "source_format": provenance.get("format", ""),
     }
     return {PREFIX + k: v if isinstance(v, str) else json.dumps(v) for k, v in props.items()}
+
+
+def current_graph_form(props: dict[str, str]) -> bool:
+    """Whether a file's metadata says this toolkit version wrote it with every exact rewrite it
+    has now: only then may a cached export stand in for a fresh one (an older form can run at
+    another speed, e.g. GELU fused into a GEMM by OpenVINO)."""
+    from .rewrites import RULES
+
+    try:
+        recorded = json.loads(props.get(PREFIX + "rewrites", "{}"))
+    except ValueError:
+        return False
+    return props.get(PREFIX + "toolkit_version") == __version__ and isinstance(recorded, dict) and set(recorded) == set(RULES)
 
 
 def read_metadata(path: Path) -> dict[str, str]:

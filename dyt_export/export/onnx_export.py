@@ -121,12 +121,12 @@ def export_onnx(model: DyTVisionTransformer, path: str | Path, *, opset: int = D
                 output_names=["logits", "token_masks"] if with_masks else ["logits"],
                 dynamic_shapes={"pixel_values": {0: batch}}, opset_version=max(opset, TORCH_OPSET),
             )
-            apply_exact_rewrites(program.model)
+            rewrites = apply_exact_rewrites(program.model)
             if opset < TORCH_OPSET:
                 _convert_down(program.model, opset)
         program.model.metadata_props.update(build_metadata(
             cfg, dispatch=dispatch, precision="fp16" if fp16 else "fp32", opset=opset,
-            with_masks=with_masks, provenance=provenance, parameters=model.parameter_counts()))
+            with_masks=with_masks, provenance=provenance, parameters=model.parameter_counts(), rewrites=rewrites))
 
     weight_bytes = sum(p.numel() * p.element_size() for p in prepared.parameters())
     external = weight_bytes > EXTERNAL_DATA_BYTES

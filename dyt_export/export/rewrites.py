@@ -43,12 +43,15 @@ def _is_exact_gelu(context: Any, x: ir.Value, sqrt2: ir.Value, one: ir.Value, ha
     return _scalar(sqrt2, 2 ** 0.5) and _scalar(one, 1.0) and _scalar(half, 0.5)
 
 
-GELU_AFFINE = pattern.RewriteRule(_exact_gelu, _gelu_affine, _is_exact_gelu, name="GeluAffine")
+RULES: dict[str, pattern.RewriteRule] = {
+    "gelu_affine": pattern.RewriteRule(_exact_gelu, _gelu_affine, _is_exact_gelu, name="GeluAffine"),
+}
+"""Every exact rewrite, by the name the export's `dyt.rewrites` metadata records it under."""
 
 
 def apply_exact_rewrites(model: ir.Model) -> dict[str, int]:
     """Apply every rule to `model` in place, then drop the constants they left unused;
-    returns how often each rule fired."""
-    fired = {"gelu_affine": pattern.RewriteRuleSet([GELU_AFFINE], commute=True).apply_to_model(model)}
+    returns how often each rule fired (0 included: the rule ran, nothing matched)."""
+    fired = {name: pattern.RewriteRuleSet([rule], commute=True).apply_to_model(model) for name, rule in RULES.items()}
     RemoveUnusedNodesPass()(model)
     return fired
