@@ -10,9 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-
-from onnx_ir.passes.common import RemoveUnusedNodesPass
 from onnxscript import ir
+from onnxscript.ir.passes.common import RemoveUnusedNodesPass
 from onnxscript.rewriter import pattern
 
 
@@ -34,8 +33,9 @@ def _gelu_affine(op: Any, x: ir.Value, sqrt2: ir.Value, one: ir.Value, half: ir.
     """x * (0.5 + 0.5 * erf(x / sqrt2)): halving commutes with rounding, so 0.5 + 0.5 * e is
     bitwise 0.5 * (1 + e). OpenVINO's GeluFusion does not match this form, so it no longer
     folds GELU into the preceding MatMul as a post-op, which on AVX2 CPUs moved that MatMul
-    from MLAS to a oneDNN kernel ~30 % slower (OpenVINO 1.19x / 1.05x faster at batch 1 / 8
-    on ViT-B/16 DyT; ONNX Runtime, which fuses neither form, bitwise unchanged and as fast)."""
+    from MLAS to a oneDNN kernel ~30 % slower (OpenVINO 1.10-1.19x / 1.05-1.19x faster at batch
+    1 / 8 on ViT-B/16 DyT in two paired runs; ONNX Runtime, which fuses neither form, bitwise
+    unchanged and as fast)."""
     return op.Mul(x, op.Add(half, op.Mul(op.Erf(op.Div(x, sqrt2)), half)))
 
 
