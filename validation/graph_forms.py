@@ -164,8 +164,10 @@ def attention_op(model: onnx.ModelProto) -> onnx.ModelProto:
     swaps: dict[int, list[onnx.NodeProto]] = {}
     index_of = {id(node): i for i, node in enumerate(g.graph.node)}
     for soft in g.graph.node:
+        if soft.op_type != "Softmax":
+            continue
         scores, users = g.producer.get(soft.input[0]), g.consumers.get(soft.output[0], [])
-        if soft.op_type != "Softmax" or scores is None or scores.op_type != "MatMul" or len(users) != 1:
+        if scores is None or scores.op_type != "MatMul" or len(users) != 1:
             continue
         mix, scaled, key_t = users[0], g.producer.get(scores.input[0]), g.producer.get(scores.input[1])
         if mix.op_type != "MatMul" or mix.input[0] != soft.output[0] or scaled is None or scaled.op_type != "Mul":

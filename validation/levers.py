@@ -120,8 +120,8 @@ def run(work: Path, out: Path, threads: int, passes: int, batches: list[int], on
     pool = np.load(work / "pool.npy")
     dyt, dense = work / "dyt-r0.5.onnx", work / "dyt-r0.5-dense.onnx"
     files = {name: _form_file(dyt, [name], out / f"dyt-{name}.onnx") for name in FORMS}
-    files["dense-linear_as_gemm"] = _form_file(dense, ["linear_as_gemm"], out / "dense-linear_as_gemm.onnx")
-    files["dense-attention_op"] = _form_file(dense, ["attention_op"], out / "dense-attention_op.onnx")
+    for name in ("linear_as_gemm", "attention_op"):  # the forms that touch the dense part too
+        files[f"dense-{name}"] = _form_file(dense, [name], out / f"dense-{name}.onnx")
     checkpoint = work / "dyt-r0.5.pth"
     # MLP units adding their rows into the residual inside the scatter (ScatterND reduction "add")
     scatter_add = _export_once(checkpoint, out / "dyt-scatter_add.onnx", mock.patch.object(
@@ -133,6 +133,11 @@ def run(work: Path, out: Path, threads: int, passes: int, batches: list[int], on
     opt_ort = out / "dyt-ort-optimized.onnx"  # ORT's own optimized graph, saved once, loaded without re-optimizing
     open_backend("ort-cpu", dyt, threads=threads, optimized_model_path=opt_ort)
     fused = {name: _ort_transformers(path, out / f"{name}-ort-transformers.onnx") for name, path in (("dyt", dyt), ("dense", dense))}
+
+    def against_shipped(runtime: str, lever: str, dyt_form: Path, dense_form: Path) -> dict[str, tuple[str, Path, dict]]:
+        """The shipped DyT and dense exports and the same lever applied to each, on one runtime."""
+        return {"shipped": (runtime, dyt, {}), lever: (runtime, dyt_form, {}),
+                "dense": (runtime, dense, {}), f"dense-{lever}": (runtime, dense_form, {})}
 
     ort_, ov = "ort-cpu", "openvino"
     experiments: dict[str, dict[str, tuple[str, Path, dict[str, Any]]]] = {
@@ -146,16 +151,11 @@ def run(work: Path, out: Path, threads: int, passes: int, batches: list[int], on
                            "ort-transformers": (ort_, fused["dyt"], {}),
                            "dense": (ort_, dense, {}), "dense-linear_as_gemm": (ort_, files["dense-linear_as_gemm"], {}),
                            "dense-ort-transformers": (ort_, fused["dense"], {})},
-        "dense-part-ov": {"shipped": (ov, dyt, {}), "linear_as_gemm": (ov, files["linear_as_gemm"], {}),
-                          "dense": (ov, dense, {}), "dense-linear_as_gemm": (ov, files["dense-linear_as_gemm"], {})},
-        "attention-ort": {"shipped": (ort_, dyt, {}), "attention_op": (ort_, files["attention_op"], {}),
-                          "dense": (ort_, dense, {}), "dense-attention_op": (ort_, files["dense-attention_op"], {})},
-        "attention-ov": {"shipped": (ov, dyt, {}), "attention_op": (ov, files["attention_op"], {}),
-                         "dense": (ov, dense, {}), "dense-attention_op": (ov, files["dense-attention_op"], {})},
-        "gelu-ov": {"shipped": (ov, dyt, {}), "torch_gelu": (ov, torch_gelu["dyt"], {}),
-                    "dense": (ov, dense, {}), "dense-torch_gelu": (ov, torch_gelu["dense"], {})},
-        "gelu-ort": {"shipped": (ort_, dyt, {}), "torch_gelu": (ort_, torch_gelu["dyt"], {}),
-                     "dense": (ort_, dense, {}), "dense-torch_gelu": (ort_, torch_gelu["dense"], {})},
+        "dense-part-ov": against_shipped(ov, "linear_as_gemm", files["linear_as_gemm"], files["dense-linear_as_gemm"]),
+        "attention-ort": against_shipped(ort_, "attention_op", files["attention_op"], files["dense-attention_op"]),
+        "attention-ov": against_shipped(ov, "attention_op", files["attention_op"], files["dense-attention_op"]),
+        "gelu-ov": against_shipped(ov, "torch_gelu", torch_gelu["dyt"], torch_gelu["dense"]),
+        "gelu-ort": against_shipped(ort_, "torch_gelu", torch_gelu["dyt"], torch_gelu["dense"]),
         "ort-session": {"all": (ort_, dyt, {}), "extended": (ort_, dyt, {"graph_optimization": "extended"}),
                         "basic": (ort_, dyt, {"graph_optimization": "basic"}),
                         "saved-optimized": (ort_, opt_ort, {"graph_optimization": "disable"}),
