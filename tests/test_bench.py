@@ -12,7 +12,7 @@ from conftest import force_dispatcher, image_batch, small_config
 from dyt_export import build_model
 from dyt_export.export import export_onnx
 from runtimes import open_backend
-from validation.bench_memory import measure_here
+from validation.bench_memory import external_copy, measure_here
 from validation.bench_models import trained_like
 from validation.bench_report import DOCS_BEGIN, DOCS_END, Result, results_from_record, target_checks, write_docs
 from validation.gemm import LIBRARIES, matmul_runner
@@ -96,6 +96,20 @@ def test_targets_use_the_worst_rate_and_report_misses():
     assert checks[("memory DyT/dense", 1)]["measured"] == pytest.approx(1.01)
 
 
+def test_memory_targets_are_one_per_allocator_and_weights_layout():
+    """Rows of another layout or allocator never serve as the dense baseline of a DyT row."""
+    def row(model: str, mb: float, **setup: str) -> dict:
+        return {"runtime": "ort-cpu", "batch": 1, "model": model, "peak_mb": mb, "allocator": "glibc default", **setup}
+    memory = [row("dense", 100.0), row("dyt@0.5", 140.0), row("dense", 90.0, weights="external data"),
+              row("dyt@0.5", 89.0, weights="external data"), row("dense", 95.0, allocator="mmap threshold 1 MiB"),
+              row("dyt@0.5", 96.0, allocator="mmap threshold 1 MiB")]
+    checks = {c["target"]: c for c in target_checks([], memory)}
+    assert checks["memory DyT/dense (glibc default)"]["measured"] == pytest.approx(1.4)
+    assert checks["memory DyT/dense (glibc default, external data)"]["measured"] == pytest.approx(89 / 90)
+    assert checks["memory DyT/dense (glibc default, external data)"]["met"]
+    assert checks["memory DyT/dense (mmap threshold 1 MiB)"]["measured"] == pytest.approx(96 / 95)
+
+
 def test_a_bench_record_gives_back_its_results():
     results = [_result(), _result(batch=8, eager_img_s=None, paired_speedup=1.4)]
     assert results_from_record({"results": [r.to_dict() for r in results]}) == results
@@ -139,3 +153,14 @@ def test_peak_memory_figures_are_ordered(trained_small):
     m = measure_here("ort-cpu", path, image_batch(4), batch=2, threads=1)
     assert m["baseline_mb"] <= m["peak_mb"] and m["loaded_mb"] <= m["peak_mb"]
     assert m["peak_over_baseline_mb"] == pytest.approx(m["peak_mb"] - m["baseline_mb"])
+
+
+def test_external_copy_is_the_same_graph_with_its_weights_beside_it(trained_small, tmp_path):
+    _, path = trained_small
+    copy = external_copy(path, tmp_path / "ext")
+    assert copy.with_name(copy.name + ".data").stat().st_size > copy.stat().st_size
+    x = image_batch(2)
+    want = open_backend("ort-cpu", path).run({"pixel_values": x})["logits"]
+    np.testing.assert_array_equal(open_backend("ort-cpu", copy).run({"pixel_values": x})["logits"], want)
+    assert {p.key: p.value for p in onnx.load(str(copy), load_external_data=False).metadata_props} == \
+        {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}

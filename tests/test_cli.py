@@ -168,12 +168,35 @@ def test_bad_flags(run_cli, checkpoint, tmp_path):
     assert_refused(run_cli(checkpoint, "--opset", "12"), "invalid choice")
     assert_refused(run_cli(checkpoint, "--dispatch", "sparse"), "invalid choice")
     assert_refused(run_cli(checkpoint, "--fp16-io"), "--fp16-io needs --fp16")
+    assert_refused(run_cli(checkpoint, "--int8", "--external-data", "-o", tmp_path / "m.onnx"),
+                   "--external-data is not supported with --int8", tmp_path)
     assert_refused(run_cli(checkpoint, "--img-size", "33"), "multiple of the patch size")
     assert_refused(run_cli(checkpoint, "--num-heads", "0", "-o", tmp_path / "m.onnx"),
                    "--num-heads must be a positive integer, got 0", tmp_path)
     for scale in ("nan", "inf", "-inf"):
         assert_refused(run_cli(checkpoint, f"--adapter-scale={scale}", "-o", tmp_path / "m.onnx"),
                        "adapter scale must be a finite number", tmp_path)
+
+
+def test_external_data_export_gives_the_single_file_answers(run_cli, checkpoint, exported, tmp_path):
+    """--external-data moves the weights to OUT.data, the graph stays the same, both CPU
+    runtimes load the pair and answer bit for bit as with the single file; a later
+    single-file export to the same path removes the weights file it no longer uses."""
+    from runtimes import open_backend
+    out = tmp_path / "split.onnx"
+    data = tmp_path / "split.onnx.data"
+    result = run_cli(checkpoint, "-o", out, "--external-data")
+    assert result.returncode == 0, result.stderr
+    assert "weights in split.onnx.data" in result.stdout
+    assert data.stat().st_size > 4 * out.stat().st_size
+    images = np.random.default_rng(0).standard_normal((3, 3, 32, 32)).astype(np.float32)
+    for runtime in ("ort-cpu", "openvino"):
+        single = open_backend(runtime, exported, threads=1).run({"pixel_values": images})["logits"]
+        split = open_backend(runtime, out, threads=1).run({"pixel_values": images})["logits"]
+        np.testing.assert_array_equal(split, single, err_msg=runtime)
+    assert run_cli(checkpoint, "-o", out).returncode == 0
+    assert out.is_file() and not data.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["split.onnx"]
 
 
 def test_num_heads_of_a_self_describing_checkpoint(run_cli, tmp_path):

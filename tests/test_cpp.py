@@ -66,9 +66,10 @@ def _model():
 def models(tmp_path_factory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("cpp-models")
     model = _model()
-    paths = {"masks": folder / "masks.onnx", "plain": folder / "plain.onnx"}
+    paths = {"masks": folder / "masks.onnx", "plain": folder / "plain.onnx", "external": folder / "external.onnx"}
     export_onnx(model, paths["masks"], with_masks=True)
     export_onnx(model, paths["plain"])
+    export_onnx(model, paths["external"], external_data=True)
     return paths
 
 
@@ -116,6 +117,21 @@ def test_model_without_masks_writes_logits_only(dyt_infer, models, tmp_path, run
     assert not (tmp_path / "y.masks.npy").exists()
     ref = python_outputs(runtime, models["plain"], x)["logits"]
     assert np.abs(np.load(tmp_path / "y.npy") - ref).max() <= TOLERANCE * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_weights_in_external_data_give_the_single_file_logits(dyt_infer, models, tmp_path, runtime):
+    """`dyt-export --external-data` writes the weights beside the model; the C++ runtimes find
+    them relative to the model file, wherever the program runs from."""
+    x = image_batch(2)
+    np.save(tmp_path / "x.npy", x)
+    for name in ("plain", "external"):
+        done = subprocess.run([str(dyt_infer), "--runtime", runtime, "--model", str(models[name]),
+                               "--input", str(tmp_path / "x.npy"), "--output", f"{name}.npy"],
+                              capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+    np.testing.assert_array_equal(np.load(tmp_path / "external.npy"), np.load(tmp_path / "plain.npy"))
+    assert models["external"].with_name("external.onnx.data").stat().st_size > models["external"].stat().st_size
 
 
 @pytest.mark.parametrize("runtime", RUNTIMES)

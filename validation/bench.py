@@ -141,19 +141,24 @@ def time_all(args: argparse.Namespace, ex: Exports, threads: list[int]) -> tuple
 
 
 def measure_memory(args: argparse.Namespace, ex: Exports, work: Path, threads: int) -> list[dict[str, Any]]:
-    """Peak memory of the dense and DyT exports, one process each (`validation.bench_memory`)."""
-    from validation.bench_memory import ALLOCATORS, peak_memory
+    """Peak memory of the dense and DyT exports, one process each (`validation.bench_memory`),
+    per allocator setting and weights layout."""
+    from validation.bench_memory import EXTERNAL_DATA, SETUPS, external_copy, peak_memory
 
+    models = [("dense", ex.dense), *[(f"dyt@{m.rate:g}", m.dynamic) for m in ex.models]]
     memory = []
     for runtime in args.runtimes:
-        for allocator in (ALLOCATORS if runtime == "ort-cpu" else ["glibc default"]):
+        for allocator, weights in SETUPS[runtime]:
             for batch in args.memory_batches:
                 images = work / "memory-pool.npy"
                 np.save(images, ex.pool[: max(batch, MEMORY_IMAGES)])
-                for name, path in [("dense", ex.dense), *[(f"dyt@{m.rate:g}", m.dynamic) for m in ex.models]]:
-                    _log(f"peak memory: {runtime}, {allocator}, batch {batch}, {name}")
-                    memory.append({"runtime": runtime, "allocator": allocator, "batch": batch, "model": name,
-                                   "threads": threads, **peak_memory(runtime, path, images, batch, threads, allocator)})
+                for name, path in models:
+                    if weights == EXTERNAL_DATA:
+                        path = external_copy(path, work / "external-data")
+                    _log(f"peak memory: {runtime}, {allocator}, {weights}, batch {batch}, {name}")
+                    memory.append({"runtime": runtime, "allocator": allocator, "weights": weights, "batch": batch,
+                                   "model": name, "threads": threads,
+                                   **peak_memory(runtime, path, images, batch, threads, allocator)})
     return memory
 
 

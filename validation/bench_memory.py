@@ -17,6 +17,11 @@ export's returned, while with ORT's graph optimizations below 'all' the dense ex
 them too. So each measurement can also run with `MALLOC_MMAP_THRESHOLD_=1048576` (a fixed
 1 MiB threshold: large blocks are always mmap'd and go back to the OS when freed), which
 measures what the models hold rather than the allocator's luck. Both are reported.
+
+Weights layout. With the weights in external data (`dyt-export --external-data`) ONNX Runtime
+maps each weight from the file and unmaps it once packed: no freed heap blocks, so no
+allocator luck either, and no copy of the weights in the heap. Each runtime is also measured
+with the same models saved that way (`external_copy`, the exporter's own save).
 """
 from __future__ import annotations
 
@@ -58,6 +63,26 @@ def measure_here(runtime: str, model: Path, images: np.ndarray, batch: int, thre
 
 ALLOCATORS: dict[str, dict[str, str]] = {"glibc default": {}, "mmap threshold 1 MiB": {"MALLOC_MMAP_THRESHOLD_": "1048576"}}
 """Environment of the measuring process per allocator setting."""
+SINGLE_FILE, EXTERNAL_DATA = "single file", "external data"
+SETUPS: dict[str, list[tuple[str, str]]] = {
+    "ort-cpu": [("glibc default", SINGLE_FILE), ("mmap threshold 1 MiB", SINGLE_FILE), ("glibc default", EXTERNAL_DATA)],
+    "openvino": [("glibc default", SINGLE_FILE), ("glibc default", EXTERNAL_DATA)],
+}
+"""(allocator, weights layout) measured per runtime."""
+
+
+def external_copy(model: Path, folder: Path) -> Path:
+    """`model` saved again with its weights in external data, as `dyt-export --external-data`
+    writes them (the graph is the same; exporting ViT-B/16 again would take a minute)."""
+    from onnxscript import ir
+
+    from dyt_export.export import save_onnx
+
+    folder.mkdir(parents=True, exist_ok=True)
+    out = folder / model.name
+    if not out.exists() or out.stat().st_mtime < model.stat().st_mtime:
+        save_onnx(ir.load(model), out, external_data=True)
+    return out
 
 
 def peak_memory(runtime: str, model: Path, images: Path, batch: int, threads: int,

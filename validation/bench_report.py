@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from validation.bench_int8 import int8_table
+from validation.bench_memory import SINGLE_FILE
 
 TARGETS: dict[str, dict[int, float]] = {
     "efficiency": {1: 0.95, 8: 0.95, 32: 0.95},
@@ -85,6 +86,12 @@ class Result:
         return {**asdict(self), **ratios}
 
 
+def _memory_setup(m: dict[str, Any]) -> tuple[str, str, str, int]:
+    """(runtime, allocator, weights layout, batch); records before the layout was measured
+    had every model in a single file."""
+    return m["runtime"], m.get("allocator", ""), m.get("weights", SINGLE_FILE), m["batch"]
+
+
 def target_checks(results: list[Result], memory: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Every target as {target, runtime, batch, measured (worst over rates), needed, met}."""
     checks = []
@@ -97,15 +104,17 @@ def target_checks(results: list[Result], memory: list[dict[str, Any]]) -> list[d
             worst = min(values)
             checks.append({"target": name, "runtime": runtime, "batch": batch, "measured": worst,
                            "needed": needed[batch], "met": worst >= needed[batch]})
-    for key in sorted({(m["runtime"], m.get("allocator", ""), m["batch"]) for m in memory}):
-        group = [m for m in memory if (m["runtime"], m.get("allocator", ""), m["batch"]) == key]
+    for key in sorted({_memory_setup(m) for m in memory}):
+        group = [m for m in memory if _memory_setup(m) == key]
         dense = next((m for m in group if m["model"] == "dense"), None)
         dyt = [m for m in group if m["model"] != "dense"]
         if dense is None or not dyt:
             continue
+        runtime, allocator, weights, batch = key
+        label = ", ".join(part for part in (allocator, "" if weights == SINGLE_FILE else weights) if part)
         worst = max(m["peak_mb"] for m in dyt) / dense["peak_mb"]
-        checks.append({"target": f"memory DyT/dense ({key[1]})" if key[1] else "memory DyT/dense", "runtime": key[0],
-                       "batch": key[2], "measured": worst, "needed": 1.0, "met": worst <= 1.0})
+        checks.append({"target": f"memory DyT/dense ({label})" if label else "memory DyT/dense", "runtime": runtime,
+                       "batch": batch, "measured": worst, "needed": 1.0, "met": worst <= 1.0})
     return checks
 
 
@@ -128,10 +137,11 @@ def results_table(results: list[Result]) -> str:
 
 
 def memory_table(memory: list[dict[str, Any]]) -> str:
-    lines = ["| runtime | allocator | batch | model | peak RSS MB | baseline MB | peak - baseline MB |",
-             "|---|---|---:|---|---:|---:|---:|"]
+    lines = ["| runtime | allocator | weights | batch | model | peak RSS MB | baseline MB | peak - baseline MB |",
+             "|---|---|---|---:|---|---:|---:|---:|"]
     for m in memory:
-        lines.append(f"| {m['runtime']} | {m.get('allocator', '')} | {m['batch']} | {m['model']} | {m['peak_mb']:.0f} | "
+        lines.append(f"| {m['runtime']} | {m.get('allocator', '')} | {m.get('weights', SINGLE_FILE)} | {m['batch']} | "
+                     f"{m['model']} | {m['peak_mb']:.0f} | "
                      f"{m['baseline_mb']:.0f} | {m['peak_over_baseline_mb']:.0f} |")
     return "\n".join(lines)
 

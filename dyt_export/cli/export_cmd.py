@@ -18,6 +18,7 @@ examples:
   dyt-export model.pt                         # -> model.onnx, opset 18, real token skipping
   dyt-export model.pt -o vit.onnx --with-masks --opset 17
   dyt-export model.pt --dispatch dense        # all tokens active: the baseline to compare speed with
+  dyt-export model.pt --external-data         # weights in model.onnx.data: lower peak memory on ONNX Runtime
   dyt-export checkpoint.pth --adapter-scale 0.1 --num-heads 12
   dyt-export inspect model.onnx               # what a checkpoint or ONNX file holds
 
@@ -40,6 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fp16-io", action="store_true", help="with --fp16: fp16 input and logits too")
     parser.add_argument("--int8", action="store_true",
                         help="int8 weights and activations (ORT static quantization, QDQ); dispatchers stay float")
+    parser.add_argument("--external-data", action="store_true",
+                        help="weights in OUTPUT.data beside the model (automatic above 1.8 GB); ONNX Runtime then "
+                             "maps them from the file: lower peak memory (docs/performance.md)")
     parser.add_argument("--calibration-images", type=Path, metavar="NPY",
                         help="with --int8: preprocessed images [N, C, H, W] (.npy) to calibrate on "
                              "(default: 64 seeded image-like inputs)")
@@ -51,6 +55,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--fp16-io needs --fp16")
     if args.int8 and args.fp16:
         raise UserError("--int8 quantizes the fp32 export; drop --fp16")
+    if args.int8 and args.external_data:
+        raise UserError("--external-data is not supported with --int8 (the int8 model is a quarter of the size)")
     if args.calibration_images and not args.int8:
         raise UserError("--calibration-images needs --int8")
     # Everything checkable without torch first: importing it takes seconds.
@@ -78,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
                   else check_calibration_shape(calibration, cfg, f"--calibration-images {args.calibration_images}"))
         export_int8(model, out, images, **options)
     else:
-        external = export_onnx(model, out, **options).external_data
+        external = export_onnx(model, out, external_data=args.external_data, **options).external_data
     summary = summarize(out)
     ops = ", ".join(f"{k} {v}" for k, v in summary.dispatch_op_counts.items()) or "none"
     size_mb = (out.stat().st_size + (external.stat().st_size if external else 0)) / 1e6

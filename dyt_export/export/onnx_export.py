@@ -30,7 +30,8 @@ from .metadata import build_metadata
 from .rewrites import apply_exact_rewrites
 
 EXTERNAL_DATA_BYTES = 1_800_000_000
-"""Weights above this go to `<name>.data` beside the model: protobuf caps a file at 2 GB."""
+"""Weights above this go to `<name>.data` beside the model whether asked or not: protobuf caps
+a file at 2 GB."""
 
 TORCH_OPSET = 18
 """The lowest opset torch's exporter (torchlib) writes. Lower ones are converted from it."""
@@ -45,6 +46,23 @@ _REDUCE_WITH_AXES_ATTRIBUTE = {"ReduceMax", "ReduceMin", "ReduceMean", "ReducePr
 class ExportResult:
     path: Path
     external_data: Path | None
+
+
+def external_data_path(path: Path) -> Path:
+    """Where the weights of `path` live when they are kept outside the model file."""
+    return path.with_name(path.name + ".data")
+
+
+def save_onnx(model: Any, path: Path, *, external_data: bool) -> None:
+    """Write an ONNX IR model, its weights inside the file or in `external_data_path(path)`.
+
+    The exporter and the benchmark's memory measurement both save through here, so what is
+    measured is the layout `dyt-export --external-data` writes. ONNX Runtime maps external
+    weights from the file and unmaps each once it has packed it, instead of parsing them into
+    heap blocks it then frees (docs/performance.md, peak memory)."""
+    from onnxscript import ir
+
+    ir.save(model, path, external_data=external_data_path(path).name if external_data else None)
 
 
 def _prepare(model: DyTVisionTransformer, dispatch: str, with_masks: bool, fp16: bool,
@@ -77,13 +95,16 @@ def _convert_down(model: Any, opset: int) -> None:
 
 def export_onnx(model: DyTVisionTransformer, path: str | Path, *, opset: int = DEFAULT_OPSET,
                 dispatch: str = "dynamic", with_masks: bool = False, fp16: bool = False,
-                fp16_io: bool = False, example_batch: int = 2, steps: Steps | None = None) -> ExportResult:
+                fp16_io: bool = False, example_batch: int = 2, external_data: bool = False,
+                steps: Steps | None = None) -> ExportResult:
     """Write `model` to `path` as ONNX: input `pixel_values` [batch, 3, H, W], output `logits`
     [batch, classes] and, with masks, `token_masks` [batch, dispatchers, tokens] (bool).
 
     The batch axis is dynamic. The example batch must be >= 2: the exporter specialises
     sizes 0 and 1. The model itself is not modified. The file imports exactly `opset`, or
-    nothing is written.
+    nothing is written. With `external_data` (forced above EXTERNAL_DATA_BYTES) the weights go
+    to `<name>.data` beside the model; a single-file export removes a `.data` file an earlier
+    export to the same path left, so no stale weights sit beside the model.
     """
     if not isinstance(model, DyTVisionTransformer):
         raise UserError(f"expected a DyT model from dyt_export, got {type(model).__name__}")
@@ -129,13 +150,13 @@ def export_onnx(model: DyTVisionTransformer, path: str | Path, *, opset: int = D
             with_masks=with_masks, provenance=provenance, parameters=model.parameter_counts(), rewrites=rewrites))
 
     weight_bytes = sum(p.numel() * p.element_size() for p in prepared.parameters())
-    external = weight_bytes > EXTERNAL_DATA_BYTES
+    external = external_data or weight_bytes > EXTERNAL_DATA_BYTES
     import onnx  # heavy import, only needed here
 
     with staged_outputs(path) as stage:
         staged = stage / path.name
         with steps.step("save"):
-            program.save(staged, external_data=external)
+            save_onnx(program.model, staged, external_data=external)
         with steps.step("onnx.checker (full check)"):
             try:
                 onnx.checker.check_model(str(staged), full_check=True)
@@ -144,5 +165,7 @@ def export_onnx(model: DyTVisionTransformer, path: str | Path, *, opset: int = D
             written = summarize(staged).opset
             if written != opset:  # a converter that gave up must not leave a mislabelled file
                 raise RuntimeError(f"opset {opset} was asked for but the exported graph imports opset {written}")
-    data = path.with_name(path.name + ".data")
+    data = external_data_path(path)
+    if not external:
+        data.unlink(missing_ok=True)
     return ExportResult(path=path, external_data=data if external else None)
