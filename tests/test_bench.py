@@ -18,6 +18,7 @@ from validation.bench_report import DOCS_BEGIN, DOCS_END, Result, results_from_r
 from validation.gemm import LIBRARIES, matmul_runner
 from validation.graph_forms import FORMS
 from validation.public_eager import PublicEagerDyT
+from validation.roles import MLP_ROLES, RUNTIMES, Widths, bounds, openvino_times, ort_times
 from validation.turns import paired_ratio, row, take_turns
 
 
@@ -164,3 +165,28 @@ def test_external_copy_is_the_same_graph_with_its_weights_beside_it(trained_smal
     np.testing.assert_array_equal(open_backend("ort-cpu", copy).run({"pixel_values": x})["logits"], want)
     assert {p.key: p.value for p in onnx.load(str(copy), load_external_data=False).metadata_props} == \
         {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_roles_name_every_gemm_of_both_exports(trained_small, tmp_path, runtime):
+    model, path = trained_small
+    dense = export_onnx(model, tmp_path / "dense.onnx", dispatch="dense").path
+    cfg = model.dyt_config
+    measure = ort_times if runtime == "ort-cpu" else openvino_times
+    times = measure({"dense": dense, "dyt": path}, image_batch(4), batch=2, threads=1,
+                    widths=Widths(cfg.embed_dim, cfg.mlp_hidden_dim), passes=1)
+    for name in ("dense", "dyt"):
+        assert {"qkv", "attention proj", *MLP_ROLES, "adapters, head"} <= set(times[name]), (name, times[name])
+        assert all(ms >= 0 for ms in times[name].values()) and times[name]["mlp fc1"] > 0
+    assert "dispatcher" in times["dyt"] and "dispatcher" not in times["dense"]
+
+
+def test_role_bounds():
+    fc1, gelu, fc2 = MLP_ROLES
+    times = {"dense": {fc1: 35.0, gelu: 10.0, fc2: 35.0, "qkv": 20.0},
+             "dyt": {fc1: 14.0, gelu: 4.0, fc2: 14.0, "qkv": 20.0, "dispatcher": 1.0}}
+    b = bounds(times, token_share=0.3, ideal=2.0)
+    assert b["speedup"] == pytest.approx(100 / 53) and b["efficiency"] == pytest.approx(100 / 53 / 2)
+    assert b["structure_bound"] == pytest.approx(100 / (20 + 80 * 0.3) / 2)
+    assert b["mlp_gemm_efficiency"] == pytest.approx(80 * 0.3 / 32)
+    assert b["untouched_share_of_dense"] == pytest.approx(0.2)

@@ -1,0 +1,189 @@
+"""Where a DyT export's time goes against its dense export, by role, on ORT-CPU and OpenVINO.
+
+Efficiency (speed-up over the FLOPs-ideal speed-up) at activation 0.3 and batch 1 stays
+below 0.95 on 2-core CPUs (issue 5). This splits both exports' time, from each runtime's
+own per-node counters (ONNX Runtime's profiler, OpenVINO's `PERF_COUNT`), into the MLP
+GEMMs that MLP Dispatch shrinks and the work it leaves alone (qkv, attention core,
+projection, adapters, LayerNorm, residuals, patch embedding), and gives two figures that say
+which of the two holds efficiency back:
+
+* structure bound: the efficiency if the MLP GEMMs cost exactly their active-token share of
+  the dense export's MLP time and everything else cost what it costs in the dense export;
+* MLP GEMM efficiency: how close the dispatched fc1/fc2 come to that share (a GEMM over
+  fewer rows can run at a lower rate).
+
+Both exports run in turns, call by call, over the same images; the active-token share and
+the MACs come from the PyTorch model of the same checkpoint on those images.
+
+    flock -x /tmp/dyt-bench.lock .venv/bin/python -m validation.roles --rate 0.3 --batch 1
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+GELU, ATTENTION, OTHER, SMALL = "mlp hidden elementwise (bias, GELU)", "attention core", "other (LayerNorm, adds, ...)", "adapters, head"
+MLP_ROLES = ("mlp fc1", GELU, "mlp fc2")
+"""The work MLP Dispatch runs on the active tokens only."""
+RUNTIMES = ("ort-cpu", "openvino")
+
+
+class Widths:
+    """Role of a node from its widths: a GEMM's from its reduction width K and output width
+    N, any other node's from its output width (the MLP hidden width is the GELU's)."""
+
+    def __init__(self, embed_dim: int, hidden_dim: int) -> None:
+        self.hidden_dim = hidden_dim
+        self.roles = {(embed_dim, 3 * embed_dim): "qkv", (embed_dim, embed_dim): "attention proj",
+                      (embed_dim, hidden_dim): "mlp fc1", (hidden_dim, embed_dim): "mlp fc2", (embed_dim, 1): "dispatcher"}
+
+    def gemm(self, k: int, n: int) -> str:
+        return self.roles.get((k, n), SMALL)
+
+    def elementwise(self, n: int | None) -> str:
+        return GELU if n == self.hidden_dim else OTHER
+
+
+def openvino_times(models: dict[str, Path], images: np.ndarray, batch: int, threads: int, widths: Widths,
+                   passes: int) -> dict[str, collections.Counter[str]]:
+    """Milliseconds by role per model, summed over every timed call (one untimed call first)."""
+    import openvino as ov
+
+    core = ov.Core()
+    config = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1, "INFERENCE_NUM_THREADS": threads,
+              "INFERENCE_PRECISION_HINT": "f32", "PERF_COUNT": True}
+    compiled = {name: core.compile_model(str(path), "CPU", config) for name, path in models.items()}
+    roles = {name: {op.get_friendly_name(): _openvino_role(op, widths) for op in c.get_runtime_model().get_ops()}
+             for name, c in compiled.items()}
+    requests = {name: c.create_infer_request() for name, c in compiled.items()}
+    for request in requests.values():
+        request.infer({0: images[:batch]})
+    totals: dict[str, collections.Counter[str]] = {name: collections.Counter() for name in models}
+    for feed in _feeds(images, batch, passes):
+        for name, request in requests.items():
+            request.infer({0: feed})
+            for info in request.profiling_info:
+                totals[name][roles[name].get(info.node_name, OTHER)] += info.real_time.total_seconds() * 1e3
+    return totals
+
+
+def _openvino_role(op: Any, widths: Widths) -> str:
+    kind = op.get_rt_info()["layerType"].astype(str)
+    if kind == "Subgraph":
+        return ATTENTION  # the MHA snippet: q.kT, softmax, attention.v fused
+    shape = op.output(0).get_partial_shape() if op.get_output_size() else None
+    n = shape[-1].get_length() if shape is not None and shape.rank.is_static and shape.rank.get_length() \
+        and shape[-1].is_static else None
+    if kind == "FullyConnected":
+        return widths.gemm(op.input(0).get_partial_shape()[-1].get_length(), n)
+    return widths.elementwise(n)
+
+
+def ort_times(models: dict[str, Path], images: np.ndarray, batch: int, threads: int, widths: Widths,
+              passes: int) -> dict[str, collections.Counter[str]]:
+    """Milliseconds by role per model from ORT's profiler, summed over every timed call."""
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        sessions = {}
+        for name, path in models.items():
+            options = ort.SessionOptions()
+            options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+            options.enable_profiling, options.profile_file_prefix = True, f"{tmp}/{name}"
+            sessions[name] = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        for session in sessions.values():
+            session.run(None, {"pixel_values": images[:batch]})
+        for feed in _feeds(images, batch, passes):
+            for session in sessions.values():
+                session.run(None, {"pixel_values": feed})
+        events = {name: json.loads(Path(s.end_profiling()).read_text()) for name, s in sessions.items()}
+    return {name: _ort_roles(e, widths) for name, e in events.items()}
+
+
+def _ort_roles(events: list[dict[str, Any]], widths: Widths) -> collections.Counter[str]:
+    first_run_end = min(e["ts"] + e["dur"] for e in events if e.get("name") == "model_run")
+    totals: collections.Counter[str] = collections.Counter()
+    for e in events:
+        if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time") or e["ts"] < first_run_end:
+            continue
+        op, args = e["args"]["op_name"], e["args"]
+        shape = next(iter(args["input_type_shape"][0].values())) if args.get("input_type_shape") else []
+        if op in ("MatMul", "FusedMatMul", "Gemm") and len(shape) == 4 or op == "Softmax":
+            role = ATTENTION  # per-head q.kT and attention.v, and their softmax
+        else:
+            out = next(iter(args["output_type_shape"][0].values())) if args.get("output_type_shape") else []
+            if op in ("MatMul", "FusedMatMul", "Gemm"):
+                role = widths.gemm(shape[-1], out[-1])
+            else:
+                role = widths.elementwise(out[-1] if out else None)
+        totals[role] += e["dur"] / 1e3
+    return totals
+
+
+def _feeds(images: np.ndarray, batch: int, passes: int) -> list[np.ndarray]:
+    return [images[s:s + batch] for _ in range(passes) for s in range(0, len(images) - batch + 1, batch)]
+
+
+def bounds(times: dict[str, dict[str, float]], token_share: float, ideal: float) -> dict[str, float]:
+    """Measured efficiency, the structure bound and the MLP GEMMs' efficiency (module docstring)."""
+    dense, dyt = sum(times["dense"].values()), sum(times["dyt"].values())
+    dense_mlp = sum(times["dense"].get(r, 0.0) for r in MLP_ROLES)
+    dyt_mlp = sum(times["dyt"].get(r, 0.0) for r in MLP_ROLES)
+    structure = dense - dense_mlp + dense_mlp * token_share
+    return {"dense_ms": dense, "dyt_ms": dyt, "speedup": dense / dyt, "ideal": ideal,
+            "efficiency": dense / dyt / ideal, "structure_bound": dense / structure / ideal,
+            "mlp_gemm_efficiency": dense_mlp * token_share / dyt_mlp,
+            "untouched_share_of_dense": (dense - dense_mlp) / dense}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--work", type=Path, default=Path("validation/records/bench/work"), help="make bench's work directory")
+    p.add_argument("--rate", default="0.3", help="which calibrated DyT export (dyt-rRATE.onnx)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--passes", type=int, default=1)
+    p.add_argument("--runtimes", type=lambda s: s.split(","), default=list(RUNTIMES))
+    p.add_argument("--out", type=Path, help="also write the figures as JSON here")
+    args = p.parse_args()
+
+    import torch
+
+    from dyt_export import load_checkpoint
+    from validation.costs import gmacs
+
+    images = np.load(args.work / "pool.npy")
+    model = load_checkpoint(args.work / f"dyt-r{args.rate}.pth")
+    cfg = model.dyt_config
+    with torch.no_grad():
+        masks = model.trace(torch.from_numpy(images)).masks.numpy()
+    token_share = float(masks.mean())  # rows of the MLP GEMMs, CLS included, over the dense rows
+    ideal = float(gmacs(cfg, None).mean() / gmacs(cfg, masks).mean())
+    models = {"dense": args.work / "dyt-r0.5-dense.onnx", "dyt": args.work / f"dyt-r{args.rate}.onnx"}
+    widths = Widths(cfg.embed_dim, cfg.mlp_hidden_dim)
+    record: dict[str, Any] = {"rate": args.rate, "batch": args.batch, "threads": args.threads, "images": len(images),
+                              "token_share": token_share, "ideal": ideal}
+    for runtime in args.runtimes:
+        measure = ort_times if runtime == "ort-cpu" else openvino_times
+        totals = measure(models, images, args.batch, args.threads, widths, args.passes)
+        per_image = {name: {role: ms / len(images) / args.passes for role, ms in sorted(t.items())}
+                     for name, t in totals.items()}
+        record[runtime] = {"ms_per_image": per_image, **bounds(per_image, token_share, ideal)}
+        print(f"{runtime}, batch {args.batch}, activation {args.rate} (MLP rows {token_share:.3f} of dense):")
+        for role in sorted(set(per_image["dense"]) | set(per_image["dyt"])):
+            a, b = per_image["dense"].get(role, 0.0), per_image["dyt"].get(role, 0.0)
+            print(f"  {role:36s} dense {a:8.2f} ms  DyT {b:8.2f} ms  ratio {a / b if b else float('nan'):5.2f}")
+        print("  " + json.dumps({k: round(v, 3) for k, v in record[runtime].items() if k != "ms_per_image"}))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(record, indent=1))
+
+
+if __name__ == "__main__":
+    main()
