@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from validation.turns import Runner, paired_ratio, row, take_turns
+from validation.turns import ORT_IN_TURNS, Runner, paired_ratio, row, take_turns
 
 RUNTIME_GEMM_LIBRARY = {"ort-cpu": "onnxruntime", "openvino": "openvino", "torch": "torch"}
 MEMORY_IMAGES = 8
@@ -115,6 +115,8 @@ def time_all(args: argparse.Namespace, ex: Exports, threads: list[int]) -> tuple
     def runners_for(runtime: str, t: int, **options: Any) -> dict[str, Runner]:
         _log(f"{runtime}, {t} threads{', batch pinned to %d' % options['fixed_batch'] if options else ''}: "
              f"loading {len(ex.onnx_files())} models")
+        if runtime == "ort-cpu":
+            options = {**options, "session_config": ORT_IN_TURNS}
         backends = {name: open_backend(runtime, path, threads=t, **options) for name, path in ex.onnx_files().items()}
         return {name: (lambda feed, b=b: b.run({"pixel_values": feed})) for name, b in backends.items()}
 
@@ -226,7 +228,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "machine": machine_info(),
         "threads": min(threads),
         "thread_counts": threads,
-        "ort_sessions": "pinned to each batch size (fixed_batch)" if args.ort_fixed_batch else "dynamic batch",
+        "ort_sessions": ("pinned to each batch size (fixed_batch)" if args.ort_fixed_batch else "dynamic batch")
+                        + ", no intra-op spinning (timed in turns: validation.turns.ORT_IN_TURNS)",
         "images": args.images,
         "seed": args.seed,
         "backbone": args.backbone,

@@ -16,6 +16,8 @@ from typing import Callable
 
 import numpy as np
 
+from validation.turns import ORT_IN_TURNS
+
 LIBRARIES: tuple[str, ...] = ("numpy", "torch", "onnxruntime", "openvino")
 DEFAULT_SIZE = 4096
 
@@ -63,6 +65,8 @@ def matmul_runner(library: str, n: int, threads: int) -> Callable[[], np.ndarray
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+        for key, value in ORT_IN_TURNS.items():  # it is also the load sensor timed in turns with ORT models
+            options.add_session_config_entry(key, value)
         session = ort.InferenceSession(_matmul_model(b), options, providers=["CPUExecutionProvider"])
         return lambda: session.run(None, {"A": a})[0]
     if library == "openvino":

@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from validation.turns import ORT_IN_TURNS
+
 GELU, ATTENTION, OTHER, SMALL = "mlp hidden elementwise (bias, GELU)", "attention core", "other (LayerNorm, adds, ...)", "adapters, head"
 MLP_ROLES = ("mlp fc1", GELU, "mlp fc2")
 """The work MLP Dispatch runs on the active tokens only."""
@@ -96,6 +98,8 @@ def ort_times(models: dict[str, Path], images: np.ndarray, batch: int, threads: 
             options = ort.SessionOptions()
             options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
             options.enable_profiling, options.profile_file_prefix = True, f"{tmp}/{name}"
+            for key, value in ORT_IN_TURNS.items():
+                options.add_session_config_entry(key, value)
             sessions[name] = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         for session in sessions.values():
             session.run(None, {"pixel_values": images[:batch]})

@@ -23,6 +23,14 @@ from validation.throughput import ThroughputRow, batches_of
 Runner = Callable[[np.ndarray], object]
 """Runs one batch of pixel values [B, C, H, W]; what it returns is ignored."""
 
+ORT_IN_TURNS: dict[str, str] = {"session.intra_op.allow_spinning": "0"}
+"""Session config of every ONNX Runtime session timed in turns with others. A session's
+worker threads spin after each call; the next contender's call then shares the two cores with
+them. Measured (2 cores): a chain of 12 MLP GEMM pairs on 60 rows ran at 35-37 GMAC/s in two
+spinning sessions taking turns, 67-69 without spinning, 67.5 for one session alone; ViT-B/16
+at batch 1 lost 15-25 % of its speed, the DyT export more than the dense one (its calls are
+shorter). Without spinning the turns no longer disturb each other."""
+
 
 def take_turns(runners: dict[str, Runner], images: np.ndarray, batch: int, *, passes: int = 1,
                min_seconds: float = 0.0) -> dict[str, list[float]]:
