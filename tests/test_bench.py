@@ -3,6 +3,8 @@ docs section, the GEMM runners, the graph forms the levers experiment measures, 
 Nothing here times anything for a claim: speed comes from `make bench` only."""
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import onnx
 import pytest
@@ -58,6 +60,22 @@ def test_take_turns_runs_every_contender_on_every_batch_in_rotating_order():
     assert all(len({timed[i + k][1] for k in range(3)}) == 1 for i in range(0, len(timed), 3))  # same batch per turn
     r = row([0.5, 1.5], batch=4, threads=2, activation_rate=0.5)
     assert r.img_per_s == pytest.approx(4.0) and r.calls == 2
+
+
+def test_settled_turns_run_each_contender_twice_in_a_row_and_time_the_second_call():
+    calls: list[str] = []
+
+    def runner(name: str):
+        def run(feed):
+            calls.append(name)
+            if calls[-2:] != [name, name]:  # the first call after another contender is the slow one
+                time.sleep(0.02)
+        return run
+    images = np.zeros((4, 1), dtype=np.float32)
+    latencies = take_turns({"a": runner("a"), "b": runner("b")}, images, batch=2, settle=True)
+    timed = calls[4:]
+    assert timed == [n for pair in (["a", "b"], ["b", "a"]) for n in pair for _ in range(2)]
+    assert max(max(v) for v in latencies.values()) < 0.015  # the slow first calls were not timed
 
 
 def test_paired_ratio_ignores_a_burst_that_hits_one_turn():

@@ -33,11 +33,14 @@ from typing import Any
 
 import numpy as np
 
-from validation.turns import ORT_IN_TURNS, Runner, paired_ratio, row, take_turns
+from validation.turns import Runner, paired_ratio, row, take_turns
 
 RUNTIME_GEMM_LIBRARY = {"ort-cpu": "onnxruntime", "openvino": "openvino", "torch": "torch"}
 MEMORY_IMAGES = 8
 """Images per memory measurement at small batches: memory settles within the first calls."""
+SETTLED_RUNTIMES = ("ort-cpu",)
+"""Runtimes whose contenders are timed with `take_turns(settle=True)`: ONNX Runtime's spinning
+threads otherwise take the cores from the next contender's call (validation.turns.ORT_IN_TURNS)."""
 GROUP_GEMM_SIZE = 2048
 """The in-turns GEMM: ~0.1 s a call, a load sensor beside each group's models."""
 
@@ -52,9 +55,9 @@ def _thread_counts(spec: str) -> list[int]:
 
 
 def _time_group(runners: dict[str, Runner], gemm: Runner, images: np.ndarray, batch: int,
-                passes: int) -> tuple[dict[str, list[float]], float]:
+                passes: int, settle: bool = False) -> tuple[dict[str, list[float]], float]:
     """Call times of every runner and the in-turns GEMM rate (GMAC/s) of one group."""
-    latencies = take_turns({**runners, "gemm": lambda _: gemm()}, images, batch, passes=passes)
+    latencies = take_turns({**runners, "gemm": lambda _: gemm()}, images, batch, passes=passes, settle=settle)
     gemm_s = latencies.pop("gemm")
     return latencies, GROUP_GEMM_SIZE ** 3 / float(np.median(gemm_s)) / 1e9
 
@@ -115,8 +118,6 @@ def time_all(args: argparse.Namespace, ex: Exports, threads: list[int]) -> tuple
     def runners_for(runtime: str, t: int, **options: Any) -> dict[str, Runner]:
         _log(f"{runtime}, {t} threads{', batch pinned to %d' % options['fixed_batch'] if options else ''}: "
              f"loading {len(ex.onnx_files())} models")
-        if runtime == "ort-cpu":
-            options = {**options, "session_config": ORT_IN_TURNS}
         backends = {name: open_backend(runtime, path, threads=t, **options) for name, path in ex.onnx_files().items()}
         return {name: (lambda feed, b=b: b.run({"pixel_values": feed})) for name, b in backends.items()}
 
@@ -129,7 +130,8 @@ def time_all(args: argparse.Namespace, ex: Exports, threads: list[int]) -> tuple
                 group = runners_for(runtime, t, fixed_batch=batch) if pinned else runners
                 _log(f"{runtime}, {t} threads, batch {batch}: {len(group)} models in turns")
                 key = (runtime, t, batch)
-                timed[key], group_gemm[key] = _time_group(group, gemm, ex.pool, batch, args.passes)
+                timed[key], group_gemm[key] = _time_group(group, gemm, ex.pool, batch, args.passes,
+                                                          settle=runtime in SETTLED_RUNTIMES)
                 del group
             del runners, gemm
         torch.set_num_threads(t)
@@ -229,7 +231,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "threads": min(threads),
         "thread_counts": threads,
         "ort_sessions": ("pinned to each batch size (fixed_batch)" if args.ort_fixed_batch else "dynamic batch")
-                        + ", no intra-op spinning (timed in turns: validation.turns.ORT_IN_TURNS)",
+                        + ", spinning (ORT's default); each timed call right after an untimed one of the same session",
         "images": args.images,
         "seed": args.seed,
         "backbone": args.backbone,

@@ -24,18 +24,23 @@ Runner = Callable[[np.ndarray], object]
 """Runs one batch of pixel values [B, C, H, W]; what it returns is ignored."""
 
 ORT_IN_TURNS: dict[str, str] = {"session.intra_op.allow_spinning": "0"}
-"""Session config of every ONNX Runtime session timed in turns with others. A session's
+"""Session config of ONNX Runtime sessions profiled in turns (`validation.roles`). A session's
 worker threads spin after each call; the next contender's call then shares the two cores with
 them. Measured (2 cores): a chain of 12 MLP GEMM pairs on 60 rows ran at 35-37 GMAC/s in two
 spinning sessions taking turns, 67-69 without spinning, 67.5 for one session alone; ViT-B/16
 at batch 1 lost 15-25 % of its speed, the DyT export more than the dense one (its calls are
-shorter). Without spinning the turns no longer disturb each other."""
+shorter). Timing (rather than profiling) keeps ORT's spinning and uses `settle` instead:
+without spinning the dense export at batch 8 ran 15-20 % slower than with it."""
 
 
 def take_turns(runners: dict[str, Runner], images: np.ndarray, batch: int, *, passes: int = 1,
-               min_seconds: float = 0.0) -> dict[str, list[float]]:
+               min_seconds: float = 0.0, settle: bool = False) -> dict[str, list[float]]:
     """Per contender, the wall time (s) of each timed call, over whole passes of the pool
-    cut into batches of `batch` (at least `passes` of them, and at least `min_seconds`)."""
+    cut into batches of `batch` (at least `passes` of them, and at least `min_seconds`).
+
+    `settle`: each timed call comes right after an untimed call of the same contender on the
+    same batch, so the previous contender's threads have gone quiet and this one's are awake,
+    as in a service that runs one model back to back (ONNX Runtime: see ORT_IN_TURNS)."""
     if passes < 1:
         raise ValueError("passes must be >= 1")
     feeds = [np.ascontiguousarray(images[g]) for g in batches_of(len(images), batch)]
@@ -50,6 +55,8 @@ def take_turns(runners: dict[str, Runner], images: np.ndarray, batch: int, *, pa
     while done < passes or time.perf_counter() - start < min_seconds:
         for feed in feeds:
             for name in names[turn % len(names):] + names[:turn % len(names)]:
+                if settle:
+                    runners[name](feed)
                 t0 = time.perf_counter()
                 runners[name](feed)
                 latencies[name].append(time.perf_counter() - t0)
