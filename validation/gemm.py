@@ -16,7 +16,7 @@ from typing import Callable
 
 import numpy as np
 
-from validation.turns import ORT_IN_TURNS
+from validation.turns import ort_options_in_turns
 
 LIBRARIES: tuple[str, ...] = ("numpy", "torch", "onnxruntime", "openvino")
 DEFAULT_SIZE = 4096
@@ -62,12 +62,8 @@ def matmul_runner(library: str, n: int, threads: int) -> Callable[[], np.ndarray
     if library == "onnxruntime":
         import onnxruntime as ort
 
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        for key, value in ORT_IN_TURNS.items():  # it is also the load sensor timed in turns with ORT models
-            options.add_session_config_entry(key, value)
-        session = ort.InferenceSession(_matmul_model(b), options, providers=["CPUExecutionProvider"])
+        # also the load sensor timed in turns with ORT models
+        session = ort.InferenceSession(_matmul_model(b), ort_options_in_turns(threads), providers=["CPUExecutionProvider"])
         return lambda: session.run(None, {"A": a})[0]
     if library == "openvino":
         import openvino as ov

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from validation.turns import ORT_IN_TURNS
+from validation.turns import ort_options_in_turns
 
 GELU, ATTENTION, OTHER, SMALL = "mlp hidden elementwise (bias, GELU)", "attention core", "other (LayerNorm, adds, ...)", "adapters, head"
 MLP_ROLES = ("mlp fc1", GELU, "mlp fc2")
@@ -95,11 +95,8 @@ def ort_times(models: dict[str, Path], images: np.ndarray, batch: int, threads: 
     with tempfile.TemporaryDirectory() as tmp:
         sessions = {}
         for name, path in models.items():
-            options = ort.SessionOptions()
-            options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+            options = ort_options_in_turns(threads)
             options.enable_profiling, options.profile_file_prefix = True, f"{tmp}/{name}"
-            for key, value in ORT_IN_TURNS.items():
-                options.add_session_config_entry(key, value)
             sessions[name] = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         for session in sessions.values():
             session.run(None, {"pixel_values": images[:batch]})

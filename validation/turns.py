@@ -14,7 +14,7 @@ over the total wall time of the timed calls, latency percentiles are per call.
 from __future__ import annotations
 
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -24,13 +24,26 @@ Runner = Callable[[np.ndarray], object]
 """Runs one batch of pixel values [B, C, H, W]; what it returns is ignored."""
 
 ORT_IN_TURNS: dict[str, str] = {"session.intra_op.allow_spinning": "0"}
-"""Session config of ONNX Runtime sessions profiled in turns (`validation.roles`). A session's
-worker threads spin after each call; the next contender's call then shares the two cores with
-them. Measured (2 cores): a chain of 12 MLP GEMM pairs on 60 rows ran at 35-37 GMAC/s in two
+"""Session config of the bare ONNX Runtime sessions that run in turns with others: the
+benchmark's GEMM load sensor and `validation.roles`' profiled sessions. A session's worker
+threads spin after each call; the next contender's call then shares the two cores with them.
+Measured (2 cores): a chain of 12 MLP GEMM pairs on 60 rows ran at 35-37 GMAC/s in two
 spinning sessions taking turns, 67-69 without spinning, 67.5 for one session alone; ViT-B/16
 at batch 1 lost 15-25 % of its speed, the DyT export more than the dense one (its calls are
-shorter). Timing (rather than profiling) keeps ORT's spinning and uses `settle` instead:
+shorter). Timing the models themselves keeps ORT's spinning and uses `settle` instead:
 without spinning the dense export at batch 8 ran 15-20 % slower than with it."""
+
+
+def ort_options_in_turns(threads: int) -> Any:
+    """`onnxruntime.SessionOptions` for a session that runs in turns with others: `threads`
+    intra-op threads, no inter-op parallelism, no spinning (ORT_IN_TURNS)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    for key, value in ORT_IN_TURNS.items():
+        options.add_session_config_entry(key, value)
+    return options
 
 
 def take_turns(runners: dict[str, Runner], images: np.ndarray, batch: int, *, passes: int = 1,
