@@ -12,7 +12,8 @@ follows) calls FLOPs. Counted terms, per image:
 * `adapter`: `2 N C r` per unit (every token passes the adapter); for an MoE-adapter also
   the per-image expert mixing (`E (2 r C + r + C)`), counted under `router` with the
   router's `E C`;
-* `dispatcher`: `(N - 1) C` per dispatcher (one logit per patch token);
+* `dispatcher`: `N C` per dispatcher (one logit per token: the exported graph computes
+  CLS's too and ignores it, which is cheaper than copying the patch tokens out first);
 * `head`: `C * classes` on the CLS token.
 
 Not counted, as in fvcore: softmax, GELU, residual adds, the position-embedding add, the
@@ -104,7 +105,7 @@ def count_macs(cfg: DyTConfig, active_counts: np.ndarray | None) -> Macs:
             if dispatched:
                 active[unit] = counts[:, column]
                 column += 1
-                blocks["dispatcher"][:, i] += (n - 1) * c
+                blocks["dispatcher"][:, i] += n * c
             else:
                 active[unit] = np.full(b, n)
             blocks["adapter"][:, i] += adapter

@@ -15,6 +15,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+import torch.nn.functional as F
 from filelock import FileLock
 from timm.models.vision_transformer import Attention
 
@@ -25,6 +26,7 @@ from dyt_export.export import summarize
 from dyt_export.model import DyTVisionTransformer
 from dyt_export.model.adapter import MoEAdapter
 from dyt_export.model.attention import attention
+from dyt_export.model.dispatcher import TokenDispatcher
 from dyt_export.model.gather import rowwise_added, sequence_gathered
 
 from conftest import image_batch, small_config
@@ -234,3 +236,16 @@ def test_rowwise_added_touches_only_active_rows():
     torch.testing.assert_close(out, torch.where(masks[..., None], x + (x * 2 + 1), x), rtol=0, atol=0)
     in_scatter = rowwise_added(x, masks, lambda rows: rows * 2 + 1, add_in_scatter=True)
     torch.testing.assert_close(in_scatter, out, rtol=0, atol=0)
+
+
+def test_dispatcher_thresholds_patch_tokens_and_keeps_cls_whatever_its_logit():
+    dispatcher = TokenDispatcher(16)
+    x = torch.randn(3, 9, 16)
+    with torch.no_grad():
+        x[:, 0] = -10 * torch.sign(dispatcher.mlp_head.weight[0])  # CLS's own logit far below 0
+        dispatcher.mlp_head.bias.fill_(0.1)
+        mask, logits = dispatcher(x)
+    expected = F.linear(x[:, 1:], dispatcher.mlp_head.weight, dispatcher.mlp_head.bias).squeeze(-1)
+    torch.testing.assert_close(logits, expected)  # up to float rounding: the GEMM runs on one more row
+    assert mask[:, 0].all() and torch.equal(mask[:, 1:], logits > 0)
+    assert 0 < int(mask[:, 1:].sum()) < mask[:, 1:].numel()  # both decisions occur

@@ -26,10 +26,11 @@ def rowwise_added(x: torch.Tensor, mask: torch.Tensor, fn: RowFn, *, add_in_scat
     """x + fn(x) on the active rows of the flattened batch, x elsewhere: [B, N, C].
 
     The branch output is scattered into zeros and added to the residual. `add_in_scatter`
-    adds it inside the scatter instead (ScatterND reduction "add" into x): one [B*N, C]
-    buffer and one Add fewer, bit-identical, but measured no faster and no smaller on ORT or
-    OpenVINO (`validation.levers`, docs/performance.md), and ONNX Runtime's CPU ScatterND has
-    no fp16 "add" reduction; so it is not the default.
+    adds it inside the scatter instead (ScatterND reduction "add" into x): bit-identical and
+    1.5-2 % faster on ONNX Runtime (no zeros fill, one Add fewer), but OpenVINO then holds
+    27-56 MB more at batch 32 on ViT-B/16 and ONNX Runtime's arena 18 MB more at activation
+    0.7, which puts DyT's peak memory above the dense export's (`validation.levers`,
+    docs/performance.md); and ONNX Runtime's CPU ScatterND has no fp16 "add" reduction.
     """
     b, n, c = x.shape
     flat = x.reshape(b * n, c)
