@@ -33,14 +33,11 @@ from typing import Any
 
 import numpy as np
 
-from validation.turns import Runner, paired_ratio, row, take_turns
+from validation.turns import SETTLED_RUNTIMES, Runner, paired_ratio, row, take_turns
 
 RUNTIME_GEMM_LIBRARY = {"ort-cpu": "onnxruntime", "openvino": "openvino", "torch": "torch"}
 MEMORY_IMAGES = 8
 """Images per memory measurement at small batches: memory settles within the first calls."""
-SETTLED_RUNTIMES = ("ort-cpu",)
-"""Runtimes whose contenders are timed with `take_turns(settle=True)`: ONNX Runtime's spinning
-threads otherwise take the cores from the next contender's call (validation.turns.ORT_IN_TURNS)."""
 GROUP_GEMM_SIZE = 2048
 """The in-turns GEMM: ~0.1 s a call, a load sensor beside each group's models."""
 

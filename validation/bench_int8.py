@@ -10,8 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 CALIBRATION_IMAGES = 64
 """Seeded image-like calibration inputs for the ViT-B/16 int8 export (as `dyt-export --int8`)."""
 

@@ -11,7 +11,6 @@ share, which bounds what a form change can win at all.
 from __future__ import annotations
 
 import argparse
-import collections
 import functools
 import json
 import tempfile
@@ -25,7 +24,8 @@ import onnx
 
 from runtimes import open_backend
 from validation.graph_forms import FORMS
-from validation.turns import Runner, paired_ratio, row, take_turns
+from validation.ort_profile import kernel_events, op_type_shares, profiling
+from validation.turns import SETTLED_RUNTIMES, Runner, paired_ratio, row, take_turns
 
 OPSET_DEFAULT = 18
 
@@ -57,7 +57,8 @@ def _group(contenders: dict[str, tuple[str, Path, dict[str, Any]]], images: np.n
     outputs = {name: b.run(probe)["logits"] for name, b in backends.items()}
     first = next(iter(contenders))
     runners: dict[str, Runner] = {name: (lambda feed, b=b: b.run({"pixel_values": feed})) for name, b in backends.items()}
-    latencies = take_turns(runners, images, batch, passes=passes)
+    settle = any(runtime in SETTLED_RUNTIMES for runtime, _, _ in contenders.values())
+    latencies = take_turns(runners, images, batch, passes=passes, settle=settle)
     base = row(latencies[first], batch, threads, None).img_per_s
     rows = []
     for name, calls in latencies.items():
@@ -71,24 +72,16 @@ def _group(contenders: dict[str, tuple[str, Path, dict[str, Any]]], images: np.n
 
 
 def ort_profile(path: Path, images: np.ndarray, threads: int, runs: int = 2) -> dict[str, float]:
-    """Share of kernel time per op type (ORT profiler), over `runs` calls on `images`."""
+    """Share of kernel time per op type (ORT profiler), over `runs` calls on `images` after a first one."""
     import onnxruntime as ort
 
     with tempfile.TemporaryDirectory() as tmp:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
-        options.enable_profiling = True
-        options.profile_file_prefix = f"{tmp}/profile"
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(str(path), profiling(options, f"{tmp}/profile"), providers=["CPUExecutionProvider"])
         for _ in range(runs + 1):
             session.run(None, {"pixel_values": images})
-        events = json.loads(Path(session.end_profiling()).read_text())
-    per_op: collections.Counter[str] = collections.Counter()
-    for event in events:
-        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
-            per_op[event["args"]["op_name"]] += event["dur"]
-    total = sum(per_op.values())
-    return {op: us / total for op, us in per_op.most_common()}
+        return op_type_shares(kernel_events(session))
 
 
 def _export_once(checkpoint: Path, out: Path, patch: Any, **options: Any) -> Path:
@@ -103,6 +96,20 @@ def _export_once(checkpoint: Path, out: Path, patch: Any, **options: Any) -> Pat
     return out
 
 
+def _cls_sliced_forward(self: Any, x: Any) -> tuple[Any, Any]:
+    """The dispatcher as exported before 2026-11-26: CLS sliced off the hidden state before the
+    logit (an ONNX Slice copying [B, N-1, C] per layer), the mask a ones column concatenated
+    with the patch tokens' threshold."""
+    import torch
+    import torch.nn.functional as F
+
+    from dyt_export.config import THRESHOLD_LOGIT
+
+    logits = F.linear(x[:, 1:, :].float(), self.mlp_head.weight.float(), self.mlp_head.bias.float()).squeeze(-1)
+    cls = torch.ones_like(logits[:, :1], dtype=torch.bool)
+    return torch.cat([cls, logits > THRESHOLD_LOGIT], dim=1), logits
+
+
 def _ort_transformers(source: Path, out: Path) -> Path:
     """ONNX Runtime's transformer optimizer (contrib ops, ORT-only): SkipLayerNormalization,
     BiasGelu/Gelu; it finds no attention to fuse in timm's qkv layout."""
@@ -115,6 +122,7 @@ def _ort_transformers(source: Path, out: Path) -> Path:
 def run(work: Path, out: Path, threads: int, passes: int, batches: list[int], only: set[str] | None) -> list[dict]:
     import dyt_export.export.onnx_export as exporter
     import dyt_export.model.block as block
+    from dyt_export.model.dispatcher import TokenDispatcher
 
     out.mkdir(parents=True, exist_ok=True)
     pool = np.load(work / "pool.npy")
@@ -126,6 +134,8 @@ def run(work: Path, out: Path, threads: int, passes: int, batches: list[int], on
     # MLP units adding their rows into the residual inside the scatter (ScatterND reduction "add")
     scatter_add = _export_once(checkpoint, out / "dyt-scatter_add.onnx", mock.patch.object(
         block, "rowwise_added", functools.partial(block.rowwise_added, add_in_scatter=True)))
+    cls_sliced = _export_once(checkpoint, out / "dyt-cls_sliced.onnx",
+                              mock.patch.object(TokenDispatcher, "forward", _cls_sliced_forward))
     # GELU as torchlib writes it, without the exporter's exact rewrite (dyt_export.export.rewrites)
     no_rewrite = mock.patch.object(exporter, "apply_exact_rewrites", lambda model: {})
     torch_gelu = {"dyt": _export_once(checkpoint, out / "dyt-torch_gelu.onnx", no_rewrite),
@@ -147,6 +157,8 @@ def run(work: Path, out: Path, threads: int, passes: int, batches: list[int], on
         "dispatch-ov": {"shipped": (ov, dyt, {}), "scatter_add": (ov, scatter_add, {}),
                         "gather_nd": (ov, files["gather_nd"], {}), "compress": (ov, files["compress"], {}),
                         "scatter_elements": (ov, files["scatter_elements"], {})},
+        "dispatcher-ort": {"shipped": (ort_, dyt, {}), "cls_sliced": (ort_, cls_sliced, {})},
+        "dispatcher-ov": {"shipped": (ov, dyt, {}), "cls_sliced": (ov, cls_sliced, {})},
         "dense-part-ort": {"shipped": (ort_, dyt, {}), "linear_as_gemm": (ort_, files["linear_as_gemm"], {}),
                            "ort-transformers": (ort_, fused["dyt"], {}),
                            "dense": (ort_, dense, {}), "dense-linear_as_gemm": (ort_, files["dense-linear_as_gemm"], {}),

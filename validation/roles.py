@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from validation.ort_profile import kernel_events, profiling
 from validation.turns import ort_options_in_turns
 
 GELU, ATTENTION, OTHER, SMALL = "mlp hidden elementwise (bias, GELU)", "attention core", "other (LayerNorm, adds, ...)", "adapters, head"
@@ -95,24 +96,19 @@ def ort_times(models: dict[str, Path], images: np.ndarray, batch: int, threads: 
     with tempfile.TemporaryDirectory() as tmp:
         sessions = {}
         for name, path in models.items():
-            options = ort_options_in_turns(threads)
-            options.enable_profiling, options.profile_file_prefix = True, f"{tmp}/{name}"
+            options = profiling(ort_options_in_turns(threads), f"{tmp}/{name}")
             sessions[name] = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         for session in sessions.values():
             session.run(None, {"pixel_values": images[:batch]})
         for feed in _feeds(images, batch, passes):
             for session in sessions.values():
                 session.run(None, {"pixel_values": feed})
-        events = {name: json.loads(Path(s.end_profiling()).read_text()) for name, s in sessions.items()}
-    return {name: _ort_roles(e, widths) for name, e in events.items()}
+        return {name: _ort_roles(kernel_events(s), widths) for name, s in sessions.items()}
 
 
 def _ort_roles(events: list[dict[str, Any]], widths: Widths) -> collections.Counter[str]:
-    first_run_end = min(e["ts"] + e["dur"] for e in events if e.get("name") == "model_run")
     totals: collections.Counter[str] = collections.Counter()
     for e in events:
-        if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time") or e["ts"] < first_run_end:
-            continue
         op, args = e["args"]["op_name"], e["args"]
         shape = next(iter(args["input_type_shape"][0].values())) if args.get("input_type_shape") else []
         if op in ("MatMul", "FusedMatMul", "Gemm") and len(shape) == 4 or op == "Softmax":

@@ -33,6 +33,11 @@ at batch 1 lost 15-25 % of its speed, the DyT export more than the dense one (it
 shorter). Timing the models themselves keeps ORT's spinning and uses `settle` instead:
 without spinning the dense export at batch 8 ran 15-20 % slower than with it."""
 
+SETTLED_RUNTIMES = ("ort-cpu",)
+"""Runtimes whose models are timed with `take_turns(settle=True)` (`make bench`,
+`validation.levers`): ONNX Runtime's spinning threads otherwise take the cores from the next
+contender's call (ORT_IN_TURNS)."""
+
 
 def ort_options_in_turns(threads: int) -> Any:
     """`onnxruntime.SessionOptions` for a session that runs in turns with others: `threads`
