@@ -310,6 +310,16 @@ def test_inspect_refuses_what_is_not_a_model(run_cli, tmp_path):
     assert_refused(run_cli("inspect", tmp_path / "cut.onnx"), "not a readable ONNX model")
 
 
+def test_a_reader_that_leaves_early_is_no_error(checkpoint):
+    """`dyt-export inspect m.pt | head -1`: the pipe closes before the command writes; it exits
+    141 (128 + SIGPIPE, what a shell reports) with nothing on stderr, not "internal error"."""
+    proc = subprocess.Popen([sys.executable, "-m", "dyt_export", "inspect", str(checkpoint)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait() == 141 and err == ""
+
+
 def test_internal_errors_exit_1_without_traceback(monkeypatch, checkpoint, capsys, tmp_path):
     from dyt_export import cli, export
     monkeypatch.setattr(export, "export_onnx", lambda *a, **k: 1 / 0)

@@ -17,9 +17,9 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from dyt_export.cli.common import Parser
+from dyt_export.cli.common import Parser, run_guarded
 
-EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT, EXIT_PARITY = 0, 1, 2, 3
+EXIT_OK, EXIT_PARITY = 0, 3
 
 EPILOG = """examples:
   python -m validation --runtime openvino                 # the demo model (trained on first use)
@@ -134,32 +134,14 @@ def parser() -> Parser:
     return p
 
 
-def run_guarded(body: Callable[[], int], debug: bool, prog: str) -> int:
-    """Run `body`, turning the toolkit's errors into one line and an exit code."""
-    from dyt_export.errors import UserError
-    from runtimes.base import BackendError
-
-    try:
-        return body()
-    except (UserError, BackendError) as e:
-        if debug:
-            raise
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
-    except Exception as e:  # a bug: one line unless asked for more
-        if debug:
-            raise
-        print(f"{prog}: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", file=sys.stderr)
-        return EXIT_INTERNAL
-
-
 def run_command(parser: Parser, argv: list[str] | None, body: Callable[[argparse.Namespace], int]) -> int:
     """Parse `argv` and run `body(args)`, bad arguments included in the one-line errors."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    return run_guarded(lambda: body(parser.parse_args(argv)), "--debug" in argv, parser.prog)
+    from dyt_export.errors import UserError
+    from runtimes.base import BackendError
+
+    return run_guarded(lambda: body(parser.parse_args(argv)), debug="--debug" in argv, prog=parser.prog,
+                       bad_input=(UserError, BackendError))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -150,9 +150,9 @@ def _table(results: list[tuple[str, dict[str, Any] | None, str]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dyt_export.cli.common import Parser
+    from dyt_export.cli.common import EXIT_BAD_INPUT, Parser
 
-    from .cli import EXIT_BAD_INPUT, EXIT_OK, EXIT_PARITY, run_command
+    from .cli import EXIT_OK, EXIT_PARITY, run_command
 
     p = Parser(prog="python -m validation.demo", description=__doc__.splitlines()[0])
     p.add_argument("--runtimes", type=_runtimes, default="ort-cpu,openvino",

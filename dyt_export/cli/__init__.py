@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-import traceback
 from types import ModuleType
 
 from .. import __version__
-from ..errors import UserError
 from . import export_cmd, init_cmd, inspect_cmd
-from .common import Parser
+from .common import Parser, run_guarded
 
 SUBCOMMANDS: dict[str, ModuleType] = {"init": init_cmd, "inspect": inspect_cmd}
 """Each module has DESCRIPTION, add_arguments(parser) and run(args) -> exit code."""
@@ -29,23 +27,10 @@ def _parser(name: str | None) -> Parser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv
-    try:
+
+    def body() -> int:
         name = argv[0] if argv and argv[0] in SUBCOMMANDS else None
         args = _parser(name).parse_args(argv[1:] if name else argv)
-        module = SUBCOMMANDS[name] if name else export_cmd
-        return module.run(args)
-    except UserError as e:
-        if debug:
-            traceback.print_exc()
-        print(f"dyt-export: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("dyt-export: interrupted", file=sys.stderr)
-        return 130
-    except Exception as e:  # a bug: say so, in one line unless --debug
-        if debug:
-            traceback.print_exc()
-        print(f"dyt-export: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)",
-              file=sys.stderr)
-        return 1
+        return (SUBCOMMANDS[name] if name else export_cmd).run(args)
+
+    return run_guarded(body, debug="--debug" in argv, prog="dyt-export")

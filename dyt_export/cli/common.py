@@ -1,10 +1,43 @@
-"""Argument parsing shared by the subcommands: one-line errors, checkpoint override flags."""
+"""What every command of the toolkit shares: one-line errors and exit codes, argument
+parsing, checkpoint override flags."""
 from __future__ import annotations
 
 import argparse
-from typing import NoReturn
+import os
+import sys
+import traceback
+from typing import Callable, NoReturn
 
 from ..errors import UserError
+
+EXIT_INTERNAL, EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 1, 2, 130, 141
+"""1 a bug, 2 bad input; 130 and 141 as a shell reports SIGINT and SIGPIPE (128 + signal)."""
+
+
+def run_guarded(body: Callable[[], int], *, debug: bool, prog: str,
+                bad_input: tuple[type[BaseException], ...] = (UserError,)) -> int:
+    """`body()`'s exit code, or one line on stderr and the code for what went wrong; with
+    `debug` the traceback comes first. A reader that leaves early (`... | head`) is not an
+    error worth a line: the exit code says it, and stdout is pointed at /dev/null so that
+    Python's last flush at exit does not fail again."""
+    try:
+        return body()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+    except BaseException as e:  # noqa: BLE001 - every other way out gets its line
+        if isinstance(e, bad_input):
+            message, code = f"error: {e}", EXIT_BAD_INPUT
+        elif isinstance(e, KeyboardInterrupt):
+            message, code = "interrupted", EXIT_INTERRUPTED
+        elif isinstance(e, Exception):  # a bug: say so, in one line unless --debug
+            message, code = f"internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", EXIT_INTERNAL
+        else:  # SystemExit (--help, --version) and the like pass through
+            raise
+        if debug:
+            traceback.print_exc()
+    print(f"{prog}: {message}", file=sys.stderr)
+    return code
 
 
 class Parser(argparse.ArgumentParser):
