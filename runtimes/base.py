@@ -84,6 +84,33 @@ def require_file(model: Path | str, backend: str) -> Path:
     return path
 
 
+def load_failure(backend: str, path: Path, error: BaseException) -> BackendError:
+    """The one-line error for a model the runtime could not load. A model whose weights sit in
+    a separate file (`dyt-export --external-data`, or any model over 2 GB) that did not travel
+    with it makes both runtimes fail with a message about some tensor or offset; name the file."""
+    missing = missing_external_data(path)
+    if missing is not None:
+        return BackendError(f"{backend} cannot load {path}: its weights are kept in {missing}, which is missing "
+                            f"(copy the model and that file together)")
+    return BackendError(f"{backend} cannot load {path}: {first_line(error)}")
+
+
+def missing_external_data(path: Path) -> Path | None:
+    """The first external-data file `path`'s initializers name that does not exist, if any."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # not a readable ONNX file: the runtime's own message says more
+        return None
+    for tensor in model.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            location = path.parent / {e.key: e.value for e in tensor.external_data}.get("location", "")
+            if not location.is_file():
+                return location
+    return None
+
+
 _FRAME = re.compile(r"^Exception from \S+:\d+:?$")
 """OpenVINO's C++ frame lines ("Exception from src/inference/src/cpp/core.cpp:84:"), which
 come before the cause."""

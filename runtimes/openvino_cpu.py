@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import Availability, Backend, BackendError, TensorSpec, check_inputs, first_line, require_file
+from .base import Availability, Backend, BackendError, TensorSpec, check_inputs, first_line, load_failure, require_file
 
 _PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16"}
 PERFORMANCE_HINTS = ("LATENCY", "THROUGHPUT", "CUMULATIVE_THROUGHPUT")
@@ -71,7 +71,7 @@ class OpenVinoCpuBackend(Backend):
                 graph.reshape({port.get_any_name(): self._bounded(port.get_partial_shape(), max_batch)
                                for port in graph.inputs})
         except Exception as e:  # read_model raises RuntimeError with the frontend's message
-            raise BackendError(f"{self.name} cannot load {self.path}: {first_line(e)}") from None
+            raise load_failure(self.name, self.path, e) from None
         plugin: dict[str, Any] = {"INFERENCE_PRECISION_HINT": _PRECISION_HINTS[precision],
                                   "PERFORMANCE_HINT": performance_hint}
         if streams is not None:

@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from .base import Backend, BackendError, TensorSpec, check_inputs, first_line, require_file
+from .base import Backend, BackendError, TensorSpec, check_inputs, first_line, load_failure, require_file
 
 _ORT_TYPES = {
     "tensor(float)": np.dtype(np.float32), "tensor(float16)": np.dtype(np.float16),
@@ -73,7 +73,7 @@ class OrtBackend(Backend):
             self._session = ort.InferenceSession(
                 str(self.path), options, providers=[(self.provider, self.provider_options())], enable_fallback=0)
         except Exception as e:  # ORT raises InvalidProtobuf, Fail, NotImplemented, RuntimeError...
-            raise BackendError(f"{self.name} cannot load {self.path}: {first_line(e)}") from None
+            raise load_failure(self.name, self.path, e) from None
         active = self._session.get_providers()
         if not active or active[0] != self.provider:
             # ORT silently falls back to CPU when a provider cannot start; never report that as this backend.

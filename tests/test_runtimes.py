@@ -153,6 +153,19 @@ def test_models_the_runtime_cannot_load(tmp_path, runtime):
         open_backend(runtime, tmp_path)
 
 
+@pytest.mark.parametrize("runtime", CPU_RUNTIMES)
+def test_a_model_without_its_external_data_file_names_that_file(edge, tmp_path, runtime):
+    model, _, images = edge
+    path = export_onnx(model, tmp_path / "m.onnx", external_data=True).path
+    (tmp_path / "m.onnx.data").rename(tmp_path / "elsewhere.data")
+    with pytest.raises(BackendError, match=f"{runtime} cannot load .*m.onnx: its weights are kept in .*m.onnx.data, "
+                                           "which is missing") as error:
+        open_backend(runtime, path)
+    assert "\n" not in str(error.value)
+    (tmp_path / "elsewhere.data").rename(tmp_path / "m.onnx.data")
+    assert open_backend(runtime, path).run({"pixel_values": images[:2]})["logits"].shape[0] == 2
+
+
 def test_registry_names_every_runtime_and_refuses_others():
     assert set(runtimes.BACKEND_NAMES) == {"torch", "ort-cpu", "ort-cuda", "openvino"}
     for name in runtimes.BACKEND_NAMES:
