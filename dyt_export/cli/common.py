@@ -25,17 +25,14 @@ def run_guarded(body: Callable[[], int], *, debug: bool, prog: str,
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_BROKEN_PIPE
-    except BaseException as e:  # noqa: BLE001 - every other way out gets its line
-        if isinstance(e, bad_input):
-            message, code = f"error: {e}", EXIT_BAD_INPUT
-        elif isinstance(e, KeyboardInterrupt):
-            message, code = "interrupted", EXIT_INTERRUPTED
-        elif isinstance(e, Exception):  # a bug: say so, in one line unless --debug
-            message, code = f"internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", EXIT_INTERNAL
-        else:  # SystemExit (--help, --version) and the like pass through
-            raise
-        if debug:
-            traceback.print_exc()
+    except bad_input as e:
+        error, message, code = e, f"error: {e}", EXIT_BAD_INPUT
+    except KeyboardInterrupt as e:
+        error, message, code = e, "interrupted", EXIT_INTERRUPTED
+    except Exception as e:  # a bug: say so, in one line unless --debug
+        error, message, code = e, f"internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", EXIT_INTERNAL
+    if debug:
+        traceback.print_exception(error)
     print(f"{prog}: {message}", file=sys.stderr)
     return code
 
