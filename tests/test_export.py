@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -147,6 +148,7 @@ def test_metadata_records_what_and_where_from(edge_checkpoints, tmp_path):
     out = tmp_path / "m.onnx"
     assert main([str(paths["training"]), "-o", str(out), "--opset", "19"]) == 0
     meta = read_metadata(out)
+    assert read_metadata(str(out)) == meta  # the Python API takes a str path too
     config = json.loads(meta["dyt.config"])
     assert config["embed_dim"] == 192 and config["variant"] == "mlp" and config["bottleneck"] == 8
     assert meta["dyt.dispatch"] == "dynamic" and meta["dyt.opset"] == "19" and meta["dyt.threshold_logit"] == "0.0"
@@ -158,6 +160,26 @@ def test_metadata_records_what_and_where_from(edge_checkpoints, tmp_path):
     assert json.loads(meta["dyt.parameters"]) == {"total": sum(p.numel() for p in _edge_model().parameters()),
                                                   "trainable": adapters_and_dispatchers, "head": 192 * 10 + 10}
     assert json.loads(meta["dyt.rewrites"]) == {"gelu_affine": 3}  # one GELU per block
+
+
+def test_graph_source_digest_follows_the_code_that_writes_the_graph(tmp_path):
+    """Caches (the demo's export, validation twins) trust a file only while this digest matches,
+    so an edit to the model or exporter code must change it and an edit to the command must not."""
+    import shutil
+
+    import dyt_export
+    from dyt_export.export.metadata import graph_source_digest, installed_graph_source
+
+    package = tmp_path / "dyt_export"
+    shutil.copytree(Path(dyt_export.__file__).parent, package, ignore=shutil.ignore_patterns("__pycache__"))
+    before = graph_source_digest(package)
+    assert before == installed_graph_source()
+    with (package / "cli" / "export_cmd.py").open("a") as f:
+        f.write("\n# not graph code\n")
+    assert graph_source_digest(package) == before
+    with (package / "model" / "dispatcher.py").open("a") as f:
+        f.write("\n# graph code\n")
+    assert graph_source_digest(package) != before
 
 
 def test_export_leaves_the_model_untouched(tmp_path):

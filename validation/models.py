@@ -15,7 +15,7 @@ other images has slightly different activation ranges than its twins; give the m
 `--with-masks` to compare its own masks.
 Twins are cached in `OUT/twins/`, named by the checkpoint's sha256 and precision, and
 reused only while their recorded config, source hash, opset and precision still match and
-the current exporter wrote them (`current_graph_form`: same toolkit version and rewrites).
+the current exporter wrote them (`current_graph_form`: same toolkit version and graph code).
 """
 from __future__ import annotations
 

@@ -42,9 +42,10 @@ def onnx_opset(model: onnx.ModelProto) -> int | None:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
 
 
-def load_onnx(path: Path) -> onnx.ModelProto:
+def load_onnx(path: Path | str) -> onnx.ModelProto:
     """An ONNX file's model without its external weights. Anything that is not a model with a
     graph and an ONNX opset (missing, empty, damaged, another protobuf) gets one message."""
+    path = Path(path)
     check_input_file(path)
     try:
         model = onnx.load(str(path), load_external_data=False)
@@ -55,7 +56,7 @@ def load_onnx(path: Path) -> onnx.ModelProto:
     return model
 
 
-def summarize(source: Path | onnx.ModelProto) -> GraphSummary:
+def summarize(source: Path | str | onnx.ModelProto) -> GraphSummary:
     """Op counts, I/O shapes (symbolic names for dynamic axes), parameter count, metadata of an
     ONNX file, or of a model already loaded with `load_onnx`."""
     model = source if isinstance(source, onnx.ModelProto) else load_onnx(source)

@@ -5,7 +5,9 @@ the full DyTConfig as JSON; the flat keys repeat the few facts people grep for.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -16,16 +18,40 @@ from .graph import load_onnx
 
 PREFIX = "dyt."
 
+GRAPH_SOURCES = ("model", "export", "config.py", "quantize.py")
+"""The parts of the package (relative to it) whose code decides what graph an export holds."""
+
+
+def graph_source_digest(package: Path) -> str:
+    """A digest of the code that writes the graph. A cached export is only as current as the
+    code that wrote it, and a graph change (e.g. the dispatcher's logit moving to all tokens)
+    need not change the toolkit version or the rewrites; hashing the sources catches every one."""
+    files: list[Path] = []
+    for part in map(package.joinpath, GRAPH_SOURCES):
+        files += part.rglob("*.py") if part.is_dir() else [part]
+    digest = hashlib.sha256()
+    for file in sorted(files):
+        digest.update(file.relative_to(package).as_posix().encode() + b"\0" + file.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+@lru_cache(maxsize=1)
+def installed_graph_source() -> str:
+    """`graph_source_digest` of the package running now (recorded as `dyt.graph_source`)."""
+    return graph_source_digest(Path(__file__).resolve().parents[1])
+
 
 def build_metadata(cfg: DyTConfig, *, dispatch: str, precision: str, opset: int, with_masks: bool,
                    provenance: dict[str, Any] | None, parameters: dict[str, int],
                    rewrites: dict[str, int]) -> dict[str, str]:
     """The props, JSON-encoded where not strings. `parameters` is the model's
     `parameter_counts()`: an ONNX graph no longer tells adapters from backbone weights.
-    `rewrites`: how often each exact rewrite fired, which also dates the graph's form."""
+    `rewrites`: how often each exact rewrite fired (zero is news too: a pattern the export no
+    longer matches)."""
     provenance = provenance or {}
     props: dict[str, Any] = {
         "toolkit_version": __version__,
+        "graph_source": installed_graph_source(),
         "variant": cfg.variant,
         "dispatch": dispatch,
         "threshold_logit": THRESHOLD_LOGIT,
@@ -47,19 +73,13 @@ def build_metadata(cfg: DyTConfig, *, dispatch: str, precision: str, opset: int,
 
 
 def current_graph_form(props: dict[str, str]) -> bool:
-    """Whether a file's metadata says this toolkit version wrote it with every exact rewrite it
-    has now: only then may a cached export stand in for a fresh one (an older form can run at
-    another speed, e.g. GELU fused into a GEMM by OpenVINO)."""
-    from .rewrites import RULES
-
-    try:
-        recorded = json.loads(props.get(PREFIX + "rewrites", "{}"))
-    except ValueError:
-        return False
-    return props.get(PREFIX + "toolkit_version") == __version__ and isinstance(recorded, dict) and set(recorded) == set(RULES)
+    """Whether a file's metadata says the code installed now wrote it: only then may a cached
+    export stand in for a fresh one (an older form can run at another speed, e.g. GELU fused
+    into a GEMM by OpenVINO, or hold another memory peak)."""
+    return props.get(PREFIX + "toolkit_version") == __version__ and props.get(PREFIX + "graph_source") == installed_graph_source()
 
 
-def read_metadata(path: Path) -> dict[str, str]:
+def read_metadata(path: Path | str) -> dict[str, str]:
     """All metadata_props of an ONNX file (weights not loaded)."""
     return {p.key: p.value for p in load_onnx(path).metadata_props}
 
