@@ -122,7 +122,8 @@ def test_model_without_masks_writes_logits_only(dyt_infer, models, tmp_path, run
 @pytest.mark.parametrize("runtime", RUNTIMES)
 def test_weights_in_external_data_give_the_single_file_logits(dyt_infer, models, tmp_path, runtime):
     """`dyt-export --external-data` writes the weights beside the model; the C++ runtimes find
-    them relative to the model file, wherever the program runs from."""
+    them relative to the model file, wherever the program runs from, and name that file when
+    the model travelled without it."""
     x = image_batch(2)
     np.save(tmp_path / "x.npy", x)
     for name in ("plain", "external"):
@@ -132,6 +133,15 @@ def test_weights_in_external_data_give_the_single_file_logits(dyt_infer, models,
         assert done.returncode == 0, done.stderr
     np.testing.assert_array_equal(np.load(tmp_path / "external.npy"), np.load(tmp_path / "plain.npy"))
     assert models["external"].with_name("external.onnx.data").stat().st_size > models["external"].stat().st_size
+
+    # The model copied without its weights file: one line that names the missing file.
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(models["external"], alone / "external.onnx")
+    done = run_cli(dyt_infer, "--runtime", runtime, "--model", alone / "external.onnx",
+                   "--input", tmp_path / "x.npy", "--output", tmp_path / "alone.npy")
+    assert done.returncode > 0 and len(done.stderr.splitlines()) == 1, done.stderr
+    assert f"its weights are kept in {alone / 'external.onnx.data'}, which is missing" in done.stderr
 
 
 @pytest.mark.parametrize("runtime", RUNTIMES)

@@ -3,6 +3,9 @@
 // so that bad input is a one-line dyt::Error rather than whatever the runtime does.
 #include <algorithm>
 #include <cmath>
+#include <fstream>
+#include <iterator>
+#include <optional>
 #include <sstream>
 #include <system_error>
 
@@ -45,6 +48,40 @@ std::string format_shape(const int64_t* dims, size_t rank) {
     return out.str();
 }
 
+/// The first external-data file the model names that does not exist. A model whose weights
+/// sit in a separate file (`dyt-export --external-data`) that did not travel with it makes
+/// both runtimes fail with a message about some tensor or offset. Reads the raw protobuf:
+/// each external tensor holds an entry {1: "location", 2: file name}, i.e. the bytes
+/// 0A 08 "location" 12 <varint length> <name> (a raw weight would hold them only by chance).
+std::optional<std::filesystem::path> missing_external_data(const std::filesystem::path& path) {
+    std::ifstream file(path, std::ios::binary);
+    const std::string bytes{std::istreambuf_iterator<char>(file), std::istreambuf_iterator<char>()};
+    static const std::string key("\x0a\x08location\x12", 11);
+    for (size_t at = bytes.find(key); at != std::string::npos; at = bytes.find(key, at + 1)) {
+        size_t pos = at + key.size(), length = 0;
+        for (int shift = 0; pos < bytes.size() && shift < 35; shift += 7) {
+            const auto byte = static_cast<unsigned char>(bytes[pos++]);
+            length |= size_t(byte & 0x7F) << shift;
+            if (!(byte & 0x80)) break;
+        }
+        if (length == 0 || pos + length > bytes.size()) continue;
+        const std::filesystem::path data = path.parent_path() / bytes.substr(pos, length);
+        std::error_code ec;
+        if (!std::filesystem::is_regular_file(data, ec)) return data;
+    }
+    return std::nullopt;
+}
+
+std::unique_ptr<Model> load_with(Runtime runtime, const std::filesystem::path& path, const Options& options) {
+#ifdef DYT_WITH_ONNXRUNTIME
+    if (runtime == Runtime::OnnxRuntime) return detail::load_onnxruntime(path, options);
+#endif
+#ifdef DYT_WITH_OPENVINO
+    if (runtime == Runtime::OpenVINO) return detail::load_openvino(path, options);
+#endif
+    throw Error("unreachable: runtime not built in");
+}
+
 }  // namespace
 
 Runtime parse_runtime(std::string_view name) {
@@ -77,13 +114,15 @@ std::unique_ptr<Model> Model::load(Runtime runtime, const std::filesystem::path&
     if (!std::filesystem::is_regular_file(path, ec))
         throw Error("model file not found: " + path.string());
     if (options.threads < 0) throw Error("threads must be >= 0, got " + std::to_string(options.threads));
-#ifdef DYT_WITH_ONNXRUNTIME
-    if (runtime == Runtime::OnnxRuntime) return detail::load_onnxruntime(path, options);
-#endif
-#ifdef DYT_WITH_OPENVINO
-    if (runtime == Runtime::OpenVINO) return detail::load_openvino(path, options);
-#endif
-    throw Error("unreachable: runtime not built in");
+    try {
+        return load_with(runtime, path, options);
+    } catch (const Error&) {
+        // Only a failed load pays for reading the file a second time.
+        if (const auto missing = missing_external_data(path))
+            throw Error(std::string(runtime_name(runtime)) + " cannot load " + path.string() + ": its weights are kept in " +
+                        missing->string() + ", which is missing (copy the model and that file together)");
+        throw;
+    }
 }
 
 Result Model::run(const float* pixels, const std::array<int64_t, 4>& shape) {
