@@ -16,7 +16,7 @@ from dyt_export.export import export_onnx
 from runtimes import open_backend
 from validation.bench_memory import external_copy, measure_here
 from validation.bench_models import trained_like
-from validation.bench_report import DOCS_BEGIN, DOCS_END, Result, results_from_record, target_checks, write_docs
+from validation.bench_report import DOCS_BEGIN, DOCS_END, Result, results_from_record, target_checks, targets_table, write_docs
 from validation.gemm import LIBRARIES, matmul_runner
 from validation.graph_forms import FORMS
 from validation.public_eager import PublicEagerDyT
@@ -58,6 +58,9 @@ def test_take_turns_runs_every_contender_on_every_batch_in_rotating_order():
     firsts = [timed[i][0] for i in range(0, len(timed), 3)]
     assert firsts[:3] == ["a", "b", "c"]  # who goes first rotates call by call
     assert all(len({timed[i + k][1] for k in range(3)}) == 1 for i in range(0, len(timed), 3))  # same batch per turn
+    # one batch per pass: min_calls adds whole passes until every contender has that many calls
+    assert {k: len(v) for k, v in take_turns(runners, images, batch=6, min_calls=3).items()} == {"a": 3, "b": 3, "c": 3}
+    assert {k: len(v) for k, v in take_turns(runners, images, batch=3, min_calls=3).items()} == {"a": 4, "b": 4, "c": 4}
     r = row([0.5, 1.5], batch=4, threads=2, activation_rate=0.5)
     assert r.img_per_s == pytest.approx(4.0) and r.calls == 2
 
@@ -113,6 +116,8 @@ def test_targets_use_the_worst_rate_and_report_misses():
     assert checks[("roofline", 1)]["needed"] == 0.85 and checks[("roofline", 8)]["needed"] == 0.95
     assert not checks[("memory DyT/dense", 1)]["met"]
     assert checks[("memory DyT/dense", 1)]["measured"] == pytest.approx(1.01)
+    table = targets_table(target_checks(results, memory))
+    assert "| memory DyT/dense | ort-cpu | 1 | 1.010 | <= 1 | no (missed by 1.0%) |" in table  # not "by 1%", nor "0%"
 
 
 def test_memory_targets_are_one_per_allocator_and_weights_layout():

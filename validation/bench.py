@@ -52,9 +52,10 @@ def _thread_counts(spec: str) -> list[int]:
 
 
 def _time_group(runners: dict[str, Runner], gemm: Runner, images: np.ndarray, batch: int,
-                passes: int, settle: bool = False) -> tuple[dict[str, list[float]], float]:
+                args: argparse.Namespace, settle: bool = False) -> tuple[dict[str, list[float]], float]:
     """Call times of every runner and the in-turns GEMM rate (GMAC/s) of one group."""
-    latencies = take_turns({**runners, "gemm": lambda _: gemm()}, images, batch, passes=passes, settle=settle)
+    latencies = take_turns({**runners, "gemm": lambda _: gemm()}, images, batch, passes=args.passes,
+                           min_calls=args.min_calls, settle=settle)
     gemm_s = latencies.pop("gemm")
     return latencies, GROUP_GEMM_SIZE ** 3 / float(np.median(gemm_s)) / 1e9
 
@@ -127,7 +128,7 @@ def time_all(args: argparse.Namespace, ex: Exports, threads: list[int]) -> tuple
                 group = runners_for(runtime, t, fixed_batch=batch) if pinned else runners
                 _log(f"{runtime}, {t} threads, batch {batch}: {len(group)} models in turns")
                 key = (runtime, t, batch)
-                timed[key], group_gemm[key] = _time_group(group, gemm, ex.pool, batch, args.passes,
+                timed[key], group_gemm[key] = _time_group(group, gemm, ex.pool, batch, args,
                                                           settle=runtime in SETTLED_RUNTIMES)
                 del group
             del runners, gemm
@@ -137,7 +138,7 @@ def time_all(args: argparse.Namespace, ex: Exports, threads: list[int]) -> tuple
         for batch in args.eager_batches:
             _log(f"eager PyTorch (public path), {t} threads, batch {batch}")
             key = ("torch", t, batch)
-            timed[key], group_gemm[key] = _time_group(eager, gemm, ex.pool, batch, args.passes)
+            timed[key], group_gemm[key] = _time_group(eager, gemm, ex.pool, batch, args)
     return timed, group_gemm
 
 
@@ -260,6 +261,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--runtimes", type=lambda s: s.split(","), default=["ort-cpu", "openvino"])
     p.add_argument("--images", type=int, default=32, help="image pool every contender passes over")
     p.add_argument("--passes", type=int, default=1, help="timed passes over the pool per group")
+    p.add_argument("--min-calls", type=int, default=3,
+                   help="timed calls per contender at least, in whole passes (default 3: batch 32 makes three passes)")
     p.add_argument("--pin-ort-batch", dest="ort_fixed_batch", action="store_true",
                    help="give each batch size an ORT session pinned to it (the fixed_batch lever; measured no faster); "
                         "the image pool must then be a multiple of every batch size")

@@ -150,8 +150,9 @@ def targets_table(checks: list[dict[str, Any]]) -> str:
     lines = ["| target | runtime | batch | measured (worst rate) | needed | met |", "|---|---|---:|---:|---:|---|"]
     for c in checks:
         sign = "<=" if c["target"].startswith("memory") else ">="
-        gap = "" if c["met"] else f" (missed by {abs(c['measured'] - c['needed']) / c['needed']:.0%})"
-        lines.append(f"| {c['target']} | {c['runtime']} | {c['batch']} | {c['measured']:.3f} | {sign} {c['needed']:g} | "
+        gap = "" if c["met"] else f" (missed by {abs(c['measured'] - c['needed']) / c['needed']:.1%})"
+        batch = c["batch"] or "-"  # 0: a target of the model, not of a batch size (int8 agreement)
+        lines.append(f"| {c['target']} | {c['runtime']} | {batch} | {c['measured']:.3f} | {sign} {c['needed']:g} | "
                      f"{'yes' if c['met'] else 'no' + gap} |")
     return "\n".join(lines)
 
@@ -166,6 +167,9 @@ def markdown(record: dict[str, Any], results: list[Result], checks: list[dict[st
         by_runtime.setdefault(key.split("/")[0], []).append(rate)
     sensor = ", ".join(f"{name} {min(v):.1f}-{max(v):.1f}" for name, v in by_runtime.items())
     rates = ", ".join(f"{k} {v:.1f}" for k, v in gemm["by_library"].items())
+    calls: dict[int, int] = {}  # the fewest timed calls of any contender, per batch size
+    for r in record["rows"]:
+        calls[r["batch"]] = min(calls.get(r["batch"], r["calls"]), r["calls"])
     return "\n".join([
         f"Command: `{record['command']}`  ",
         f"Measured {record['finished']} on {machine['cpu']} ({machine['usable_cores']} usable cores, "
@@ -176,6 +180,8 @@ def markdown(record: dict[str, Any], results: list[Result], checks: list[dict[st
         f"Load sensor: each runtime's own 2048^3 GEMM, timed in turns with its groups, ran at {sensor} GMAC/s "
         f"(a spread well beyond a few % means some groups shared the cores).  ",
         f"ONNX Runtime sessions: {record.get('ort_sessions', 'dynamic batch')}; OpenVINO: one compiled model, dynamic batch.  ",
+        f"Timed calls per contender over the {record['images']} images: "
+        f"{', '.join(f'{n} at batch {b}' for b, n in sorted(calls.items()))}.  ",
         f"fp32 GEMM rate ({gemm['size']}^3, GMAC/s): {rates}; best **{gemm['best']:.1f}** ({gemm['library']}).  ",
         f"Libraries: {', '.join(f'{k} {v}' for k, v in machine['libraries'].items())}. Wall time {record['wall_s'] / 60:.1f} min.",
         "",

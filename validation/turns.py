@@ -52,9 +52,11 @@ def ort_options_in_turns(threads: int) -> Any:
 
 
 def take_turns(runners: dict[str, Runner], images: np.ndarray, batch: int, *, passes: int = 1,
-               min_seconds: float = 0.0, settle: bool = False) -> dict[str, list[float]]:
+               min_calls: int = 1, min_seconds: float = 0.0, settle: bool = False) -> dict[str, list[float]]:
     """Per contender, the wall time (s) of each timed call, over whole passes of the pool
-    cut into batches of `batch` (at least `passes` of them, and at least `min_seconds`).
+    cut into batches of `batch` (at least `passes` of them, at least `min_calls` calls per
+    contender, and at least `min_seconds`). `min_calls` is for large batches: a pool of 32
+    images at batch 32 is one call per pass, and one slow call is then the whole measurement.
 
     `settle`: each timed call comes right after an untimed call of the same contender on the
     same batch, so the previous contender's threads have gone quiet and this one's are awake,
@@ -70,7 +72,7 @@ def take_turns(runners: dict[str, Runner], images: np.ndarray, batch: int, *, pa
     turn = 0
     done = 0
     start = time.perf_counter()
-    while done < passes or time.perf_counter() - start < min_seconds:
+    while done < passes or done * len(feeds) < min_calls or time.perf_counter() - start < min_seconds:
         for feed in feeds:
             for name in names[turn % len(names):] + names[:turn % len(names)]:
                 if settle:
