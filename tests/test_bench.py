@@ -14,6 +14,7 @@ from conftest import force_dispatcher, image_batch, small_config
 from dyt_export import build_model
 from dyt_export.export import export_onnx
 from runtimes import open_backend
+from validation import bench
 from validation.bench_memory import external_copy, measure_here
 from validation.bench_models import trained_like
 from validation.bench_report import DOCS_BEGIN, DOCS_END, Result, results_from_record, target_checks, targets_table, write_docs
@@ -213,3 +214,44 @@ def test_role_bounds():
     assert b["structure_bound"] == pytest.approx(100 / (20 + 80 * 0.3) / 2)
     assert b["mlp_gemm_efficiency"] == pytest.approx(80 * 0.3 / 32)
     assert b["untouched_share_of_dense"] == pytest.approx(0.2)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--passes", "0"], "--passes: expected a finite integer >= 1"),
+    (["--min-calls", "-1"], "--min-calls: expected a finite integer >= 1"),
+    (["--rates", "0.5,1"], "--rates: expected activation rates between 0 and 1"),
+    (["--threads", "2,x"], "--threads: expected thread counts or 'all'"),
+    (["--runtimes", "ort-cuda"], "--runtimes: expected names from ort-cpu, openvino"),
+    (["--batches", "8,0"], "--batches: expected positive integers"),
+    (["--pin-ort-batch", "--images", "30"], "--images 30 must be a multiple of every batch size"),
+    (["--out", "FILE"], "exists and is not a directory"),
+    (["--report", "MISSING"], "no such file"),
+    (["--report", "NOT_A_RECORD"], "is not a bench.json written by make bench"),
+])
+def test_bad_requests_exit_2_with_one_line_before_any_work(args, message, tmp_path, capsys, monkeypatch):
+    """Half an hour of measuring must not end in an error a look at the arguments could give."""
+    monkeypatch.setattr(bench, "run", lambda args: pytest.fail("measuring started"))
+    (tmp_path / "file").write_text("")
+    (tmp_path / "record.json").write_text("{}")
+    paths = {"FILE": tmp_path / "file", "MISSING": tmp_path / "missing.json", "NOT_A_RECORD": tmp_path / "record.json"}
+    code = bench.main([str(paths.get(a, a)) for a in args] + ["--docs", ""])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.splitlines()) == 1 and message in err, err
+
+
+@pytest.mark.parametrize("tool, args, message", [
+    ("roles", ["--batch", "0"], "--batch: expected a finite integer >= 1"),
+    ("roles", ["--runtimes", "torch"], "--runtimes: expected names from ort-cpu, openvino"),
+    ("roles", ["--work", "EMPTY"], "has no pool.npy, dyt-r0.3.pth, dyt-r0.3.onnx, dyt-r0.5-dense.onnx: run make bench first"),
+    ("levers", ["--only", "gelu-ov", "turbo"], "--only: invalid choice: 'turbo'"),
+    ("levers", ["--work", "EMPTY"], "has no pool.npy, dyt-r0.5.pth, dyt-r0.5.onnx, dyt-r0.5-dense.onnx: run make bench first"),
+])
+def test_experiment_tools_refuse_bad_requests_in_one_line(tool, args, message, tmp_path, capsys):
+    """validation.roles and validation.levers measure make bench's own models: without them,
+    or asked for something they do not have, they say so instead of failing in numpy or ORT."""
+    import importlib
+
+    module = importlib.import_module(f"validation.{tool}")
+    code = module.main([str(tmp_path) if a == "EMPTY" else a for a in args])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.splitlines()) == 1 and message in err, err

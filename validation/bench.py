@@ -33,9 +33,14 @@ from typing import Any
 
 import numpy as np
 
+from dyt_export.cli.common import Parser
+from dyt_export.errors import UserError
+from validation.cli import names_from, number, positive_ints, run_command
 from validation.turns import SETTLED_RUNTIMES, Runner, paired_ratio, row, take_turns
 
 RUNTIME_GEMM_LIBRARY = {"ort-cpu": "onnxruntime", "openvino": "openvino", "torch": "torch"}
+BENCH_RUNTIMES = ("ort-cpu", "openvino")
+"""The runtimes issue 5 measures (eager PyTorch is timed beside them, not as one of them)."""
 MEMORY_IMAGES = 8
 """Images per memory measurement at small batches: memory settles within the first calls."""
 GROUP_GEMM_SIZE = 2048
@@ -44,11 +49,6 @@ GROUP_GEMM_SIZE = 2048
 
 def _log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def _thread_counts(spec: str) -> list[int]:
-    cores = len(os.sched_getaffinity(0))
-    return sorted({cores if part.strip() == "all" else int(part) for part in spec.split(",")})
 
 
 def _time_group(runners: dict[str, Runner], gemm: Runner, images: np.ndarray, batch: int,
@@ -201,9 +201,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     start = time.perf_counter()
     load_start = os.getloadavg()
-    threads = _thread_counts(args.threads)
-    if args.ort_fixed_batch and "ort-cpu" in args.runtimes and any(args.images % b for b in args.batches):
-        raise SystemExit(f"--images {args.images} must be a multiple of every batch size for --pin-ort-batch")
+    threads = args.threads
     work = args.out / "work"
     work.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
@@ -245,28 +243,50 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def parser() -> argparse.ArgumentParser:
-    def floats(text: str) -> list[float]:
-        return [float(v) for v in text.split(",")]
+def _thread_counts(text: str) -> list[int]:
+    """An argparse type: comma-separated thread counts, 'all' for every usable core."""
+    cores = len(os.sched_getaffinity(0))
+    try:
+        counts = {cores if part.strip() == "all" else int(part) for part in text.split(",")}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected thread counts or 'all', got {text!r}") from None
+    if any(c < 1 for c in counts):
+        raise argparse.ArgumentTypeError(f"expected positive thread counts, got {text!r}")
+    return sorted(counts)
 
-    def ints(text: str) -> list[int]:
-        return [int(v) for v in text.split(",") if v]
 
-    p = argparse.ArgumentParser(prog="python -m validation.bench", description=__doc__.splitlines()[0])
-    p.add_argument("--rates", type=floats, default=[0.3, 0.5, 0.7], help="activation targets (default 0.3,0.5,0.7)")
-    p.add_argument("--batches", type=ints, default=[1, 8, 32])
-    p.add_argument("--eager-batches", type=ints, default=[1, 8, 32], help="batches for eager PyTorch")
-    p.add_argument("--memory-batches", type=ints, default=[1, 32], help="batches for peak memory ('' for none)")
-    p.add_argument("--threads", default="2,all", help="comma list; 'all' = every usable core (default 2,all)")
-    p.add_argument("--runtimes", type=lambda s: s.split(","), default=["ort-cpu", "openvino"])
-    p.add_argument("--images", type=int, default=32, help="image pool every contender passes over")
-    p.add_argument("--passes", type=int, default=1, help="timed passes over the pool per group")
-    p.add_argument("--min-calls", type=int, default=3,
+def _rates(text: str) -> list[float]:
+    """An argparse type: activation targets strictly between 0 and 1 (calibration needs both
+    kinds of token)."""
+    try:
+        rates = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not all(0 < r < 1 for r in rates):
+        raise argparse.ArgumentTypeError(f"expected activation rates between 0 and 1, got {text!r}")
+    return rates
+
+
+def _batches_or_none(text: str) -> tuple[int, ...]:
+    return positive_ints(text) if text.strip() else ()
+
+
+def parser() -> Parser:
+    p = Parser(prog="python -m validation.bench", description=__doc__.splitlines()[0])
+    p.add_argument("--rates", type=_rates, default=[0.3, 0.5, 0.7], help="activation targets (default 0.3,0.5,0.7)")
+    p.add_argument("--batches", type=positive_ints, default=(1, 8, 32))
+    p.add_argument("--eager-batches", type=positive_ints, default=(1, 8, 32), help="batches for eager PyTorch")
+    p.add_argument("--memory-batches", type=_batches_or_none, default=(1, 32), help="batches for peak memory ('' for none)")
+    p.add_argument("--threads", type=_thread_counts, default="2,all", help="comma list; 'all' = every usable core (default 2,all)")
+    p.add_argument("--runtimes", type=names_from(BENCH_RUNTIMES), default=list(BENCH_RUNTIMES), help="ort-cpu,openvino (default)")
+    p.add_argument("--images", type=number(int, 1), default=32, help="image pool every contender passes over")
+    p.add_argument("--passes", type=number(int, 1), default=1, help="timed passes over the pool per group")
+    p.add_argument("--min-calls", type=number(int, 1), default=3,
                    help="timed calls per contender at least, in whole passes (default 3: batch 32 makes three passes)")
     p.add_argument("--pin-ort-batch", dest="ort_fixed_batch", action="store_true",
                    help="give each batch size an ORT session pinned to it (the fixed_batch lever; measured no faster); "
                         "the image pool must then be a multiple of every batch size")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=number(int, 0), default=0)
     p.add_argument("--no-demo-int8", dest="demo_int8", action="store_false",
                    help="skip the int8 accuracy check on the demo model (trains it when not cached)")
     p.add_argument("--backbone", default="vit_base_patch16_224", help="timm ViT name (smaller ones for a smoke run)")
@@ -274,48 +294,67 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--docs", default="docs/performance.md", help="'' to leave the docs alone")
     p.add_argument("--report", type=Path, metavar="BENCH_JSON",
                    help="measure nothing: print the tables of an earlier bench.json and rewrite the docs from it")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 
 
 def report_only(path: Path, docs: str) -> int:
     """Tables and docs section from a bench.json, e.g. after the report's wording changed."""
+    from dyt_export.files import check_input_file
     from validation.bench_report import markdown, results_from_record, write_docs
 
-    record = json.loads(path.read_text())
-    results = results_from_record(record)
-    section = markdown(record, results, record["targets"])
+    check_input_file(path, "--report")
+    try:
+        record = json.loads(path.read_text())
+        section = markdown(record, results_from_record(record), record["targets"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"--report {path} is not a bench.json written by make bench ({type(e).__name__}: {e})") from None
     print(section)
     if docs:
         write_docs(Path(docs), section)
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    from validation.bench_int8 import int8_checks, int8_table
-    from validation.bench_report import markdown, memory_table, results_table, target_checks, targets_table, write_docs
+def _refuse_before_work(args: argparse.Namespace) -> None:
+    """What would otherwise fail after half an hour of measuring."""
+    from validation.harness import check_output_dir
 
-    args = parser().parse_args(argv)
-    if args.report:
-        return report_only(args.report, args.docs)
-    given = sys.argv[1:] if argv is None else argv
-    if os.environ.get("DYT_BENCH_FROM_MAKE"):
-        args.command = "make bench" + (f" ARGS={shlex.quote(shlex.join(given))}" if given else "")
-    else:
-        args.command = shlex.join(["python", "-m", "validation.bench", *given])
-    record = run(args)
-    results = record.pop("_results")
-    checks = target_checks([r for r in results if r.threads == record["threads"]], record["memory"])
-    checks += int8_checks(record["int8"]["rows"], record["int8"]["demo"], record["threads"])
-    record["targets"] = checks
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench.json").write_text(json.dumps(record, indent=1))
-    print(results_table(results), targets_table(checks), memory_table(record["memory"]),
-          int8_table(record["int8"]["rows"], record["int8"]["demo"]), sep="\n\n")
+    if args.ort_fixed_batch and "ort-cpu" in args.runtimes and any(args.images % b for b in args.batches):
+        raise UserError(f"--images {args.images} must be a multiple of every batch size for --pin-ort-batch")
+    check_output_dir(args.out)
     if args.docs:
-        write_docs(Path(args.docs), markdown(record, results, checks))
-    _log(f"wrote {args.out / 'bench.json'}{' and ' + args.docs if args.docs else ''}; "
-         f"{sum(c['met'] for c in checks)}/{len(checks)} targets met")
-    return 0
+        check_output_dir(Path(args.docs).absolute().parent)
+
+
+def main(argv: list[str] | None = None) -> int:
+    def body(args: argparse.Namespace) -> int:
+        from validation.bench_int8 import int8_checks, int8_table
+        from validation.bench_report import markdown, memory_table, results_table, target_checks, targets_table, write_docs
+
+        if args.report:
+            return report_only(args.report, args.docs)
+        _refuse_before_work(args)
+        if os.environ.get("DYT_BENCH_FROM_MAKE"):
+            args.command = "make bench" + (f" ARGS={shlex.quote(shlex.join(given))}" if given else "")
+        else:
+            args.command = shlex.join(["python", "-m", "validation.bench", *given])
+        record = run(args)
+        results = record.pop("_results")
+        checks = target_checks([r for r in results if r.threads == record["threads"]], record["memory"])
+        checks += int8_checks(record["int8"]["rows"], record["int8"]["demo"], record["threads"])
+        record["targets"] = checks
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "bench.json").write_text(json.dumps(record, indent=1))
+        print(results_table(results), targets_table(checks), memory_table(record["memory"]),
+              int8_table(record["int8"]["rows"], record["int8"]["demo"]), sep="\n\n")
+        if args.docs:
+            write_docs(Path(args.docs), markdown(record, results, checks))
+        _log(f"wrote {args.out / 'bench.json'}{' and ' + args.docs if args.docs else ''}; "
+             f"{sum(c['met'] for c in checks)}/{len(checks)} targets met")
+        return 0
+
+    given = sys.argv[1:] if argv is None else argv
+    return run_command(parser(), given, body)
 
 
 if __name__ == "__main__":

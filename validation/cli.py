@@ -72,7 +72,18 @@ def tolerance(name: str) -> Callable[[str], float]:
     return parse
 
 
-def _ints(text: str) -> tuple[int, ...]:
+def names_from(allowed: tuple[str, ...]) -> Callable[[str], list[str]]:
+    """An argparse type: comma-separated names, each one of `allowed`."""
+    def parse(text: str) -> list[str]:
+        names = text.split(",")
+        if any(name not in allowed for name in names):
+            raise argparse.ArgumentTypeError(f"expected names from {', '.join(allowed)}, got {text!r}")
+        return names
+    return parse
+
+
+def positive_ints(text: str) -> tuple[int, ...]:
+    """An argparse type: comma-separated integers, each >= 1."""
     try:
         values = tuple(int(v) for v in text.split(",") if v.strip())
     except ValueError:
@@ -109,8 +120,8 @@ def parser() -> Parser:
     p.add_argument("--data", default="digits", choices=SOURCES, help="image-like inputs (default: digits test split)")
     p.add_argument("--images", type=Path, help="a folder of images added to the inputs")
     p.add_argument("--limit", type=number(int, 1), help="use at most this many images")
-    p.add_argument("--batches", type=_ints, default=(1, 8, 32), help="batch sizes to time (default 1,8,32)")
-    p.add_argument("--threads", type=_ints, default=(os.cpu_count() or 1,), help="thread counts (default: all cores)")
+    p.add_argument("--batches", type=positive_ints, default=(1, 8, 32), help="batch sizes to time (default 1,8,32)")
+    p.add_argument("--threads", type=positive_ints, default=(os.cpu_count() or 1,), help="thread counts (default: all cores)")
     p.add_argument("--ref-threads", type=number(int, 1),
                    help="torch threads of the untimed reference (default 1: spinning OpenMP threads crawl on busy cores)")
     p.add_argument("--iters", type=number(int, 1), default=20, help="minimum timed calls per row (default 20)")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -32,6 +33,9 @@ OPSET_DEFAULT = 18
 
 FIXED_BATCH = object()
 """Option value replaced by each group's batch size (a session pinned to the batch it serves)."""
+EXPERIMENTS = ("dispatch-ort", "dispatch-ov", "dispatcher-ort", "dispatcher-ov", "dense-part-ort", "dense-part-ov",
+               "attention-ort", "attention-ov", "gelu-ov", "gelu-ort", "ort-session", "ort-pinned", "ov-config")
+"""Every group of contenders `run` can time, for `--only`."""
 
 
 def _form_file(source: Path, forms: list[str], out: Path) -> Path:
@@ -119,7 +123,7 @@ def _ort_transformers(source: Path, out: Path) -> Path:
     return out
 
 
-def run(work: Path, out: Path, threads: int, passes: int, batches: list[int], only: set[str] | None) -> list[dict]:
+def run(work: Path, out: Path, threads: int, passes: int, batches: list[int], only: set[str]) -> list[dict]:
     import dyt_export.export.onnx_export as exporter
     import dyt_export.model.block as block
     from dyt_export.model.dispatcher import TokenDispatcher
@@ -180,9 +184,10 @@ def run(work: Path, out: Path, threads: int, passes: int, batches: list[int], on
                       "throughput-hint": (ov, dyt, {"performance_hint": "THROUGHPUT", "streams": None}),
                       "pinning": (ov, dyt, {"pinning": True})},
     }
+    assert tuple(experiments) == EXPERIMENTS, "EXPERIMENTS names every experiment, in order"
     rows = []
     for name, contenders in experiments.items():
-        if only and name not in only:
+        if name not in only:
             continue
         for batch in batches:
             images = pool[: max(8, 2 * batch)]
@@ -211,18 +216,31 @@ def startup(work: Path, out: Path, threads: int) -> list[dict[str, Any]]:
     return rows
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--work", type=Path, default=Path("validation/records/bench/work"), help="make bench's work directory")
+def main(argv: list[str] | None = None) -> int:
+    from dyt_export.cli.common import Parser
+    from validation.bench_models import WORK
+    from validation.cli import number, positive_ints, run_command
+
+    p = Parser(prog="python -m validation.levers", description=__doc__.splitlines()[0])
+    p.add_argument("--work", type=Path, default=WORK, help="make bench's work directory")
     p.add_argument("--out", type=Path, default=Path("validation/records/levers"))
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--passes", type=int, default=2)
-    p.add_argument("--batches", type=lambda s: [int(v) for v in s.split(",")], default=[1, 8])
-    p.add_argument("--only", nargs="*", help="experiment names to run (default all)")
+    p.add_argument("--threads", type=number(int, 1), default=2)
+    p.add_argument("--passes", type=number(int, 1), default=2)
+    p.add_argument("--batches", type=positive_ints, default=(1, 8))
+    p.add_argument("--only", nargs="+", choices=EXPERIMENTS, default=list(EXPERIMENTS), metavar="EXPERIMENT",
+                   help=f"experiments to run (default all: {' '.join(EXPERIMENTS)})")
     p.add_argument("--profile", action="store_true", help="also write ORT op-type time shares")
-    args = p.parse_args()
-    record: dict[str, Any] = {"rows": run(args.work, args.out, args.threads, args.passes, args.batches,
-                                          set(args.only) if args.only else None)}
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return run_command(p, argv, _measure)
+
+
+def _measure(args: argparse.Namespace) -> int:
+    from validation.bench_models import require_work_files
+    from validation.harness import check_output_dir
+
+    require_work_files(args.work, "pool.npy", "dyt-r0.5.pth", "dyt-r0.5.onnx", "dyt-r0.5-dense.onnx")
+    check_output_dir(args.out)
+    record: dict[str, Any] = {"rows": run(args.work, args.out, args.threads, args.passes, list(args.batches), set(args.only))}
     record["startup"] = startup(args.work, args.out, args.threads)
     if args.profile:
         pool = np.load(args.work / "pool.npy")
@@ -230,7 +248,8 @@ def main() -> None:
                              for name, file in (("dyt", "dyt-r0.5.onnx"), ("dense", "dyt-r0.5-dense.onnx"))
                              for b in args.batches}
     (args.out / "levers.json").write_text(json.dumps(record, indent=1))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

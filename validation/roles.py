@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -139,22 +140,34 @@ def bounds(times: dict[str, dict[str, float]], token_share: float, ideal: float)
             "untouched_share_of_dense": (dense - dense_mlp) / dense}
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--work", type=Path, default=Path("validation/records/bench/work"), help="make bench's work directory")
-    p.add_argument("--rate", default="0.3", help="which calibrated DyT export (dyt-rRATE.onnx)")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--passes", type=int, default=1)
-    p.add_argument("--runtimes", type=lambda s: s.split(","), default=list(RUNTIMES))
-    p.add_argument("--out", type=Path, help="also write the figures as JSON here")
-    args = p.parse_args()
+def main(argv: list[str] | None = None) -> int:
+    from dyt_export.cli.common import Parser
+    from validation.bench_models import WORK
+    from validation.cli import names_from, number, run_command
 
+    p = Parser(prog="python -m validation.roles", description=__doc__.splitlines()[0])
+    p.add_argument("--work", type=Path, default=WORK, help="make bench's work directory")
+    p.add_argument("--rate", default="0.3", help="which calibrated DyT export (dyt-rRATE.onnx)")
+    p.add_argument("--batch", type=number(int, 1), default=1)
+    p.add_argument("--threads", type=number(int, 1), default=2)
+    p.add_argument("--passes", type=number(int, 1), default=1)
+    p.add_argument("--runtimes", type=names_from(RUNTIMES), default=list(RUNTIMES), help="ort-cpu,openvino (default)")
+    p.add_argument("--out", type=Path, help="also write the figures as JSON here")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return run_command(p, argv, _profile_roles)
+
+
+def _profile_roles(args: argparse.Namespace) -> int:
     import torch
 
     from dyt_export import load_checkpoint
+    from validation.bench_models import require_work_files
     from validation.costs import gmacs
+    from validation.harness import check_output_dir
 
+    require_work_files(args.work, "pool.npy", f"dyt-r{args.rate}.pth", f"dyt-r{args.rate}.onnx", "dyt-r0.5-dense.onnx")
+    if args.out:
+        check_output_dir(args.out.absolute().parent)
     images = np.load(args.work / "pool.npy")
     model = load_checkpoint(args.work / f"dyt-r{args.rate}.pth")
     cfg = model.dyt_config
@@ -180,7 +193,8 @@ def main() -> None:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(record, indent=1))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
