@@ -224,6 +224,8 @@ def test_role_bounds():
     (["--runtimes", "ort-cuda"], "--runtimes: expected names from ort-cpu, openvino"),
     (["--batches", "8,0"], "--batches: expected positive integers"),
     (["--pin-ort-batch", "--images", "30"], "--images 30 must be a multiple of every batch size"),
+    (["--backbone", "vit_base_patch16_2244"], "vit_base_patch16_2244"),
+    (["--seed", str(2**32)], "--seed: expected a finite integer from 0 to"),
     (["--out", "FILE"], "exists and is not a directory"),
     (["--report", "MISSING"], "no such file"),
     (["--report", "NOT_A_RECORD"], "is not a bench.json written by make bench"),

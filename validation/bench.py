@@ -286,7 +286,7 @@ def parser() -> Parser:
     p.add_argument("--pin-ort-batch", dest="ort_fixed_batch", action="store_true",
                    help="give each batch size an ORT session pinned to it (the fixed_batch lever; measured no faster); "
                         "the image pool must then be a multiple of every batch size")
-    p.add_argument("--seed", type=number(int, 0), default=0)
+    p.add_argument("--seed", type=number(int, 0, 2**32 - 2), default=0, help="weights and calibration images; timed images use SEED+1")
     p.add_argument("--no-demo-int8", dest="demo_int8", action="store_false",
                    help="skip the int8 accuracy check on the demo model (trains it when not cached)")
     p.add_argument("--backbone", default="vit_base_patch16_224", help="timm ViT name (smaller ones for a smoke run)")
@@ -317,8 +317,11 @@ def report_only(path: Path, docs: str) -> int:
 
 def _refuse_before_work(args: argparse.Namespace) -> None:
     """What would otherwise fail after half an hour of measuring."""
+    from dyt_export.init_model import backbone_config
+    from validation.bench_models import ADAPTER_SCALE, BOTTLENECK, NUM_CLASSES
     from validation.harness import check_output_dir
 
+    backbone_config(args.backbone, bottleneck=BOTTLENECK, adapter_scale=ADAPTER_SCALE, num_classes=NUM_CLASSES)
     if args.ort_fixed_batch and "ort-cpu" in args.runtimes and any(args.images % b for b in args.batches):
         raise UserError(f"--images {args.images} must be a multiple of every batch size for --pin-ort-batch")
     check_output_dir(args.out)
