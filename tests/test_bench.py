@@ -221,7 +221,7 @@ def test_role_bounds():
     (["--min-calls", "-1"], "--min-calls: expected a finite integer >= 1"),
     (["--rates", "0.5,1"], "--rates: expected activation rates between 0 and 1"),
     (["--threads", "2,x"], "--threads: expected thread counts or 'all'"),
-    (["--runtimes", "ort-cuda"], "--runtimes: expected names from ort-cpu, openvino"),
+    (["--runtimes", "ort-cuda"], "--runtimes: unknown runtime(s) ort-cuda; choose from ort-cpu, openvino"),
     (["--batches", "8,0"], "--batches: expected positive integers"),
     (["--pin-ort-batch", "--images", "30"], "--images 30 must be a multiple of every batch size"),
     (["--backbone", "vit_base_patch16_2244"], "vit_base_patch16_2244"),
@@ -243,7 +243,7 @@ def test_bad_requests_exit_2_with_one_line_before_any_work(args, message, tmp_pa
 
 @pytest.mark.parametrize("tool, args, message", [
     ("roles", ["--batch", "0"], "--batch: expected a finite integer >= 1"),
-    ("roles", ["--runtimes", "torch"], "--runtimes: expected names from ort-cpu, openvino"),
+    ("roles", ["--runtimes", "torch"], "--runtimes: unknown runtime(s) torch; choose from ort-cpu, openvino"),
     ("roles", ["--work", "EMPTY"], "has no pool.npy, dyt-r0.3.pth, dyt-r0.3.onnx, dyt-r0.5-dense.onnx: run make bench first"),
     ("levers", ["--only", "gelu-ov", "turbo"], "--only: invalid choice: 'turbo'"),
     ("levers", ["--work", "EMPTY"], "has no pool.npy, dyt-r0.5.pth, dyt-r0.5.onnx, dyt-r0.5-dense.onnx: run make bench first"),

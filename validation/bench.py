@@ -278,7 +278,7 @@ def parser() -> Parser:
     p.add_argument("--eager-batches", type=positive_ints, default=(1, 8, 32), help="batches for eager PyTorch")
     p.add_argument("--memory-batches", type=_batches_or_none, default=(1, 32), help="batches for peak memory ('' for none)")
     p.add_argument("--threads", type=_thread_counts, default="2,all", help="comma list; 'all' = every usable core (default 2,all)")
-    p.add_argument("--runtimes", type=names_from(BENCH_RUNTIMES), default=list(BENCH_RUNTIMES), help="ort-cpu,openvino (default)")
+    p.add_argument("--runtimes", type=names_from(BENCH_RUNTIMES, "runtime"), default=list(BENCH_RUNTIMES), help="ort-cpu,openvino (default)")
     p.add_argument("--images", type=number(int, 1), default=32, help="image pool every contender passes over")
     p.add_argument("--passes", type=number(int, 1), default=1, help="timed passes over the pool per group")
     p.add_argument("--min-calls", type=number(int, 1), default=3,

@@ -72,12 +72,14 @@ def tolerance(name: str) -> Callable[[str], float]:
     return parse
 
 
-def names_from(allowed: tuple[str, ...]) -> Callable[[str], list[str]]:
-    """An argparse type: comma-separated names, each one of `allowed`."""
+def names_from(allowed: tuple[str, ...], noun: str) -> Callable[[str], list[str]]:
+    """An argparse type: comma-separated names, each one of `allowed` (a `noun`, for the message)."""
     def parse(text: str) -> list[str]:
-        names = text.split(",")
-        if any(name not in allowed for name in names):
-            raise argparse.ArgumentTypeError(f"expected names from {', '.join(allowed)}, got {text!r}")
+        names = [name.strip() for name in text.split(",") if name.strip()]
+        unknown = [name for name in names if name not in allowed]
+        if not names or unknown:
+            raise argparse.ArgumentTypeError(f"unknown {noun}(s) {', '.join(unknown) or repr(text)}; "
+                                             f"choose from {', '.join(allowed)}")
         return names
     return parse
 

@@ -108,15 +108,13 @@ def ensure_demo_model(recipe: Recipe = Recipe(), *, retrain: bool = False, show_
 
 
 def _runtimes(text: str) -> list[str]:
-    """argparse type: comma-separated runtime names, each one validation runs on."""
+    """argparse type: comma-separated runtime names, each one validation runs on (imported
+    here, not when the parser is built, so that --help stays instant)."""
     from runtimes import ONNX_RUNTIMES
 
-    names = [name.strip() for name in text.split(",") if name.strip()]
-    unknown = [name for name in names if name not in ONNX_RUNTIMES]
-    if not names or unknown:
-        raise argparse.ArgumentTypeError(f"unknown runtime(s) {', '.join(unknown) or repr(text)}; "
-                                         f"choose from {', '.join(ONNX_RUNTIMES)}")
-    return names
+    from .cli import names_from
+
+    return names_from(ONNX_RUNTIMES, "runtime")(text)
 
 
 def _table(results: list[tuple[str, dict[str, Any] | None, str]]) -> str:

@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=number(int, 1), default=1)
     p.add_argument("--threads", type=number(int, 1), default=2)
     p.add_argument("--passes", type=number(int, 1), default=1)
-    p.add_argument("--runtimes", type=names_from(RUNTIMES), default=list(RUNTIMES), help="ort-cpu,openvino (default)")
+    p.add_argument("--runtimes", type=names_from(RUNTIMES, "runtime"), default=list(RUNTIMES), help="ort-cpu,openvino (default)")
     p.add_argument("--out", type=Path, help="also write the figures as JSON here")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return run_command(p, argv, _profile_roles)
