@@ -103,6 +103,10 @@ def _keep_dispatchers_float(model: Any, dispatchers: set[str]) -> int:
             model.graph.node.remove(n)
 
 
+INT8_SINGLE_FILE_ONLY = ("int8 quantization takes models whose fp32 weights fit in the ONNX file (1.8 GB at most), "
+                         "not ones kept in external data")
+
+
 def quantize_int8(fp32_path: str | Path, out_path: str | Path, calibration: np.ndarray) -> Int8Result:
     """Write the int8 (QDQ) form of the dyt-export fp32 ONNX file `fp32_path` to `out_path`,
     calibrated on `calibration` [N, C, H, W] float32 (already normalised model inputs)."""
@@ -112,7 +116,7 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, calibration: np.n
 
     fp32_path, out_path = Path(fp32_path), Path(out_path)
     if fp32_path.with_name(fp32_path.name + ".data").exists():
-        raise UserError("int8: models whose weights live in external data (over 2 GB) are not supported")
+        raise UserError(INT8_SINGLE_FILE_ONLY)
     if calibration.ndim != 4 or len(calibration) == 0:
         raise UserError(f"int8 calibration needs images [N, C, H, W], got shape {list(calibration.shape)}")
     model = onnx.load(str(fp32_path))
@@ -213,9 +217,11 @@ def export_int8(model: Any, path: str | Path, calibration: np.ndarray, *, steps:
     """Export `model` in fp32 (`export_onnx` with `export_options`) and write its int8 form to
     `path`. The fp32 graph is an intermediate in a staging directory beside `path`, and only
     the int8 file is moved into place, so a failure at any step leaves `path` as it was."""
-    from .export import export_onnx
+    from .export import export_onnx, weights_need_external_data
     from .progress import Steps
 
+    if weights_need_external_data(model):
+        raise UserError(INT8_SINGLE_FILE_ONLY)
     path = Path(path)
     steps = steps or Steps()
     with tempfile.TemporaryDirectory(prefix=f".{path.name}.", suffix=".partial", dir=path.resolve().parent) as tmp:

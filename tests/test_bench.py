@@ -225,6 +225,7 @@ def test_role_bounds():
     (["--batches", "8,0"], "--batches: expected positive integers"),
     (["--pin-ort-batch", "--images", "30"], "--images 30 must be a multiple of every batch size"),
     (["--backbone", "vit_base_patch16_2244"], "vit_base_patch16_2244"),
+    (["--backbone", "vit_huge_patch14_224"], "fp32 weights fit in the ONNX file (1.8 GB at most)"),
     (["--seed", str(2**32)], "--seed: expected a finite integer from 0 to"),
     (["--out", "FILE"], "exists and is not a directory"),
     (["--report", "MISSING"], "no such file"),
@@ -239,6 +240,28 @@ def test_bad_requests_exit_2_with_one_line_before_any_work(args, message, tmp_pa
     code = bench.main([str(paths.get(a, a)) for a in args] + ["--docs", ""])
     err = capsys.readouterr().err
     assert code == 2 and len(err.splitlines()) == 1 and message in err, err
+
+
+def test_bench_refuses_a_disk_its_models_do_not_fit_on(tmp_path, capsys, monkeypatch):
+    """ViT-Ti's 23 MB of weights make 3 rates need ~0.3 GB; with 0.1 GB free the run stops
+    before measuring, and an earlier run's files, which it would replace, count as free."""
+    import collections
+    import shutil
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**12, 10**12 - 10**8, 10**8))
+    monkeypatch.setattr(bench, "run", lambda args: pytest.fail("measuring started"))
+    argv = ["--backbone", "vit_tiny_patch16_224", "--rates", "0.3,0.5,0.7", "--out", str(tmp_path), "--docs", ""]
+    assert bench.main(argv) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "needs about 0.3 GB" in err and "0.1 GB are free" in err, err
+    (tmp_path / "work").mkdir()
+    with open(tmp_path / "work" / "dyt-r0.5.onnx", "wb") as earlier:
+        earlier.truncate(3 * 10**8)
+    started = []
+    monkeypatch.setattr(bench, "run", lambda args: started.append(args.out) or 1 / 0)
+    bench.main(argv)
+    assert started == [tmp_path], capsys.readouterr().err
 
 
 @pytest.mark.parametrize("tool, args, message", [

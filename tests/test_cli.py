@@ -328,3 +328,21 @@ def test_internal_errors_exit_1_without_traceback(monkeypatch, checkpoint, capsy
     assert "internal error: ZeroDivisionError" in err and "Traceback" not in err
     assert cli.main([str(checkpoint), "-o", str(tmp_path / "x.onnx"), "--debug"]) == 1
     assert "Traceback" in capsys.readouterr().err
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing(monkeypatch, run_cli, checkpoint, tmp_path):
+    """The disk fills while the weights are written: exit 2 with the OS's reason and the file,
+    not "internal error", and neither the half-written file nor its staging directory stays."""
+    import errno
+
+    from onnxscript import ir
+
+    def save_half(model, path, **kwargs):
+        Path(path).write_bytes(b"\x08\x08" * 1024)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(ir, "save", save_half)
+    out = tmp_path / "out"
+    out.mkdir()
+    assert_refused(run_cli(checkpoint, "-o", out / "x.onnx"), "No space left on device writing", leftovers=out)
+    assert list(out.iterdir()) == []

@@ -9,6 +9,7 @@ from conftest import force_dispatcher, image_batch, small_config
 from dyt_export import build_model, write_public_checkpoint
 from dyt_export.calibrate import image_like
 from dyt_export.cli import main as cli_main
+from dyt_export.errors import UserError
 from dyt_export.export import export_onnx
 from dyt_export.quantize import dispatcher_nodes, quantize_int8
 from runtimes import open_backend
@@ -79,6 +80,29 @@ def test_cli_int8_writes_an_int8_model_and_checks_its_flags(tmp_path, capsys):
                  ["--int8", "--calibration-images", str(tmp_path / "bad.npy")]):
         assert cli_main([str(ckpt), "-o", str(tmp_path / "x.onnx"), *args]) == 2
         assert not (tmp_path / "x.onnx").exists()
+
+
+def test_int8_refuses_weights_in_external_data_before_exporting(int8_pair, tmp_path, monkeypatch, capsys):
+    """ORT's quantizer reads single files: a model past the external-data limit is refused at
+    once (not after its fp32 export), and so is an fp32 file whose weights sit beside it."""
+    from dyt_export import export as export_pkg
+    from dyt_export.export import onnx_export
+
+    fp32, _, model = int8_pair
+    ckpt = write_public_checkpoint(model, tmp_path / "m.pth", shape="training")
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 1000)
+    monkeypatch.setattr(export_pkg, "export_onnx", lambda *a, **k: pytest.fail("exported before refusing"))
+    capsys.readouterr()
+    assert cli_main([str(ckpt), "-o", str(tmp_path / "x.onnx"), "--int8"]) == 2
+    err = capsys.readouterr().err
+    assert "fp32 weights fit in the ONNX file" in err and len(err.splitlines()) == 1, err
+    assert [p.name for p in tmp_path.iterdir()] == ["m.pth"]
+    monkeypatch.undo()
+    external = tmp_path / "ext.onnx"
+    export_onnx(model, external, external_data=True)
+    with pytest.raises(UserError, match="not ones kept in external data"):
+        quantize_int8(external, tmp_path / "q.onnx", image_like(4, size=32, seed=0).numpy())
+    assert not (tmp_path / "q.onnx").exists()
 
 
 @pytest.mark.slow

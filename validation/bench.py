@@ -318,15 +318,21 @@ def report_only(path: Path, docs: str) -> int:
 def _refuse_before_work(args: argparse.Namespace) -> None:
     """What would otherwise fail after half an hour of measuring."""
     from dyt_export.init_model import backbone_config
-    from validation.bench_models import ADAPTER_SCALE, BOTTLENECK, NUM_CLASSES
+    from dyt_export.export import weights_need_external_data
+    from dyt_export.quantize import INT8_SINGLE_FILE_ONLY
+    from validation.bench_models import ADAPTER_SCALE, BOTTLENECK, NUM_CLASSES, meta_model, require_work_space
     from validation.harness import check_output_dir
 
-    backbone_config(args.backbone, bottleneck=BOTTLENECK, adapter_scale=ADAPTER_SCALE, num_classes=NUM_CLASSES)
+    model = meta_model(backbone_config(args.backbone, bottleneck=BOTTLENECK, adapter_scale=ADAPTER_SCALE,
+                                       num_classes=NUM_CLASSES))
+    if weights_need_external_data(model):
+        raise UserError(f"--backbone {args.backbone}: {INT8_SINGLE_FILE_ONLY}, and make bench measures int8")
     if args.ort_fixed_batch and "ort-cpu" in args.runtimes and any(args.images % b for b in args.batches):
         raise UserError(f"--images {args.images} must be a multiple of every batch size for --pin-ort-batch")
     check_output_dir(args.out)
     if args.docs:
         check_output_dir(Path(args.docs).absolute().parent)
+    require_work_space(args.out / "work", model, len(args.rates))
 
 
 def main(argv: list[str] | None = None) -> int:

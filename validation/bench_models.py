@@ -24,6 +24,7 @@ from dyt_export import load_checkpoint, write_public_checkpoint
 from dyt_export.calibrate import calibrate_dispatchers, image_like
 from dyt_export.export import export_onnx
 from dyt_export.init_model import CALIBRATION_IMAGES, init_model
+from dyt_export.config import DyTConfig
 from dyt_export.model import DyTVisionTransformer
 
 BACKBONE = "vit_base_patch16_224"
@@ -45,6 +46,33 @@ def require_work_files(work: Path, *names: str) -> None:
     missing = [name for name in names if not (work / name).is_file()]
     if missing:
         raise UserError(f"{work} has no {', '.join(missing)}: run make bench first, or pass --work OUT/work of a run")
+
+
+def meta_model(config: DyTConfig) -> DyTVisionTransformer:
+    """The model `config` describes, without memory: what a check needs of its size, at once."""
+    with torch.device("meta"):
+        return DyTVisionTransformer(config)
+
+
+def require_work_space(work: Path, model: DyTVisionTransformer, rates: int) -> None:
+    """Refuse, before any work, a disk that cannot hold the benchmark's models: a ViT-B/16 run
+    writes 4.6 GB, and a disk that fills at the int8 export loses half an hour of measuring.
+
+    Every file is about the size of the fp32 weights: per rate a checkpoint, an export and its
+    external-data copy; the dense export and its copy; the masked export; the int8 export (a
+    quarter); one more while an export is staged. Files of an earlier run are replaced, so
+    their space counts as free."""
+    import shutil
+
+    from dyt_export.errors import UserError
+
+    needed = sum(p.numel() * p.element_size() for p in model.parameters()) * (3 * rates + 4.25)
+    existing = next(p for p in [work, *work.parents] if p.exists())
+    replaced = sum(f.stat().st_size for f in work.rglob("*") if f.is_file()) if work.is_dir() else 0
+    free = shutil.disk_usage(existing).free + replaced
+    if free < needed:
+        raise UserError(f"make bench needs about {needed / 1e9:.1f} GB for its models in {work}, and {free / 1e9:.1f} GB "
+                        "are free there: free some space or pass --out on another disk")
 
 
 @dataclass

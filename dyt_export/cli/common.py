@@ -3,6 +3,7 @@ parsing, checkpoint override flags."""
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 import traceback
@@ -11,7 +12,9 @@ from typing import Callable, NoReturn
 from ..errors import UserError
 
 EXIT_INTERNAL, EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 1, 2, 130, 141
-"""1 a bug, 2 bad input; 130 and 141 as a shell reports SIGINT and SIGPIPE (128 + signal)."""
+"""1 a bug, 2 bad input or a full disk (both the user's to change); 130 and 141 as a shell
+reports SIGINT and SIGPIPE (128 + signal)."""
+FULL_DISK = (errno.ENOSPC, errno.EDQUOT)
 
 
 def run_guarded(body: Callable[[], int], *, debug: bool, prog: str,
@@ -30,7 +33,11 @@ def run_guarded(body: Callable[[], int], *, debug: bool, prog: str,
     except KeyboardInterrupt as e:
         error, message, code = e, "interrupted", EXIT_INTERRUPTED
     except Exception as e:  # a bug: say so, in one line unless --debug
-        error, message, code = e, f"internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", EXIT_INTERNAL
+        if isinstance(e, OSError) and e.errno in FULL_DISK:  # outputs are staged, so nothing half-written stays
+            where = f" writing {e.filename}" if e.filename else ""
+            error, message, code = e, f"error: {e.strerror}{where}; free some space and run again", EXIT_BAD_INPUT
+        else:
+            error, message, code = e, f"internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", EXIT_INTERNAL
     if debug:
         traceback.print_exception(error)
     print(f"{prog}: {message}", file=sys.stderr)

@@ -48,6 +48,12 @@ class ExportResult:
     external_data: Path | None
 
 
+def weights_need_external_data(module: torch.nn.Module) -> bool:
+    """Whether `module`'s parameters, as stored, pass EXTERNAL_DATA_BYTES: known before any
+    export, so commands that take single files only (int8) refuse such models up front."""
+    return sum(p.numel() * p.element_size() for p in module.parameters()) > EXTERNAL_DATA_BYTES
+
+
 def external_data_path(path: Path) -> Path:
     """Where the weights of `path` live when they are kept outside the model file."""
     return path.with_name(path.name + ".data")
@@ -149,8 +155,7 @@ def export_onnx(model: DyTVisionTransformer, path: str | Path, *, opset: int = D
             cfg, dispatch=dispatch, precision="fp16" if fp16 else "fp32", opset=opset,
             with_masks=with_masks, provenance=provenance, parameters=model.parameter_counts(), rewrites=rewrites))
 
-    weight_bytes = sum(p.numel() * p.element_size() for p in prepared.parameters())
-    external = external_data or weight_bytes > EXTERNAL_DATA_BYTES
+    external = external_data or weights_need_external_data(prepared)
     import onnx  # heavy import, only needed here
 
     with staged_outputs(path) as stage:
