@@ -3,18 +3,17 @@ parsing, checkpoint override flags."""
 from __future__ import annotations
 
 import argparse
-import errno
 import os
 import sys
 import traceback
 from typing import Callable, NoReturn
 
+from ..atomic import FULL_DISK
 from ..errors import UserError
 
 EXIT_INTERNAL, EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 1, 2, 130, 141
 """1 a bug, 2 bad input or a full disk (both the user's to change); 130 and 141 as a shell
 reports SIGINT and SIGPIPE (128 + signal)."""
-FULL_DISK = (errno.ENOSPC, errno.EDQUOT)
 
 
 def run_guarded(body: Callable[[], int], *, debug: bool, prog: str,
