@@ -270,10 +270,15 @@ def test_bench_refuses_a_disk_its_models_do_not_fit_on(tmp_path, capsys, monkeyp
     ("roles", ["--work", "EMPTY"], "has no pool.npy, dyt-r0.3.pth, dyt-r0.3.onnx, dyt-r0.5-dense.onnx: run make bench first"),
     ("levers", ["--only", "gelu-ov", "turbo"], "--only: invalid choice: 'turbo'"),
     ("levers", ["--work", "EMPTY"], "has no pool.npy, dyt-r0.5.pth, dyt-r0.5.onnx, dyt-r0.5-dense.onnx: run make bench first"),
+    ("attention_forms", ["--out", "EMPTY", "--forms", "sort,bogus"], "--forms: unknown form(s) bogus; choose from sort, add"),
+    ("attention_forms", ["--variants", "attn"], "the following arguments are required: --out"),
+    ("bench_variants", ["--out", "EMPTY", "--activation", "1.5"], "--activation: expected a finite number from 0 to 1"),
+    ("bench_variants", ["--out", "EMPTY", "--batches", "1,0"], "--batches: expected positive integers"),
 ])
 def test_experiment_tools_refuse_bad_requests_in_one_line(tool, args, message, tmp_path, capsys):
-    """validation.roles and validation.levers measure make bench's own models: without them,
-    or asked for something they do not have, they say so instead of failing in numpy or ORT."""
+    """The experiment tools (validation.roles, .levers, .attention_forms, .bench_variants) build
+    or read ViT-B/16 models for minutes: without make bench's models, or asked for something
+    they do not have, they say so at once instead of failing in numpy or ORT."""
     import importlib
 
     module = importlib.import_module(f"validation.{tool}")

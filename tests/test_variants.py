@@ -27,7 +27,7 @@ from dyt_export.model import DyTVisionTransformer
 from dyt_export.model.adapter import MoEAdapter
 from dyt_export.model.attention import attention
 from dyt_export.model.dispatcher import TokenDispatcher
-from dyt_export.model.gather import rowwise_added, sequence_gathered
+from dyt_export.model.gather import rowwise_added, sequence_added
 
 from conftest import image_batch, small_config
 from steering import ALL, steer
@@ -214,19 +214,22 @@ def _edge_masks(n: int) -> torch.Tensor:
     return masks
 
 
-def test_sequence_gathered_is_attention_over_each_images_active_tokens():
-    """Against an independent oracle: timm's own Attention run on each image's active subset."""
+def test_sequence_added_is_attention_over_each_images_active_tokens():
+    """Against an independent oracle: timm's own Attention run on each image's active subset,
+    added to the residual; adding inside the scatter gives the same bits."""
     torch.manual_seed(0)
     attn = Attention(48, num_heads=4, qkv_bias=True).eval()
     x = torch.randn(4, 9, 48)
     masks = _edge_masks(9)
     with torch.no_grad():
-        out = sequence_gathered(x, masks, lambda t, bias: attention(attn, t, bias))
+        out = sequence_added(x, masks, lambda t, bias: attention(attn, t, bias))
         for b in range(4):
             active = masks[b]
-            expected = torch.zeros_like(x[b])
-            expected[active] = attn(x[b:b + 1, active])[0]
+            expected = x[b].clone()
+            expected[active] += attn(x[b:b + 1, active])[0]
             torch.testing.assert_close(out[b], expected, rtol=1e-5, atol=1e-6)
+        in_scatter = sequence_added(x, masks, lambda t, bias: attention(attn, t, bias), add_in_scatter=True)
+    torch.testing.assert_close(in_scatter, out, rtol=0, atol=0)
 
 
 def test_rowwise_added_touches_only_active_rows():

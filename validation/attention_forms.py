@@ -2,11 +2,14 @@
 while staying exact. Not a test; results and the decision are in docs/variants.md.
 
 Every form compacts each image's active tokens to the front of its row, pads to the batch's
-largest active count, masks padded keys, and scatters results back into zeros. They differ in
-how (ONNX ops in brackets):
+largest active count, masks padded keys, and adds the results back to the residual. They
+differ in how (ONNX ops in brackets):
 
-* `sort` (shipped, `dyt_export.model.gather.sequence_gathered`): flat row index [B*L] into
-  [B*N, C] (Gather / ScatterND), order from a full sort of a unique key (TopK(N) + Slice);
+* `sort` (shipped, `dyt_export.model.gather.sequence_added`): flat row index [B*L] into
+  [B*N, C] (Gather / ScatterND into zeros, then Add), order from a full sort of a unique key
+  (TopK(N) + Slice);
+* `add`: `sort` adding into the residual inside the scatter (ScatterND reduction "add"), the
+  lever measured on the MLP units in `validation.levers`;
 * `rows`: the same with TopK(longest) instead of the full sort (shipped before this
   experiment's last round);
 * `elements`: `rows` with per-element indices [B, L, C] (GatherElements / ScatterElements),
@@ -19,16 +22,21 @@ Each form is exported from the same calibrated ViT-B/16 (activation 0.5, `dyt_ex
 for the attention-dispatching variants and timed on ORT-CPU and OpenVINO with
 `validation.throughput.measure`, the forms interleaved round by round. Exactness: logits
 against the PyTorch model (max |diff| / max |logit|) and batch against one-by-one runs on
-the same runtime.
+the same runtime. `--memory B` adds each form's peak resident memory at batch B, and that of
+the model's `--dispatch dense` export beside them, one fresh process per figure
+(`validation.bench_memory`); `--memory-only` skips the timing.
 
-    .venv/bin/python -m validation.attention_forms --out /tmp/forms --runtimes      # export
+    .venv/bin/python -m validation.attention_forms --out /tmp/forms --export-only
     flock -x /tmp/dyt-bench.lock .venv/bin/python -m validation.attention_forms --out /tmp/forms
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
+import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -53,7 +61,7 @@ def _elements(x: torch.Tensor, mask: torch.Tensor, fn: SeqFn) -> torch.Tensor:
     index = order.unsqueeze(-1).expand(-1, -1, c)
     out = fn(torch.gather(x, 1, index), key_padding_bias(valid, torch.float32))
     out = out * valid.unsqueeze(-1).to(out.dtype)
-    return torch.zeros_like(x).scatter(1, index, out)
+    return x + torch.zeros_like(x).scatter(1, index, out)
 
 
 def _topk_order(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,8 +85,9 @@ def _sdpa_attention(attn: Attention, x: torch.Tensor, key_bias: torch.Tensor | N
 
 FORMS: dict[str, list[tuple[Any, str, Any]]] = {
     "sort": [],
+    "add": [(block_module, "sequence_added", functools.partial(gather_module.sequence_added, add_in_scatter=True))],
     "rows": [(gather_module, "compact_order", _topk_order)],
-    "elements": [(gather_module, "compact_order", _topk_order), (block_module, "sequence_gathered", _elements)],
+    "elements": [(gather_module, "compact_order", _topk_order), (block_module, "sequence_added", _elements)],
     "sdpa": [(gather_module, "compact_order", _topk_order), (block_module, "attention", _sdpa_attention)],
 }
 """Each form as the module attributes it replaces (looked up at call time by the model code)."""
@@ -105,8 +114,10 @@ def _exactness(backend, images: np.ndarray, reference: np.ndarray) -> dict[str, 
             "batch_vs_single": float(np.abs(batch - single).max()) / scale}
 
 
-def _export_forms(out: Path, variant: str, forms: list[str]) -> tuple[dict[str, Path], np.ndarray, np.ndarray]:
-    """ONNX file per form (exported when missing), the image pool and PyTorch's logits on it."""
+def _export_forms(out: Path, variant: str, forms: list[str],
+                  dense: bool) -> tuple[dict[str, Path], np.ndarray, np.ndarray]:
+    """ONNX file per form (exported when missing; with `dense`, the dense export too, under
+    "dense"), the image pool and PyTorch's logits on it."""
     pool = image_like(16, size=224, seed=1).numpy()
     model = init_model("vit_base_patch16_224", variant=variant, bottleneck=64, activation=0.5, seed=0)
     with torch.no_grad():
@@ -117,42 +128,85 @@ def _export_forms(out: Path, variant: str, forms: list[str]) -> tuple[dict[str, 
         if not paths[name].exists():
             with form(name):
                 export_onnx(model, paths[name], with_masks=True)
+    if dense:
+        paths["dense"] = out / f"{variant}-dense.onnx"
+        if not paths["dense"].exists():
+            export_onnx(model, paths["dense"], with_masks=True, dispatch="dense")
     return paths, pool, reference
 
 
-def run(out: Path, variants: list[str], forms: list[str], runtimes: list[str], threads: int,
-        rounds: int) -> list[dict]:
-    """Per runtime, every form is loaded and timed in turn (`validation.interleave`)."""
+def _peak_memory(runtime: str, paths: dict[str, Path], pool: np.ndarray, batch: int,
+                 threads: int) -> dict[str, dict[str, Any]]:
+    from validation.bench_memory import peak_memory
+
+    with tempfile.TemporaryDirectory() as tmp:
+        images = Path(tmp) / "images.npy"
+        np.save(images, np.concatenate([pool] * -(-batch // len(pool)))[:batch])
+        return {name: peak_memory(runtime, path, images, batch, threads) for name, path in paths.items()}
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    """Per runtime, every form is loaded and timed in turn (`validation.interleave`), then
+    each one's peak memory is measured alone."""
     rows = []
-    for variant in variants:
-        paths, pool, reference = _export_forms(out, variant, forms)
-        for runtime in runtimes:
-            backends = {name: open_backend(runtime, path, threads=threads) for name, path in paths.items()}
-            exact = {name: _exactness(backend, pool[:8], reference) for name, backend in backends.items()}
-            for batch in (1, 8):
-                timed = interleaved(backends, pool, batch, rounds)
-                for name in forms:
-                    rows.append({"variant": variant, "form": name, "runtime": runtime, **timed[name].to_dict(),
-                                 "ops": summarize(paths[name]).dispatch_op_counts, **exact[name]})
+    for variant in args.variants:
+        paths, pool, reference = _export_forms(args.out, variant, args.forms, dense=bool(args.memory))
+        forms = {name: paths[name] for name in args.forms}
+        for runtime in [] if args.export_only else args.runtimes:
+            if not args.memory_only:
+                rows += _timed(variant, runtime, forms, pool, reference, args)
+            for batch in args.memory:
+                for name, peak in _peak_memory(runtime, paths, pool, batch, args.threads).items():
+                    rows.append({"variant": variant, "form": name, "runtime": runtime, "memory_batch": batch, **peak})
                     print(json.dumps(rows[-1]), flush=True)
-            del backends
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, required=True, help="directory for the ONNX files and results.json")
-    parser.add_argument("--variants", nargs="+", default=["attn", "layer"])
-    parser.add_argument("--forms", nargs="+", default=list(FORMS), choices=list(FORMS))
-    parser.add_argument("--runtimes", nargs="*", default=["ort-cpu", "openvino"],
-                        help="none: only export (exports need no lock; timing does)")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=5, help="timed passes over the 16-image pool per form")
-    args = parser.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    rows = run(args.out, args.variants, args.forms, args.runtimes, args.threads, args.rounds)
-    (args.out / "results.json").write_text(json.dumps(rows, indent=1))
+def _timed(variant: str, runtime: str, forms: dict[str, Path], pool: np.ndarray, reference: np.ndarray,
+           args: argparse.Namespace) -> list[dict]:
+    backends = {name: open_backend(runtime, path, threads=args.threads) for name, path in forms.items()}
+    exact = {name: _exactness(backend, pool[:8], reference) for name, backend in backends.items()}
+    rows = []
+    for batch in (1, 8):
+        timed = interleaved(backends, pool, batch, args.rounds)
+        for name, path in forms.items():
+            rows.append({"variant": variant, "form": name, "runtime": runtime, **timed[name].to_dict(),
+                         "ops": summarize(path).dispatch_op_counts, **exact[name]})
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    from dyt_export.cli.common import Parser
+    from validation.cli import names_from, number, positive_ints, run_command
+
+    p = Parser(prog="python -m validation.attention_forms", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, required=True, help="directory for the ONNX files and results.json")
+    p.add_argument("--variants", type=names_from(("attn", "layer", "attn_mlp"), "variant"), default=["attn", "layer"],
+                   help="attn,layer (default)")
+    p.add_argument("--forms", type=names_from(tuple(FORMS), "form"), default=list(FORMS),
+                   help=f"{','.join(FORMS)} (default: all)")
+    p.add_argument("--runtimes", type=names_from(("ort-cpu", "openvino"), "runtime"), default=["ort-cpu", "openvino"],
+                   help="ort-cpu,openvino (default)")
+    p.add_argument("--export-only", action="store_true", help="only export the forms (needs no lock; timing does)")
+    p.add_argument("--threads", type=number(int, 1), default=2)
+    p.add_argument("--rounds", type=number(int, 1), default=5, help="timed passes over the 16-image pool per form")
+    p.add_argument("--memory", type=positive_ints, default=[], help="batch sizes to measure peak memory at, e.g. 8,32")
+    p.add_argument("--memory-only", action="store_true", help="with --memory: measure memory, not speed")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+    def body(args: argparse.Namespace) -> int:
+        from validation.harness import check_output_dir
+
+        check_output_dir(args.out)
+        args.out.mkdir(parents=True, exist_ok=True)
+        rows = run(args)
+        if rows:
+            (args.out / "results.json").write_text(json.dumps(rows, indent=1))
+        return 0
+
+    return run_command(p, argv, body)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -11,13 +11,13 @@ from `dyt_export.flops` at the active counts PyTorch reports on that pool.
 
 Exports need no lock; timing does (the cores are shared):
 
-    .venv/bin/python -m validation.bench_variants --out /tmp/bench --runtimes
+    .venv/bin/python -m validation.bench_variants --out /tmp/bench --export-only
     flock -x /tmp/dyt-bench.lock .venv/bin/python -m validation.bench_variants --out /tmp/bench
 """
 from __future__ import annotations
 
-import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -93,25 +93,37 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, required=True, help="directory for the ONNX files and results")
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
-    parser.add_argument("--runtimes", nargs="*", default=["ort-cpu"],
-                        help="none: only export (exports need no lock; timing does)")
-    parser.add_argument("--activation", type=float, default=0.5)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--images", type=int, default=16, help="image pool cycled through by the timer")
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved timed passes over the pool")
-    args = parser.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    rows = run(args.out, args.variants, args.runtimes, args.activation, args.threads, args.images, args.batches,
-               args.rounds)
-    if rows:
-        (args.out / "results.json").write_text(json.dumps({"machine": machine_info(), "rows": rows}, indent=1))
-        print(table(rows))
+def main(argv: list[str] | None = None) -> int:
+    from dyt_export.cli.common import Parser
+    from validation.cli import names_from, number, positive_ints, run_command
+    from validation.harness import check_output_dir
+
+    p = Parser(prog="python -m validation.bench_variants", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, required=True, help="directory for the ONNX files and results")
+    p.add_argument("--variants", type=names_from(VARIANTS, "variant"), default=list(VARIANTS),
+                   help=f"{','.join(VARIANTS)} (default: all)")
+    p.add_argument("--runtimes", type=names_from(("ort-cpu", "openvino"), "runtime"), default=["ort-cpu"],
+                   help="ort-cpu (default), openvino")
+    p.add_argument("--export-only", action="store_true", help="only export (needs no lock; timing does)")
+    p.add_argument("--activation", type=number(float, 0.0, 1.0), default=0.5)
+    p.add_argument("--threads", type=number(int, 1), default=2)
+    p.add_argument("--images", type=number(int, 1), default=16, help="image pool cycled through by the timer")
+    p.add_argument("--batches", type=positive_ints, default=(1, 8), help="comma-separated (default 1,8)")
+    p.add_argument("--rounds", type=number(int, 1), default=5, help="interleaved timed passes over the pool")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+    def body(args) -> int:
+        check_output_dir(args.out)
+        args.out.mkdir(parents=True, exist_ok=True)
+        rows = run(args.out, args.variants, [] if args.export_only else args.runtimes, args.activation, args.threads,
+                   args.images, list(args.batches), args.rounds)
+        if rows:
+            (args.out / "results.json").write_text(json.dumps({"machine": machine_info(), "rows": rows}, indent=1))
+            print(table(rows))
+        return 0
+
+    return run_command(p, argv, body)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

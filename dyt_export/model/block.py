@@ -18,7 +18,7 @@ from ..config import DyTConfig, unit_module_names
 from .adapter import build_adapter
 from .attention import attention
 from .dispatcher import TokenDispatcher
-from .gather import rowwise_added, sequence_gathered, sequence_masked
+from .gather import rowwise_added, sequence_added, sequence_masked
 
 
 class DispatchRecord(NamedTuple):
@@ -79,7 +79,7 @@ class DyTBlock(Block):
             if mode == "masked":
                 out = x + (sequence_masked(x, mask, branch) if sequence else branch(x) * mask.unsqueeze(-1).to(x.dtype))
             else:
-                out = x + sequence_gathered(x, mask, branch) if sequence else rowwise_added(x, mask, branch)
+                out = sequence_added(x, mask, branch) if sequence else rowwise_added(x, mask, branch)
         return out + adapter(x) if adapter is not None else out
 
     def forward(self, x: torch.Tensor, mode: str = "dynamic", records: list[DispatchRecord] | None = None) -> torch.Tensor:

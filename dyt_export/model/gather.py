@@ -70,15 +70,17 @@ def key_padding_bias(valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.where(valid, zero, neg)[:, None, None, :]
 
 
-def sequence_gathered(x: torch.Tensor, mask: torch.Tensor, fn: SeqFn) -> torch.Tensor:
-    """fn on each image's active tokens only (attention never crosses images or reaches an
-    inactive token), scattered back into zeros: [B, N, C].
+def sequence_added(x: torch.Tensor, mask: torch.Tensor, fn: SeqFn, *, add_in_scatter: bool = False) -> torch.Tensor:
+    """x + fn on each image's active tokens only (attention never crosses images or reaches an
+    inactive token), x elsewhere: [B, N, C].
 
     Rows are addressed in the flattened batch (`image * N + position`), one index per token:
     Gather and ScatterND on [B*L] indices, not per-element [B, L, C] indices
     (GatherElements/ScatterElements), which were slower or equal on ORT and OpenVINO
     (docs/variants.md). Padded slots point at inactive tokens of their own image and write
-    zeros, so no scatter index repeats and no active result is overwritten.
+    zeros, so no scatter index repeats and no active result is overwritten. As in
+    `rowwise_added`, the branch is scattered into zeros and added; `add_in_scatter` adds it
+    inside the scatter (bit-identical; measured and rejected in docs/variants.md).
     """
     b, n, c = x.shape
     order, valid = compact_order(mask)
@@ -86,11 +88,13 @@ def sequence_gathered(x: torch.Tensor, mask: torch.Tensor, fn: SeqFn) -> torch.T
     flat = x.reshape(b * n, c)
     out = fn(flat.index_select(0, rows).reshape(b, -1, c), key_padding_bias(valid, torch.float32))
     out = (out * valid.unsqueeze(-1).to(out.dtype)).reshape(-1, c)
-    return torch.zeros_like(flat).index_put((rows,), out).reshape(b, n, c)
+    if add_in_scatter:
+        return flat.index_put((rows,), out, accumulate=True).reshape(b, n, c)
+    return x + torch.zeros_like(flat).index_put((rows,), out).reshape(b, n, c)
 
 
 def sequence_masked(x: torch.Tensor, mask: torch.Tensor, fn: SeqFn) -> torch.Tensor:
     """The training-time formulation: fn on every token with inactive keys masked out,
-    then the branch multiplied by the mask. Same numbers as `sequence_gathered`, no savings."""
+    then the branch multiplied by the mask. Same numbers as `sequence_added`'s branch, no savings."""
     out = fn(x, key_padding_bias(mask, torch.float32))
     return out * mask.unsqueeze(-1).to(out.dtype)
