@@ -22,6 +22,8 @@ _REGISTRY: dict[str, tuple[str, str]] = {
 BACKEND_NAMES: tuple[str, ...] = tuple(_REGISTRY)
 ONNX_RUNTIMES: tuple[str, ...] = ("ort-cpu", "ort-cuda", "openvino")
 """Backends that run an ONNX file (all but the PyTorch reference)."""
+CPU_RUNTIMES: tuple[str, ...] = ("ort-cpu", "openvino")
+"""The ONNX runtimes every machine here has (no GPU): the ones benchmarks and experiments time."""
 
 
 def get_backend(name: str) -> type[Backend]:
@@ -43,4 +45,4 @@ def open_backend(name: str, model: Path | str, **options: Any) -> Backend:
 
 
 __all__ = ["Availability", "Backend", "BackendError", "TensorSpec", "check_inputs", "BACKEND_NAMES",
-           "ONNX_RUNTIMES", "get_backend", "open_backend"]
+           "ONNX_RUNTIMES", "CPU_RUNTIMES", "get_backend", "open_backend"]

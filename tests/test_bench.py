@@ -13,7 +13,7 @@ import torch
 from conftest import force_dispatcher, image_batch, small_config
 from dyt_export import build_model
 from dyt_export.export import export_onnx
-from runtimes import open_backend
+from runtimes import CPU_RUNTIMES, open_backend
 from validation import bench
 from validation.bench_memory import external_copy, measure_here
 from validation.bench_models import trained_like
@@ -21,7 +21,7 @@ from validation.bench_report import DOCS_BEGIN, DOCS_END, Result, results_from_r
 from validation.gemm import LIBRARIES, matmul_runner
 from validation.graph_forms import FORMS
 from validation.public_eager import PublicEagerDyT
-from validation.roles import MLP_ROLES, RUNTIMES, Widths, bounds, openvino_times, ort_times
+from validation.roles import MLP_ROLES, Widths, bounds, openvino_times, ort_times
 from validation.turns import paired_ratio, row, take_turns
 
 
@@ -191,7 +191,7 @@ def test_external_copy_is_the_same_graph_with_its_weights_beside_it(trained_smal
         {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
 
 
-@pytest.mark.parametrize("runtime", RUNTIMES)
+@pytest.mark.parametrize("runtime", CPU_RUNTIMES)
 def test_roles_name_every_gemm_of_both_exports(trained_small, tmp_path, runtime):
     model, path = trained_small
     dense = export_onnx(model, tmp_path / "dense.onnx", dispatch="dense").path

@@ -10,7 +10,7 @@ import pytest
 import runtimes
 from conftest import image_batch
 from dyt_export import build_model, export_onnx, load_checkpoint, save
-from runtimes import BackendError, get_backend, open_backend
+from runtimes import CPU_RUNTIMES, BackendError, get_backend, open_backend
 from runtimes.__main__ import main as runtimes_main
 from runtimes.base import first_line
 from runtimes.ort_cuda import cuda_availability
@@ -20,7 +20,6 @@ from validation.data import load_inputs
 
 from conftest import force_dispatcher, small_config
 
-CPU_RUNTIMES = ["ort-cpu", "openvino"]
 NONE_BLOCK, ALL_BLOCK = 1, 2
 
 
@@ -125,7 +124,7 @@ BAD_INPUTS = {
 }
 
 
-@pytest.mark.parametrize("runtime", CPU_RUNTIMES + ["torch"])
+@pytest.mark.parametrize("runtime", [*CPU_RUNTIMES, "torch"])
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_bad_inputs_are_refused_with_one_line(edge, runtime, case):
     model, path, _ = edge

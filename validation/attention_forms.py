@@ -51,7 +51,7 @@ from dyt_export.calibrate import image_like
 from dyt_export.export import export_onnx, summarize
 from dyt_export.init_model import init_model
 from dyt_export.model.gather import SeqFn, key_padding_bias
-from runtimes import open_backend
+from runtimes import CPU_RUNTIMES, open_backend
 from validation.interleave import interleaved
 
 
@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="attn,layer (default)")
     p.add_argument("--forms", type=names_from(tuple(FORMS), "form"), default=list(FORMS),
                    help=f"{','.join(FORMS)} (default: all)")
-    p.add_argument("--runtimes", type=names_from(("ort-cpu", "openvino"), "runtime"), default=["ort-cpu", "openvino"],
+    p.add_argument("--runtimes", type=names_from(CPU_RUNTIMES, "runtime"), default=list(CPU_RUNTIMES),
                    help="ort-cpu,openvino (default)")
     p.add_argument("--export-only", action="store_true", help="only export the forms (needs no lock; timing does)")
     p.add_argument("--threads", type=number(int, 1), default=2)

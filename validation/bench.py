@@ -36,11 +36,10 @@ import numpy as np
 from dyt_export.cli.common import Parser
 from dyt_export.errors import UserError
 from validation.cli import names_from, number, positive_ints, run_command
+from runtimes import CPU_RUNTIMES
 from validation.turns import SETTLED_RUNTIMES, Runner, paired_ratio, row, take_turns
 
 RUNTIME_GEMM_LIBRARY = {"ort-cpu": "onnxruntime", "openvino": "openvino", "torch": "torch"}
-BENCH_RUNTIMES = ("ort-cpu", "openvino")
-"""The runtimes issue 5 measures (eager PyTorch is timed beside them, not as one of them)."""
 MEMORY_IMAGES = 8
 """Images per memory measurement at small batches: memory settles within the first calls."""
 GROUP_GEMM_SIZE = 2048
@@ -278,7 +277,7 @@ def parser() -> Parser:
     p.add_argument("--eager-batches", type=positive_ints, default=(1, 8, 32), help="batches for eager PyTorch")
     p.add_argument("--memory-batches", type=_batches_or_none, default=(1, 32), help="batches for peak memory ('' for none)")
     p.add_argument("--threads", type=_thread_counts, default="2,all", help="comma list; 'all' = every usable core (default 2,all)")
-    p.add_argument("--runtimes", type=names_from(BENCH_RUNTIMES, "runtime"), default=list(BENCH_RUNTIMES), help="ort-cpu,openvino (default)")
+    p.add_argument("--runtimes", type=names_from(CPU_RUNTIMES, "runtime"), default=list(CPU_RUNTIMES), help="ort-cpu,openvino (default)")
     p.add_argument("--images", type=number(int, 1), default=32, help="image pool every contender passes over")
     p.add_argument("--passes", type=number(int, 1), default=1, help="timed passes over the pool per group")
     p.add_argument("--min-calls", type=number(int, 1), default=3,

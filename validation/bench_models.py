@@ -22,9 +22,9 @@ import torch
 
 from dyt_export import load_checkpoint, write_public_checkpoint
 from dyt_export.calibrate import calibrate_dispatchers, image_like
-from dyt_export.export import export_onnx
-from dyt_export.init_model import CALIBRATION_IMAGES, init_model
 from dyt_export.config import DyTConfig
+from dyt_export.export import export_onnx, parameter_bytes
+from dyt_export.init_model import CALIBRATION_IMAGES, init_model
 from dyt_export.model import DyTVisionTransformer
 
 BACKBONE = "vit_base_patch16_224"
@@ -66,7 +66,7 @@ def require_work_space(work: Path, model: DyTVisionTransformer, rates: int) -> N
 
     from dyt_export.errors import UserError
 
-    needed = sum(p.numel() * p.element_size() for p in model.parameters()) * (3 * rates + 4.25)
+    needed = parameter_bytes(model) * (3 * rates + 4.25)
     existing = next(p for p in [work, *work.parents] if p.exists())
     replaced = sum(f.stat().st_size for f in work.rglob("*") if f.is_file()) if work.is_dir() else 0
     free = shutil.disk_usage(existing).free + replaced

@@ -28,7 +28,7 @@ from dyt_export.config import VARIANTS, DyTConfig
 from dyt_export.export import export_onnx
 from dyt_export.flops import flops_summary
 from dyt_export.init_model import init_model
-from runtimes import open_backend
+from runtimes import CPU_RUNTIMES, open_backend
 from validation.machine import machine_info
 from validation.interleave import interleaved
 from validation.throughput import batches_of
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True, help="directory for the ONNX files and results")
     p.add_argument("--variants", type=names_from(VARIANTS, "variant"), default=list(VARIANTS),
                    help=f"{','.join(VARIANTS)} (default: all)")
-    p.add_argument("--runtimes", type=names_from(("ort-cpu", "openvino"), "runtime"), default=["ort-cpu"],
+    p.add_argument("--runtimes", type=names_from(CPU_RUNTIMES, "runtime"), default=["ort-cpu"],
                    help="ort-cpu (default), openvino")
     p.add_argument("--export-only", action="store_true", help="only export (needs no lock; timing does)")
     p.add_argument("--activation", type=number(float, 0.0, 1.0), default=0.5)

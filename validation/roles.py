@@ -29,13 +29,13 @@ from typing import Any
 
 import numpy as np
 
+from runtimes import CPU_RUNTIMES
 from validation.ort_profile import kernel_events, profiling
 from validation.turns import ort_options_in_turns
 
 GELU, ATTENTION, OTHER, SMALL = "mlp hidden elementwise (bias, GELU)", "attention core", "other (LayerNorm, adds, ...)", "adapters, head"
 MLP_ROLES = ("mlp fc1", GELU, "mlp fc2")
 """The work MLP Dispatch runs on the active tokens only."""
-RUNTIMES = ("ort-cpu", "openvino")
 
 
 class Widths:
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=number(int, 1), default=1)
     p.add_argument("--threads", type=number(int, 1), default=2)
     p.add_argument("--passes", type=number(int, 1), default=1)
-    p.add_argument("--runtimes", type=names_from(RUNTIMES, "runtime"), default=list(RUNTIMES), help="ort-cpu,openvino (default)")
+    p.add_argument("--runtimes", type=names_from(CPU_RUNTIMES, "runtime"), default=list(CPU_RUNTIMES), help="ort-cpu,openvino (default)")
     p.add_argument("--out", type=Path, help="also write the figures as JSON here")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return run_command(p, argv, _profile_roles)

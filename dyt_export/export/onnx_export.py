@@ -48,10 +48,16 @@ class ExportResult:
     external_data: Path | None
 
 
+def parameter_bytes(module: torch.nn.Module) -> int:
+    """Bytes of `module`'s parameters as stored: what its exported weights weigh. Works on a
+    model built on the meta device, so sizes are known before any weight exists."""
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
 def weights_need_external_data(module: torch.nn.Module) -> bool:
-    """Whether `module`'s parameters, as stored, pass EXTERNAL_DATA_BYTES: known before any
-    export, so commands that take single files only (int8) refuse such models up front."""
-    return sum(p.numel() * p.element_size() for p in module.parameters()) > EXTERNAL_DATA_BYTES
+    """Whether `module`'s parameters pass EXTERNAL_DATA_BYTES: known before any export, so
+    commands that take single files only (int8) refuse such models up front."""
+    return parameter_bytes(module) > EXTERNAL_DATA_BYTES
 
 
 def external_data_path(path: Path) -> Path:
