@@ -74,6 +74,14 @@ def check_inputs(inputs: Mapping[str, Any], specs: list[TensorSpec]) -> dict[str
     return checked
 
 
+def check_fixed_batch(value: Any, backend: str) -> int | None:
+    """The `fixed_batch` option of the ONNX backends: None (a dynamic batch) or a batch size.
+    JSON options arrive as any type, and True would pass as the integer 1."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise BackendError(f"{backend}: fixed_batch must be a positive integer, got {value!r}")
+    return value
+
+
 def require_file(model: Path | str, backend: str) -> Path:
     """The model path, or BackendError when there is no file to load."""
     path = Path(model)

@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from .base import Backend, BackendError, TensorSpec, check_inputs, first_line, load_failure, require_file
+from .base import Backend, BackendError, TensorSpec, check_fixed_batch, check_inputs, first_line, load_failure, require_file
 
 _ORT_TYPES = {
     "tensor(float)": np.dtype(np.float32), "tensor(float16)": np.dtype(np.float16),
@@ -60,9 +60,7 @@ class OrtBackend(Backend):
             options.intra_op_num_threads = threads
         if optimized_model_path is not None:
             options.optimized_model_filepath = str(optimized_model_path)
-        if fixed_batch is not None:
-            if not isinstance(fixed_batch, int) or fixed_batch < 1:
-                raise BackendError(f"{self.name}: fixed_batch must be a positive integer, got {fixed_batch!r}")
+        if check_fixed_batch(fixed_batch, self.name) is not None:
             options.add_free_dimension_override_by_name(BATCH_AXIS, fixed_batch)
         for key, value in (session_config or {}).items():
             options.add_session_config_entry(key, str(value))

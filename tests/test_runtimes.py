@@ -97,15 +97,19 @@ def test_backend_options_reach_the_runtime(edge):
     assert ov_backend.info()["compiled"]["INFERENCE_NUM_THREADS"] == 1
     with pytest.raises(BackendError, match="at most 4"):
         ov_backend.run({"pixel_values": np.zeros((5, 3, 32, 32), np.float32)})
-    fixed = open_backend("ort-cpu", path, fixed_batch=3)
-    assert fixed.input_specs[0].shape[0] == 3
     x = image_batch(3, seed=4)
-    np.testing.assert_array_equal(fixed.run({"pixel_values": x})["logits"],
-                                  open_backend("ort-cpu", path).run({"pixel_values": x})["logits"])
-    with pytest.raises(BackendError, match=r"float32 \[3,3,32,32\]"):
-        fixed.run({"pixel_values": x[:1]})
-    with pytest.raises(BackendError, match="fixed_batch must be a positive integer"):
-        open_backend("ort-cpu", path, fixed_batch=0)
+    for runtime in CPU_RUNTIMES:
+        fixed = open_backend(runtime, path, fixed_batch=3)
+        assert fixed.input_specs[0].shape[0] == 3 and fixed.info()["fixed_batch"] == 3
+        np.testing.assert_array_equal(fixed.run({"pixel_values": x})["logits"],
+                                      open_backend(runtime, path).run({"pixel_values": x})["logits"])
+        with pytest.raises(BackendError, match=r"float32 \[3,3,32,32\]"):
+            fixed.run({"pixel_values": x[:1]})
+        for bad in (0, True, "4"):  # options from JSON or the command line arrive as any type
+            with pytest.raises(BackendError, match="fixed_batch must be a positive integer"):
+                open_backend(runtime, path, fixed_batch=bad)
+    with pytest.raises(BackendError, match="give max_batch or fixed_batch, not both"):
+        open_backend("openvino", path, fixed_batch=3, max_batch=4)
     with pytest.raises(BackendError, match="unexpected keyword argument 'bogus'"):
         open_backend("ort-cpu", path, bogus=1)
 

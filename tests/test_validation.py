@@ -262,6 +262,28 @@ def test_validation_command_end_to_end(exported, runtime, capsys):
     assert (out / f"{runtime}.md").read_text().startswith(f"# tiny on {runtime}: PASS")
 
 
+@pytest.mark.parametrize("runtime", ["ort-cpu", "openvino"])
+def test_a_backend_pinned_to_one_batch_is_validated_in_calls_of_that_batch(exported, runtime, monkeypatch, capsys):
+    """fixed_batch=4 over 10 images: calls of exactly 4 (the last one filled with repeats),
+    the same outputs as the dynamic backend; timing at another batch is refused up front."""
+    from runtimes import open_backend
+
+    root, model, _ = exported
+    images = np.random.default_rng(0).standard_normal((10, 3, 32, 32), dtype=np.float32)
+    pinned = open_backend(runtime, model, fixed_batch=4)
+    calls = []
+    run = pinned.run
+    monkeypatch.setattr(pinned, "run", lambda feed: calls.append(len(feed["pixel_values"])) or run(feed))
+    got = validation.harness.run_all(pinned, images, ("logits",))["logits"]
+    assert calls == [4, 4, 4]
+    np.testing.assert_array_equal(got, validation.harness.run_all(open_backend(runtime, model), images, ("logits",))["logits"])
+    monkeypatch.setattr(validation.harness, "run_all", lambda *a, **k: pytest.fail("work started"))
+    result = _validate("--runtime", runtime, "--model", str(model), "--option", "fixed_batch=4", "--batches", "1,4",
+                       "--out", str(root / "pinned"), capsys=capsys)
+    assert result.returncode == 2 and len(result.stderr.splitlines()) == 1, result.stderr
+    assert "fixed_batch=4 pins the batch axis: time it with --batches 4, not 1,4" in result.stderr
+
+
 def test_parity_miss_exits_non_zero_and_keeps_the_record(exported, capsys):
     root, model, other = exported
     out = root / "records-miss"

@@ -24,7 +24,8 @@ for the attention-dispatching variants and timed on ORT-CPU and OpenVINO with
 against the PyTorch model (max |diff| / max |logit|) and batch against one-by-one runs on
 the same runtime. `--memory B` adds each form's peak resident memory at batch B, and that of
 the model's `--dispatch dense` export beside them, one fresh process per figure
-(`validation.bench_memory`); `--memory-only` skips the timing.
+(`validation.bench_memory`); `--fixed-batch` measures each again with the runtime pinned to
+batch B (the backends' `fixed_batch`); `--memory-only` skips the timing.
 
     .venv/bin/python -m validation.attention_forms --out /tmp/forms --export-only
     flock -x /tmp/dyt-bench.lock .venv/bin/python -m validation.attention_forms --out /tmp/forms
@@ -34,6 +35,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import itertools
 import json
 import sys
 import tempfile
@@ -48,6 +50,7 @@ from timm.models.vision_transformer import Attention
 import dyt_export.model.block as block_module
 import dyt_export.model.gather as gather_module
 from dyt_export.calibrate import image_like
+from dyt_export.errors import UserError
 from dyt_export.export import export_onnx, summarize
 from dyt_export.init_model import init_model
 from dyt_export.model.gather import SeqFn, key_padding_bias
@@ -135,14 +138,15 @@ def _export_forms(out: Path, variant: str, forms: list[str],
     return paths, pool, reference
 
 
-def _peak_memory(runtime: str, paths: dict[str, Path], pool: np.ndarray, batch: int,
-                 threads: int) -> dict[str, dict[str, Any]]:
+def _peak_memory(runtime: str, paths: dict[str, Path], pool: np.ndarray, batch: int, threads: int,
+                 options: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
     from validation.bench_memory import peak_memory
 
     with tempfile.TemporaryDirectory() as tmp:
         images = Path(tmp) / "images.npy"
         np.save(images, np.concatenate([pool] * -(-batch // len(pool)))[:batch])
-        return {name: peak_memory(runtime, path, images, batch, threads) for name, path in paths.items()}
+        return {name: peak_memory(runtime, path, images, batch, threads, options=options)
+                for name, path in paths.items()}
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -155,9 +159,11 @@ def run(args: argparse.Namespace) -> list[dict]:
         for runtime in [] if args.export_only else args.runtimes:
             if not args.memory_only:
                 rows += _timed(variant, runtime, forms, pool, reference, args)
-            for batch in args.memory:
-                for name, peak in _peak_memory(runtime, paths, pool, batch, args.threads).items():
-                    rows.append({"variant": variant, "form": name, "runtime": runtime, "memory_batch": batch, **peak})
+            for batch, pinned in itertools.product(args.memory, (False, True) if args.fixed_batch else (False,)):
+                options = {"fixed_batch": batch} if pinned else None
+                for name, peak in _peak_memory(runtime, paths, pool, batch, args.threads, options).items():
+                    rows.append({"variant": variant, "form": name, "runtime": runtime, "memory_batch": batch,
+                                 "fixed_batch": pinned, **peak})
                     print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -193,11 +199,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=number(int, 1), default=5, help="timed passes over the 16-image pool per form")
     p.add_argument("--memory", type=positive_ints, default=[], help="batch sizes to measure peak memory at, e.g. 8,32")
     p.add_argument("--memory-only", action="store_true", help="with --memory: measure memory, not speed")
+    p.add_argument("--fixed-batch", action="store_true",
+                   help="with --memory: also measure every model with the runtime pinned to that batch (fixed_batch)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
     def body(args: argparse.Namespace) -> int:
         from validation.harness import check_output_dir
 
+        if (args.memory_only or args.fixed_batch) and not args.memory:
+            raise UserError(f"{'--memory-only' if args.memory_only else '--fixed-batch'} needs --memory B[,B]")
         check_output_dir(args.out)
         args.out.mkdir(parents=True, exist_ok=True)
         rows = run(args)

@@ -26,6 +26,7 @@ EPILOG = """examples:
   python -m validation --runtime ort-cpu --model m.onnx   # reference: the checkpoint in m.onnx's metadata
   python -m validation --runtime ort-cpu --model m.onnx --ref m.pth --out records/m --batches 1,8 --threads 1,2
   python -m validation --runtime openvino --option performance_hint=THROUGHPUT --option streams=2
+  python -m validation --runtime openvino --option fixed_batch=8 --batches 8   # batch axis pinned to 8
 
 parity rules (see validation/compare.py): a token-mask difference is a flip only when the
 reference dispatcher logit is within --flip-logit of 0 (each flip is reported); any other

@@ -29,6 +29,7 @@ from dyt_export.atomic import probe_writable
 from dyt_export.errors import UserError
 from dyt_export.progress import Steps
 from runtimes import ONNX_RUNTIMES, Backend, BackendError, get_backend, open_backend
+from runtimes.base import check_fixed_batch
 from runtimes.torch_ref import TorchReference
 
 from .compare import Parity, accuracy, compare, tolerances_for
@@ -85,12 +86,18 @@ class Outcome:
 
 
 def run_all(backend: Backend, images: np.ndarray, names: tuple[str, ...]) -> dict[str, np.ndarray]:
-    """`names` outputs of `backend` over all images, RUN_CHUNK images per call."""
+    """`names` outputs of `backend` over all images, RUN_CHUNK images per call. A backend
+    pinned to one batch size (`fixed_batch`, or a model exported with a static batch) gets
+    calls of exactly that size, the last one filled with repeats of its own images whose
+    outputs are dropped: images do not interact, so the kept outputs are the same."""
+    pinned = backend.input_specs[0].shape[0]
+    chunk = pinned or RUN_CHUNK
     parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
-    for start in range(0, len(images), RUN_CHUNK):
-        out = backend.run(feed(backend, images[start:start + RUN_CHUNK]))
+    for start in range(0, len(images), chunk):
+        part = images[start:start + chunk]
+        out = backend.run(feed(backend, part[np.arange(chunk) % len(part)] if pinned else part))
         for n in names:
-            parts[n].append(out[n])
+            parts[n].append(out[n][:len(part)])
     return {n: np.concatenate(v) for n, v in parts.items()}
 
 
@@ -123,6 +130,10 @@ def _check_options(opts: Options) -> None:
                          ("reference threads", (opts.ref_threads,))):
         if not values or any(not isinstance(v, int) or v < 1 for v in values):
             raise UserError(f"{name} must be integers >= 1, got {list(values)}")
+    pinned = check_fixed_batch(opts.backend_options.get("fixed_batch"), opts.runtime)
+    if opts.throughput and pinned is not None and set(opts.batches) != {pinned}:
+        raise UserError(f"fixed_batch={pinned} pins the batch axis: time it with --batches {pinned}, "
+                        f"not {','.join(map(str, opts.batches))}")
     if opts.iters < 1 or opts.warmup < 0 or not 0 <= opts.min_seconds < float("inf"):
         raise UserError(f"need iters >= 1, warmup >= 0 and a finite min_seconds >= 0, got {opts.iters}, "
                         f"{opts.warmup}, {opts.min_seconds}")

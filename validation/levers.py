@@ -34,7 +34,8 @@ OPSET_DEFAULT = 18
 FIXED_BATCH = object()
 """Option value replaced by each group's batch size (a session pinned to the batch it serves)."""
 EXPERIMENTS = ("dispatch-ort", "dispatch-ov", "dispatcher-ort", "dispatcher-ov", "dense-part-ort", "dense-part-ov",
-               "attention-ort", "attention-ov", "gelu-ov", "gelu-ort", "ort-session", "ort-pinned", "ov-config")
+               "attention-ort", "attention-ov", "gelu-ov", "gelu-ort", "ort-session", "ort-pinned", "ov-config",
+               "ov-pinned")
 """Every group of contenders `run` can time, for `--only`."""
 
 
@@ -153,6 +154,12 @@ def run(work: Path, out: Path, threads: int, passes: int, batches: list[int], on
         return {"shipped": (runtime, dyt, {}), lever: (runtime, dyt_form, {}),
                 "dense": (runtime, dense, {}), f"dense-{lever}": (runtime, dense_form, {})}
 
+    def pinned(runtime: str) -> dict[str, tuple[str, Path, dict]]:
+        """The DyT and dense exports with a dynamic batch and with the batch axis pinned to
+        the batch timed (`fixed_batch`), on one runtime."""
+        return {"dynamic": (runtime, dyt, {}), "pinned": (runtime, dyt, {"fixed_batch": FIXED_BATCH}),
+                "dense-dynamic": (runtime, dense, {}), "dense-pinned": (runtime, dense, {"fixed_batch": FIXED_BATCH})}
+
     ort_, ov = "ort-cpu", "openvino"
     experiments: dict[str, dict[str, tuple[str, Path, dict[str, Any]]]] = {
         "dispatch-ort": {"shipped": (ort_, dyt, {}), "scatter_add": (ort_, scatter_add, {}),
@@ -178,11 +185,11 @@ def run(work: Path, out: Path, threads: int, passes: int, batches: list[int], on
                         "no-spinning": (ort_, dyt, {"session_config": {"session.intra_op.allow_spinning": "0"}}),
                         "fixed-batch": (ort_, dyt, {"fixed_batch": FIXED_BATCH}),
                         "no-arena": (ort_, dyt, {"memory_arena": False})},
-        "ort-pinned": {"dynamic": (ort_, dyt, {}), "pinned": (ort_, dyt, {"fixed_batch": FIXED_BATCH}),
-                       "dense-dynamic": (ort_, dense, {}), "dense-pinned": (ort_, dense, {"fixed_batch": FIXED_BATCH})},
+        "ort-pinned": pinned(ort_),
         "ov-config": {"latency": (ov, dyt, {}), "bounded-batch": (ov, dyt, {"max_batch": 32}),
                       "throughput-hint": (ov, dyt, {"performance_hint": "THROUGHPUT", "streams": None}),
                       "pinning": (ov, dyt, {"pinning": True})},
+        "ov-pinned": pinned(ov),
     }
     assert tuple(experiments) == EXPERIMENTS, "EXPERIMENTS names every experiment, in order"
     rows = []
