@@ -272,7 +272,6 @@ def test_bench_refuses_a_disk_its_models_do_not_fit_on(tmp_path, capsys, monkeyp
     ("levers", ["--work", "EMPTY"], "has no pool.npy, dyt-r0.5.pth, dyt-r0.5.onnx, dyt-r0.5-dense.onnx: run make bench first"),
     ("attention_forms", ["--out", "EMPTY", "--forms", "sort,bogus"], "--forms: unknown form(s) bogus; choose from sort, add"),
     ("attention_forms", ["--variants", "attn"], "the following arguments are required: --out"),
-    ("attention_forms", ["--out", "EMPTY", "--fixed-batch"], "--fixed-batch needs --memory B[,B]"),
     ("attention_forms", ["--out", "EMPTY", "--memory-only"], "--memory-only needs --memory B[,B]"),
     ("bench_variants", ["--out", "EMPTY", "--activation", "1.5"], "--activation: expected a finite number from 0 to 1"),
     ("bench_variants", ["--out", "EMPTY", "--batches", "1,0"], "--batches: expected positive integers"),

@@ -24,8 +24,9 @@ for the attention-dispatching variants and timed on ORT-CPU and OpenVINO with
 against the PyTorch model (max |diff| / max |logit|) and batch against one-by-one runs on
 the same runtime. `--memory B` adds each form's peak resident memory at batch B, and that of
 the model's `--dispatch dense` export beside them, one fresh process per figure
-(`validation.bench_memory`); `--fixed-batch` measures each again with the runtime pinned to
-batch B (the backends' `fixed_batch`); `--memory-only` skips the timing.
+(`validation.bench_memory`); `--memory-only` skips the timing. `--fixed-batch` times, and
+measures, each form again with the runtime pinned to the batch (the backends' `fixed_batch`),
+its logits checked against the dynamic backend's.
 
     .venv/bin/python -m validation.attention_forms --out /tmp/forms --export-only
     flock -x /tmp/dyt-bench.lock .venv/bin/python -m validation.attention_forms --out /tmp/forms
@@ -54,7 +55,7 @@ from dyt_export.errors import UserError
 from dyt_export.export import export_onnx, summarize
 from dyt_export.init_model import init_model
 from dyt_export.model.gather import SeqFn, key_padding_bias
-from runtimes import CPU_RUNTIMES, open_backend
+from runtimes import CPU_RUNTIMES, Backend, open_backend
 from validation.interleave import interleaved
 
 
@@ -174,12 +175,24 @@ def _timed(variant: str, runtime: str, forms: dict[str, Path], pool: np.ndarray,
     exact = {name: _exactness(backend, pool[:8], reference) for name, backend in backends.items()}
     rows = []
     for batch in (1, 8):
-        timed = interleaved(backends, pool, batch, args.rounds)
-        for name, path in forms.items():
-            rows.append({"variant": variant, "form": name, "runtime": runtime, **timed[name].to_dict(),
-                         "ops": summarize(path).dispatch_op_counts, **exact[name]})
+        contenders = {name: (name, False, backend) for name, backend in backends.items()}
+        if args.fixed_batch:
+            contenders |= {f"{name} (fixed batch)": (name, True, open_backend(runtime, path, threads=args.threads,
+                                                                               fixed_batch=batch))
+                           for name, path in forms.items()}
+        timed = interleaved({key: backend for key, (_, _, backend) in contenders.items()}, pool, batch, args.rounds)
+        for key, (name, pinned, backend) in contenders.items():
+            checks = _same_as(backend, backends[name], pool[:batch]) if pinned else exact[name]
+            rows.append({"variant": variant, "form": name, "runtime": runtime, "fixed_batch": pinned,
+                         **timed[key].to_dict(), "ops": summarize(forms[name]).dispatch_op_counts, **checks})
             print(json.dumps(rows[-1]), flush=True)
     return rows
+
+
+def _same_as(pinned: Backend, dynamic: Backend, images: np.ndarray) -> dict[str, float]:
+    """A pinned backend's logits against the dynamic one's on the same batch."""
+    got, want = (b.run({"pixel_values": images})["logits"] for b in (pinned, dynamic))
+    return {"max_rel_vs_dynamic": float(np.abs(got - want).max() / np.abs(want).max())}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -200,14 +213,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--memory", type=positive_ints, default=[], help="batch sizes to measure peak memory at, e.g. 8,32")
     p.add_argument("--memory-only", action="store_true", help="with --memory: measure memory, not speed")
     p.add_argument("--fixed-batch", action="store_true",
-                   help="with --memory: also measure every model with the runtime pinned to that batch (fixed_batch)")
+                   help="also time (and with --memory measure) every form with the runtime pinned to the batch (fixed_batch)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
     def body(args: argparse.Namespace) -> int:
         from validation.harness import check_output_dir
 
-        if (args.memory_only or args.fixed_batch) and not args.memory:
-            raise UserError(f"{'--memory-only' if args.memory_only else '--fixed-batch'} needs --memory B[,B]")
+        if args.memory_only and not args.memory:
+            raise UserError("--memory-only needs --memory B[,B]")
         check_output_dir(args.out)
         args.out.mkdir(parents=True, exist_ok=True)
         rows = run(args)
