@@ -36,6 +36,7 @@ import numpy as np
 from dyt_export.cli.common import Parser
 from dyt_export.errors import UserError
 from validation.cli import names_from, number, positive_ints, run_command
+from validation.compare import max_rel
 from runtimes import CPU_RUNTIMES
 from validation.turns import SETTLED_RUNTIMES, Runner, paired_ratio, row, take_turns
 
@@ -94,7 +95,7 @@ def build_exports(args: argparse.Namespace, work: Path) -> Exports:
     middle = models[len(models) // 2]
     for m in models:  # the re-implemented public path must give the toolkit's answers
         ref = m.model.trace(pool[:2]).logits.numpy()
-        rel = float(np.abs(PublicEagerDyT(m.model)(pool.numpy()[:2]) - ref).max() / np.abs(ref).max())
+        rel = max_rel(PublicEagerDyT(m.model)(pool.numpy()[:2]), ref)
         if rel > 1e-4:
             raise RuntimeError(f"public eager path differs from the toolkit's model at rate {m.rate}: {rel:.2e}")
     return Exports(models, export_twin(middle.model, "dense", work), export_twin(middle.model, "masked", work),

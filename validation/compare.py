@@ -143,6 +143,12 @@ class Parity:
                 f"mask agreement {fmt(self.mask_agreement, '.6f')}, flips {len(self.flips)}")
 
 
+def max_rel(got: np.ndarray, want: np.ndarray) -> float:
+    """max |got - want| / max |want|: how far apart two runs' logits are, on the scale the
+    parity rules use, for experiments that compare contenders rather than judge a runtime."""
+    return float(np.abs(got - want).max() / np.abs(want).max())
+
+
 def fmt(value: float | None, spec: str) -> str:
     """`value` formatted, or 'n/a' for a figure that could not be measured."""
     return "n/a" if value is None else format(value, spec)

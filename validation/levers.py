@@ -24,6 +24,7 @@ import numpy as np
 import onnx
 
 from runtimes import open_backend
+from validation.compare import max_rel
 from validation.graph_forms import FORMS
 from validation.ort_profile import kernel_events, op_type_shares, profiling
 from validation.turns import SETTLED_RUNTIMES, Runner, paired_ratio, row, take_turns
@@ -60,10 +61,6 @@ def _lazy(make: Callable[[], Path]) -> Callable[[], Path]:
     return functools.cache(make)
 
 
-def _max_rel(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.abs(a - b).max() / np.abs(b).max())
-
-
 def _group(contenders: Contenders, images: np.ndarray, batch: int, threads: int, passes: int) -> list[dict[str, Any]]:
     """Time contenders (name -> (runtime, model or its `_lazy` maker, backend options)) in
     turns; the first one is the reference for speed and outputs."""
@@ -82,7 +79,7 @@ def _group(contenders: Contenders, images: np.ndarray, batch: int, threads: int,
         rows.append({"lever": name, "runtime": contenders[name][0], "batch": batch, "img_per_s": r.img_per_s,
                      "p50_ms": r.p50_ms, "vs_first": r.img_per_s / base,
                      "vs_first_paired": paired_ratio(latencies[first], calls),
-                     "max_rel_vs_first": _max_rel(outputs[name], outputs[first])})
+                     "max_rel_vs_first": max_rel(outputs[name], outputs[first])})
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -126,8 +123,10 @@ def _cls_sliced_forward(self: Any, x: Any) -> tuple[Any, Any]:
     return torch.cat([cls, logits > THRESHOLD_LOGIT], dim=1), logits
 
 
+@functools.cache
 def ort_optimized(source: Path, out: Path, threads: int) -> Path:
-    """ONNX Runtime's own optimized graph of `source`, saved by a session that optimized it."""
+    """ONNX Runtime's own optimized graph of `source`, saved by a session that optimized it
+    (once per process: the ort-session group and the start-up check both load it)."""
     path = out / "dyt-ort-optimized.onnx"
     open_backend("ort-cpu", source, threads=threads, optimized_model_path=path)
     return path
