@@ -153,9 +153,10 @@ def test_docs_section_is_replaced_between_markers_only(tmp_path):
 
 @pytest.mark.parametrize("library", LIBRARIES)
 def test_gemm_runners_compute_the_product(library):
-    product = matmul_runner(library, 64, threads=1)()
+    product = matmul_runner(library, (48, 64, 32), threads=1)()
     rng = np.random.default_rng(0)
-    a, b = rng.standard_normal((64, 64), dtype=np.float32), rng.standard_normal((64, 64), dtype=np.float32)
+    a, b = rng.standard_normal((48, 64), dtype=np.float32), rng.standard_normal((64, 32), dtype=np.float32)
+    assert product.shape == (48, 32)
     np.testing.assert_allclose(product, a @ b, rtol=1e-4, atol=1e-3)
 
 
@@ -275,14 +276,19 @@ def test_bench_refuses_a_disk_its_models_do_not_fit_on(tmp_path, capsys, monkeyp
     ("attention_forms", ["--out", "EMPTY", "--memory-only"], "--memory-only needs --memory B[,B]"),
     ("bench_variants", ["--out", "EMPTY", "--activation", "1.5"], "--activation: expected a finite number from 0 to 1"),
     ("bench_variants", ["--out", "EMPTY", "--batches", "1,0"], "--batches: expected positive integers"),
+    ("gemm_ceiling", ["--rate", "1.5"], "--rate: expected a finite number from 0 to 1"),
+    ("gemm", ["--shapes", "60x768"], "--shapes: expected MxKxN with positive integers, got '60x768'"),
+    ("gemm", ["--shapes", "8x8x8", "--rounds", "0"], "--rounds: expected a finite integer >= 1"),
+    ("gemm_ceiling", ["--libraries", "mkl"], "--libraries: unknown library(s) mkl; choose from numpy, torch"),
+    ("gemm_ceiling", ["--out", "/dev/null/ceiling.json"], "output directory /dev/null exists and is not a directory"),
 ])
 def test_experiment_tools_refuse_bad_requests_in_one_line(tool, args, message, tmp_path, capsys):
-    """The experiment tools (validation.roles, .levers, .attention_forms, .bench_variants) build
-    or read ViT-B/16 models for minutes: without make bench's models, or asked for something
+    """The experiment tools (validation.roles, .levers, .attention_forms, .bench_variants,
+    .gemm_ceiling, .gemm) build, read or time ViT-B/16 models or layers for minutes: without make bench's models, or asked for something
     they do not have, they say so at once instead of failing in numpy or ORT."""
     import importlib
 
     module = importlib.import_module(f"validation.{tool}")
-    code = module.main([str(tmp_path) if a == "EMPTY" else a for a in args])
+    code = module.main([a.replace("EMPTY", str(tmp_path)) for a in args])
     err = capsys.readouterr().err
     assert code == 2 and len(err.splitlines()) == 1 and message in err, err

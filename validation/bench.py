@@ -108,7 +108,7 @@ def time_all(args: argparse.Namespace, ex: Exports, threads: list[int]) -> tuple
     import torch
 
     from runtimes import open_backend
-    from validation.gemm import matmul_runner
+    from validation.gemm import matmul_runner, square
     from validation.public_eager import PublicEagerDyT
 
     timed: dict[tuple[str, int, int], dict[str, list[float]]] = {}
@@ -123,7 +123,7 @@ def time_all(args: argparse.Namespace, ex: Exports, threads: list[int]) -> tuple
         for runtime in args.runtimes:
             pinned = runtime == "ort-cpu" and args.ort_fixed_batch
             runners = None if pinned else runners_for(runtime, t)
-            gemm = matmul_runner(RUNTIME_GEMM_LIBRARY[runtime], GROUP_GEMM_SIZE, t)
+            gemm = matmul_runner(RUNTIME_GEMM_LIBRARY[runtime], square(GROUP_GEMM_SIZE), t)
             for batch in args.batches:
                 group = runners_for(runtime, t, fixed_batch=batch) if pinned else runners
                 _log(f"{runtime}, {t} threads, batch {batch}: {len(group)} models in turns")
@@ -134,7 +134,7 @@ def time_all(args: argparse.Namespace, ex: Exports, threads: list[int]) -> tuple
             del runners, gemm
         torch.set_num_threads(t)
         eager = {f"dyt@{m.rate:g}": PublicEagerDyT(m.model) for m in ex.models}
-        gemm = matmul_runner("torch", GROUP_GEMM_SIZE, t)
+        gemm = matmul_runner("torch", square(GROUP_GEMM_SIZE), t)
         for batch in args.eager_batches:
             _log(f"eager PyTorch (public path), {t} threads, batch {batch}")
             key = ("torch", t, batch)
