@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
                           args.threads, args.reps, args.rounds)
         print("| shape | " + " | ".join(args.libraries) + " |\n|---|" + "---:|" * len(args.libraries))
         for shape in args.shapes:
-            rates = " | ".join(f"{best[lib, shape]:.1f}" for lib in args.libraries)
+            rates = " | ".join(f"{best[lib, shape]:.3g}" for lib in args.libraries)
             print(f"| {shape_name(shape)} | {rates} |")
         return 0
     return run_command(p, argv, body)
