@@ -201,6 +201,7 @@ def run(work: Path, out: Path, threads: int, passes: int, batches: list[int], on
                         "basic": (ort_, dyt, {"graph_optimization": "basic"}),
                         "saved-optimized": (ort_, opt_ort, {"graph_optimization": "disable"}),
                         "no-spinning": (ort_, dyt, {"session_config": {"session.intra_op.allow_spinning": "0"}}),
+                        "dynamic-block": (ort_, dyt, {"session_config": {"session.dynamic_block_base": "4"}}),
                         "fixed-batch": (ort_, dyt, {"fixed_batch": FIXED_BATCH}),
                         "no-arena": (ort_, dyt, {"memory_arena": False})},
         "ort-pinned": pinned(ort_),
