@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
     def body(args: argparse.Namespace) -> int:
-        from validation.harness import check_output_dir
+        from validation.harness import check_output_dir, write_json
 
         if args.memory_only and not args.memory:
             raise UserError("--memory-only needs --memory B[,B]")
@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         rows = run(args)
         if rows:
-            (args.out / "results.json").write_text(json.dumps(rows, indent=1))
+            write_json(args.out / "results.json", rows)
         return 0
 
     return run_command(p, argv, body)

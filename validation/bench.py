@@ -321,7 +321,7 @@ def _refuse_before_work(args: argparse.Namespace) -> None:
     from dyt_export.export import weights_need_external_data
     from dyt_export.quantize import INT8_SINGLE_FILE_ONLY
     from validation.bench_models import ADAPTER_SCALE, BOTTLENECK, NUM_CLASSES, meta_model, require_work_space
-    from validation.harness import check_output_dir
+    from validation.harness import check_output_dir, check_output_file
 
     model = meta_model(backbone_config(args.backbone, bottleneck=BOTTLENECK, adapter_scale=ADAPTER_SCALE,
                                        num_classes=NUM_CLASSES))
@@ -331,7 +331,7 @@ def _refuse_before_work(args: argparse.Namespace) -> None:
         raise UserError(f"--images {args.images} must be a multiple of every batch size for --pin-ort-batch")
     check_output_dir(args.out)
     if args.docs:
-        check_output_dir(Path(args.docs).absolute().parent)
+        check_output_file(Path(args.docs))
     require_work_space(args.out / "work", model, len(args.rates))
 
 
@@ -339,6 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     def body(args: argparse.Namespace) -> int:
         from validation.bench_int8 import int8_checks, int8_table
         from validation.bench_report import markdown, memory_table, results_table, target_checks, targets_table, write_docs
+        from validation.harness import write_json
 
         if args.report:
             return report_only(args.report, args.docs)
@@ -352,8 +353,7 @@ def main(argv: list[str] | None = None) -> int:
         checks = target_checks([r for r in results if r.threads == record["threads"]], record["memory"])
         checks += int8_checks(record["int8"]["rows"], record["int8"]["demo"], record["threads"])
         record["targets"] = checks
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "bench.json").write_text(json.dumps(record, indent=1))
+        write_json(args.out / "bench.json", record)
         print(results_table(results), targets_table(checks), memory_table(record["memory"]),
               int8_table(record["int8"]["rows"], record["int8"]["demo"]), sep="\n\n")
         if args.docs:

@@ -96,7 +96,7 @@ def table(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     from dyt_export.cli.common import Parser
     from validation.cli import names_from, number, positive_ints, run_command
-    from validation.harness import check_output_dir
+    from validation.harness import check_output_dir, write_json
 
     p = Parser(prog="python -m validation.bench_variants", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True, help="directory for the ONNX files and results")
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = run(args.out, args.variants, [] if args.export_only else args.runtimes, args.activation, args.threads,
                    args.images, list(args.batches), args.rounds)
         if rows:
-            (args.out / "results.json").write_text(json.dumps({"machine": machine_info(), "rows": rows}, indent=1))
+            write_json(args.out / "results.json", {"machine": machine_info(), "rows": rows})
             print(table(rows))
         return 0
 

@@ -16,7 +16,6 @@ ceiling is the graph's cost; the ceiling below the target is the GEMM kernels'.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from dataclasses import dataclass
@@ -148,17 +147,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from validation.harness import check_output_dir
+    from validation.harness import check_output_file, write_json
 
     if args.out:
-        check_output_dir(args.out.absolute().parent)
+        check_output_file(args.out)
     cfg = bench_config()
     record = measure(cfg, list(args.batches), args.rate, args.libraries, args.threads, args.reps, args.rounds,
                      args.size, log=lambda line: print(line, file=sys.stderr, flush=True))
     print(report(cfg, record))
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(record, indent=1))
+        write_json(args.out, record)
     return 0
 
 

@@ -17,6 +17,7 @@ images on 2 busy threads against 1.8 s on 1.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -111,6 +112,18 @@ def check_output_dir(out: Path) -> None:
     if not existing.is_dir():
         raise UserError(f"cannot create output directory {out}: {existing} is not a directory")
     probe_writable(existing, f"output directory {out} cannot be written ({existing})")
+
+
+def check_output_file(path: Path) -> None:
+    """Refuse, before any work, a file output (`--out x.json`) whose directory cannot be made
+    or written (`check_output_dir`)."""
+    check_output_dir(Path(path).absolute().parent)
+
+
+def write_json(path: Path, data: Any) -> None:
+    """An experiment's record as indented JSON at `path`, its directory made if missing."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1))
 
 
 def _default_out(model: Path) -> Path:

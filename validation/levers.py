@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _measure(args: argparse.Namespace) -> int:
     from validation.bench_models import require_work_files
-    from validation.harness import check_output_dir
+    from validation.harness import check_output_dir, write_json
 
     require_work_files(args.work, "pool.npy", "dyt-r0.5.pth", "dyt-r0.5.onnx", "dyt-r0.5-dense.onnx")
     check_output_dir(args.out)
@@ -273,7 +273,7 @@ def _measure(args: argparse.Namespace) -> int:
         record["profile"] = {f"{name} b{b}": ort_profile(args.work / file, pool[:b], args.threads)
                              for name, file in (("dyt", "dyt-r0.5.onnx"), ("dense", "dyt-r0.5-dense.onnx"))
                              for b in args.batches}
-    (args.out / "levers.json").write_text(json.dumps(record, indent=1))
+    write_json(args.out / "levers.json", record)
     return 0
 
 

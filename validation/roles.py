@@ -163,11 +163,11 @@ def _profile_roles(args: argparse.Namespace) -> int:
     from dyt_export import load_checkpoint
     from validation.bench_models import require_work_files
     from validation.costs import gmacs
-    from validation.harness import check_output_dir
+    from validation.harness import check_output_file, write_json
 
     require_work_files(args.work, "pool.npy", f"dyt-r{args.rate}.pth", f"dyt-r{args.rate}.onnx", "dyt-r0.5-dense.onnx")
     if args.out:
-        check_output_dir(args.out.absolute().parent)
+        check_output_file(args.out)
     images = np.load(args.work / "pool.npy")
     model = load_checkpoint(args.work / f"dyt-r{args.rate}.pth")
     cfg = model.dyt_config
@@ -191,8 +191,7 @@ def _profile_roles(args: argparse.Namespace) -> int:
             print(f"  {role:36s} dense {a:8.2f} ms  DyT {b:8.2f} ms  ratio {a / b if b else float('nan'):5.2f}")
         print("  " + json.dumps({k: round(v, 3) for k, v in record[runtime].items() if k != "ms_per_image"}))
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(record, indent=1))
+        write_json(args.out, record)
     return 0
 
 
