@@ -3,6 +3,7 @@ docs section, the GEMM runners, the graph forms the levers experiment measures, 
 Nothing here times anything for a claim: speed comes from `make bench` only."""
 from __future__ import annotations
 
+import functools
 import time
 
 import numpy as np
@@ -18,10 +19,11 @@ from validation import bench
 from validation.bench_memory import external_copy, measure_here
 from validation.bench_models import trained_like
 from validation.bench_report import DOCS_BEGIN, DOCS_END, Result, results_from_record, target_checks, targets_table, write_docs
-from validation.gemm import LIBRARIES, matmul_runner
+from validation.gemm import LIBRARIES, Chain, macs, matmul_runner, steps
 from validation.graph_forms import FORMS
 from validation.public_eager import PublicEagerDyT
-from validation.roles import MLP_ROLES, Widths, bounds, openvino_times, ort_times
+from validation.ort_profile import kernel_events, profiling
+from validation.roles import MLP_ROLES, Widths, bounds, by_role, openvino_times, ort_times
 from validation.turns import paired_ratio, row, take_turns
 
 
@@ -152,12 +154,23 @@ def test_docs_section_is_replaced_between_markers_only(tmp_path):
 
 
 @pytest.mark.parametrize("library", LIBRARIES)
-def test_gemm_runners_compute_the_product(library):
-    product = matmul_runner(library, (48, 64, 32), threads=1)()
+@pytest.mark.parametrize("job", [(48, 64, 32), Chain(((48, 64, 32), (48, 32, 64)), layers=3)], ids=["shape", "chain"])
+def test_gemm_runners_compute_the_product(library, job):
+    product = matmul_runner(library, job, threads=1)()
+    products = steps(job)
     rng = np.random.default_rng(0)
-    a, b = rng.standard_normal((48, 64), dtype=np.float32), rng.standard_normal((64, 32), dtype=np.float32)
-    assert product.shape == (48, 32)
-    np.testing.assert_allclose(product, a @ b, rtol=1e-4, atol=1e-3)
+    want = rng.standard_normal(products[0][:2], dtype=np.float32)
+    for _, k, n in products:
+        want = want @ (rng.standard_normal((k, n), dtype=np.float32) / np.float32(np.sqrt(k)))
+    assert product.shape == (48, products[-1][2]) and macs(job) == sum(m * k * n for m, k, n in products)
+    np.testing.assert_allclose(product, want, rtol=1e-4, atol=1e-4)
+
+
+def test_chain_shapes_must_compose():
+    assert Chain(((4, 8, 16), (4, 16, 8)), layers=2).steps == ((4, 8, 16), (4, 16, 8)) * 2
+    for shapes, layers in [(((4, 8, 16), (4, 8, 16)), 1), (((4, 8, 16),), 2), (((4, 8, 16), (5, 16, 8)), 1)]:
+        with pytest.raises(ValueError, match="each shape's N must be the next one's K"):
+            Chain(shapes, layers)
 
 
 @pytest.mark.parametrize("form", sorted(FORMS))
@@ -192,18 +205,41 @@ def test_external_copy_is_the_same_graph_with_its_weights_beside_it(trained_smal
         {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
 
 
-@pytest.mark.parametrize("runtime", CPU_RUNTIMES)
+@pytest.mark.parametrize("runtime", [*CPU_RUNTIMES, "ort-cpu without spinning"])
 def test_roles_name_every_gemm_of_both_exports(trained_small, tmp_path, runtime):
     model, path = trained_small
     dense = export_onnx(model, tmp_path / "dense.onnx", dispatch="dense").path
     cfg = model.dyt_config
-    measure = ort_times if runtime == "ort-cpu" else openvino_times
+    measure = openvino_times if runtime == "openvino" else functools.partial(ort_times, spinning=runtime == "ort-cpu")
     times = measure({"dense": dense, "dyt": path}, image_batch(4), batch=2, threads=1,
                     widths=Widths(cfg.embed_dim, cfg.mlp_hidden_dim), passes=1)
+    roles = {name: by_role(t) for name, t in times.items()}
     for name in ("dense", "dyt"):
-        assert {"qkv", "attention proj", *MLP_ROLES, "adapters, head"} <= set(times[name]), (name, times[name])
-        assert all(ms >= 0 for ms in times[name].values()) and times[name]["mlp fc1"] > 0
-    assert "dispatcher" in times["dyt"] and "dispatcher" not in times["dense"]
+        assert {"qkv", "attention proj", *MLP_ROLES, "adapters, head"} <= set(roles[name]), (name, roles[name])
+        assert all(ms >= 0 for ms in roles[name].values()) and roles[name]["mlp fc1"] > 0
+    assert "dispatcher" in roles["dyt"] and "dispatcher" not in roles["dense"]
+    gemm_op = "FullyConnected" if runtime == "openvino" else "MatMul"
+    assert {op for role, op in times["dense"] if role == "mlp fc1"} == {gemm_op}, times["dense"]
+    assert any(op == "NonZero" for _, op in times["dyt"]) and not any(op == "NonZero" for _, op in times["dense"])
+
+
+@pytest.mark.parametrize("every, batches", [(1, {2, 3, 4, 5}), (2, {3, 5})])
+def test_kernel_events_keep_every_nth_call_after_the_first(tmp_path, every, batches):
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"]), helper.make_node("Relu", ["y"], ["z"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8])],
+                              [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["n", 4])],
+                              [numpy_helper.from_array(np.ones((8, 4), np.float32), "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    session = ort.InferenceSession(model.SerializeToString(), profiling(ort.SessionOptions(), str(tmp_path / "p")),
+                                   providers=["CPUExecutionProvider"])
+    for n in range(1, 6):  # call i feeds i + 1 rows, so each event says which call it came from
+        session.run(None, {"x": np.ones((n, 8), np.float32)})
+    events = kernel_events(session, every=every)
+    assert sorted(e["args"]["op_name"] for e in events) == sorted(["MatMul", "Relu"] * len(batches))
+    assert {e["args"]["output_type_shape"][0]["float"][0] for e in events} == batches
 
 
 def test_role_bounds():
@@ -279,6 +315,7 @@ def test_bench_refuses_a_disk_its_models_do_not_fit_on(tmp_path, capsys, monkeyp
     ("gemm_ceiling", ["--rate", "1.5"], "--rate: expected a finite number from 0 to 1"),
     ("gemm", ["--shapes", "60x768"], "--shapes: expected MxKxN with positive integers, got '60x768'"),
     ("gemm", ["--shapes", "8x8x8", "--rounds", "0"], "--rounds: expected a finite integer >= 1"),
+    ("gemm", ["--shapes", "8x8x16", "--chain", "2"], "--chain: chain 2 x (8x8x16): each shape's N must be the next one's K"),
     ("gemm_ceiling", ["--libraries", "mkl"], "--libraries: unknown library(s) mkl; choose from numpy, torch"),
     ("gemm_ceiling", ["--out", "/dev/null/ceiling.json"], "output directory /dev/null exists and is not a directory"),
 ])

@@ -17,11 +17,15 @@ def profiling(options: Any, prefix: str) -> Any:
     return options
 
 
-def kernel_events(session: Any) -> list[dict[str, Any]]:
-    """Ends `session`'s profiling: its per-node kernel events from every call after the first."""
+def kernel_events(session: Any, every: int = 1) -> list[dict[str, Any]]:
+    """Ends `session`'s profiling: its per-node kernel events from the calls after the first,
+    of those only every `every`-th (`every=2` keeps the timed call of each settle + timed pair,
+    `validation.turns.take_turns(settle=True)`'s way, and drops the settling call)."""
     events = json.loads(Path(session.end_profiling()).read_text())
-    first_run_end = min(e["ts"] + e["dur"] for e in events if e.get("name") == "model_run")
-    return [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= first_run_end]
+    runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "model_run")
+    kept = runs[every::every]
+    return [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")
+            and any(start <= e["ts"] <= end for start, end in kept)]
 
 
 def op_type_shares(events: list[dict[str, Any]]) -> dict[str, float]:

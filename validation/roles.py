@@ -13,7 +13,9 @@ which of the two holds efficiency back:
   fewer rows can run at a lower rate).
 
 Both exports run in turns, call by call, over the same images; the active-token share and
-the MACs come from the PyTorch model of the same checkpoint on those images.
+the MACs come from the PyTorch model of the same checkpoint on those images. `--by-op` reads
+each role down to the runtime's own op types (ONNX Runtime's kernels, OpenVINO's layers after
+its fusions): where two runtimes differ on the same graph.
 
     flock -x /tmp/dyt-bench.lock .venv/bin/python -m validation.roles --rate 0.3 --batch 1
 """
@@ -54,9 +56,22 @@ class Widths:
         return GELU if n == self.hidden_dim else OTHER
 
 
+Times = collections.Counter[tuple[str, str]]
+"""Milliseconds by (role, op type): the runtime's own op type (ONNX Runtime's kernel, OpenVINO's
+layer type after its fusions), so a role's time can be read down to what runs it."""
+
+
+def by_role(times: Times) -> dict[str, float]:
+    """Milliseconds by role, summed over op types."""
+    roles: collections.Counter[str] = collections.Counter()
+    for (role, _), ms in times.items():
+        roles[role] += ms
+    return dict(roles)
+
+
 def openvino_times(models: dict[str, Path], images: np.ndarray, batch: int, threads: int, widths: Widths,
-                   passes: int) -> dict[str, collections.Counter[str]]:
-    """Milliseconds by role per model, summed over every timed call (one untimed call first)."""
+                   passes: int) -> dict[str, Times]:
+    """Milliseconds by (role, op type) per model, summed over every timed call (one untimed call first)."""
     import openvino as ov
 
     core = ov.Core()
@@ -68,12 +83,13 @@ def openvino_times(models: dict[str, Path], images: np.ndarray, batch: int, thre
     requests = {name: c.create_infer_request() for name, c in compiled.items()}
     for request in requests.values():
         request.infer({0: images[:batch]})
-    totals: dict[str, collections.Counter[str]] = {name: collections.Counter() for name in models}
+    totals: dict[str, Times] = {name: collections.Counter() for name in models}
     for feed in _feeds(images, batch, passes):
         for name, request in requests.items():
             request.infer({0: feed})
             for info in request.profiling_info:
-                totals[name][roles[name].get(info.node_name, OTHER)] += info.real_time.total_seconds() * 1e3
+                role = roles[name].get(info.node_name, OTHER)
+                totals[name][role, info.node_type] += info.real_time.total_seconds() * 1e3
     return totals
 
 
@@ -90,25 +106,30 @@ def _openvino_role(op: Any, widths: Widths) -> str:
 
 
 def ort_times(models: dict[str, Path], images: np.ndarray, batch: int, threads: int, widths: Widths,
-              passes: int) -> dict[str, collections.Counter[str]]:
-    """Milliseconds by role per model from ORT's profiler, summed over every timed call."""
+              passes: int, spinning: bool = True) -> dict[str, Times]:
+    """Milliseconds by (role, op type) per model from ORT's profiler, summed over every timed call.
+
+    With `spinning` (ORT's default, as `make bench` times it) each profiled call comes right
+    after an unprofiled call of the same session, so the other session's spinning threads have
+    gone quiet (`validation.turns.ORT_IN_TURNS`); without it every call is profiled, in turns."""
     import onnxruntime as ort
 
     with tempfile.TemporaryDirectory() as tmp:
         sessions = {}
         for name, path in models.items():
-            options = profiling(ort_options_in_turns(threads), f"{tmp}/{name}")
-            sessions[name] = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            options = ort_options_in_turns(threads, spinning=spinning)
+            sessions[name] = ort.InferenceSession(str(path), profiling(options, f"{tmp}/{name}"), providers=["CPUExecutionProvider"])
         for session in sessions.values():
             session.run(None, {"pixel_values": images[:batch]})
         for feed in _feeds(images, batch, passes):
             for session in sessions.values():
-                session.run(None, {"pixel_values": feed})
-        return {name: _ort_roles(kernel_events(s), widths) for name, s in sessions.items()}
+                for _ in range(2 if spinning else 1):
+                    session.run(None, {"pixel_values": feed})
+        return {name: _ort_roles(kernel_events(s, every=2 if spinning else 1), widths) for name, s in sessions.items()}
 
 
-def _ort_roles(events: list[dict[str, Any]], widths: Widths) -> collections.Counter[str]:
-    totals: collections.Counter[str] = collections.Counter()
+def _ort_roles(events: list[dict[str, Any]], widths: Widths) -> Times:
+    totals: Times = collections.Counter()
     for e in events:
         op, args = e["args"]["op_name"], e["args"]
         shape = next(iter(args["input_type_shape"][0].values())) if args.get("input_type_shape") else []
@@ -120,7 +141,7 @@ def _ort_roles(events: list[dict[str, Any]], widths: Widths) -> collections.Coun
                 role = widths.gemm(shape[-1], out[-1])
             else:
                 role = widths.elementwise(out[-1] if out else None)
-        totals[role] += e["dur"] / 1e3
+        totals[role, op] += e["dur"] / 1e3
     return totals
 
 
@@ -152,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=number(int, 1), default=2)
     p.add_argument("--passes", type=number(int, 1), default=1)
     p.add_argument("--runtimes", type=names_from(CPU_RUNTIMES, "runtime"), default=list(CPU_RUNTIMES), help="ort-cpu,openvino (default)")
+    p.add_argument("--ort-no-spinning", action="store_true",
+                   help="profile ONNX Runtime without intra-op spinning, every call in turns (default: spinning, each profiled call after a settling one, as make bench times it)")
+    p.add_argument("--by-op", action="store_true", help="also split each role's time by the runtime's op types")
     p.add_argument("--out", type=Path, help="also write the figures as JSON here")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return run_command(p, argv, _profile_roles)
@@ -178,21 +202,34 @@ def _profile_roles(args: argparse.Namespace) -> int:
     models = {"dense": args.work / "dyt-r0.5-dense.onnx", "dyt": args.work / f"dyt-r{args.rate}.onnx"}
     widths = Widths(cfg.embed_dim, cfg.mlp_hidden_dim)
     record: dict[str, Any] = {"rate": args.rate, "batch": args.batch, "threads": args.threads, "images": len(images),
+                              "ort_spinning": not args.ort_no_spinning,
                               "token_share": token_share, "ideal": ideal}
     for runtime in args.runtimes:
-        measure = ort_times if runtime == "ort-cpu" else openvino_times
-        totals = measure(models, images, args.batch, args.threads, widths, args.passes)
-        per_image = {name: {role: ms / len(images) / args.passes for role, ms in sorted(t.items())}
-                     for name, t in totals.items()}
-        record[runtime] = {"ms_per_image": per_image, **bounds(per_image, token_share, ideal)}
+        if runtime == "ort-cpu":
+            totals = ort_times(models, images, args.batch, args.threads, widths, args.passes, spinning=not args.ort_no_spinning)
+        else:
+            totals = openvino_times(models, images, args.batch, args.threads, widths, args.passes)
+        per_call = len(images) * args.passes
+        ops = {name: {(role, op): ms / per_call for (role, op), ms in t.items()} for name, t in totals.items()}
+        per_image = {name: dict(sorted(by_role(t).items())) for name, t in ops.items()}
+        record[runtime] = {"ms_per_image": per_image, **bounds(per_image, token_share, ideal),
+                           "ms_per_image_by_op": {name: [[role, op, ms] for (role, op), ms in sorted(t.items())]
+                                                  for name, t in ops.items()}}
         print(f"{runtime}, batch {args.batch}, activation {args.rate} (MLP rows {token_share:.3f} of dense):")
         for role in sorted(set(per_image["dense"]) | set(per_image["dyt"])):
-            a, b = per_image["dense"].get(role, 0.0), per_image["dyt"].get(role, 0.0)
-            print(f"  {role:36s} dense {a:8.2f} ms  DyT {b:8.2f} ms  ratio {a / b if b else float('nan'):5.2f}")
-        print("  " + json.dumps({k: round(v, 3) for k, v in record[runtime].items() if k != "ms_per_image"}))
+            _print_row(role, per_image["dense"].get(role, 0.0), per_image["dyt"].get(role, 0.0), indent=2)
+            if args.by_op:
+                for op in sorted({op for t in ops.values() for r, op in t if r == role}):
+                    _print_row(op, ops["dense"].get((role, op), 0.0), ops["dyt"].get((role, op), 0.0), indent=6)
+        print("  " + json.dumps({k: round(v, 3) for k, v in record[runtime].items() if not k.startswith("ms_per_image")}))
     if args.out:
         write_json(args.out, record)
     return 0
+
+
+def _print_row(label: str, dense_ms: float, dyt_ms: float, indent: int) -> None:
+    print(f"{' ' * indent}{label:{38 - indent}s} dense {dense_ms:8.2f} ms  DyT {dyt_ms:8.2f} ms  "
+          f"ratio {dense_ms / dyt_ms if dyt_ms else float('nan'):5.2f}")
 
 
 if __name__ == "__main__":
