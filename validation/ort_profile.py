@@ -5,6 +5,7 @@ buffers and fills caches, so its events would weigh a one-off cost into a steady
 """
 from __future__ import annotations
 
+import bisect
 import collections
 import json
 from pathlib import Path
@@ -24,8 +25,12 @@ def kernel_events(session: Any, every: int = 1) -> list[dict[str, Any]]:
     events = json.loads(Path(session.end_profiling()).read_text())
     runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "model_run")
     kept = runs[every::every]
-    return [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")
-            and any(start <= e["ts"] <= end for start, end in kept)]
+    starts = [start for start, _ in kept]
+
+    def in_kept_run(ts: int) -> bool:
+        i = bisect.bisect_right(starts, ts) - 1  # the last kept run starting at or before ts
+        return i >= 0 and ts <= kept[i][1]
+    return [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and in_kept_run(e["ts"])]
 
 
 def op_type_shares(events: list[dict[str, Any]]) -> dict[str, float]:

@@ -114,6 +114,7 @@ def ort_times(models: dict[str, Path], images: np.ndarray, batch: int, threads: 
     gone quiet (`validation.turns.ORT_IN_TURNS`); without it every call is profiled, in turns."""
     import onnxruntime as ort
 
+    calls = 2 if spinning else 1  # per feed and session: a settling call, then the profiled one
     with tempfile.TemporaryDirectory() as tmp:
         sessions = {}
         for name, path in models.items():
@@ -123,9 +124,9 @@ def ort_times(models: dict[str, Path], images: np.ndarray, batch: int, threads: 
             session.run(None, {"pixel_values": images[:batch]})
         for feed in _feeds(images, batch, passes):
             for session in sessions.values():
-                for _ in range(2 if spinning else 1):
+                for _ in range(calls):
                     session.run(None, {"pixel_values": feed})
-        return {name: _ort_roles(kernel_events(s, every=2 if spinning else 1), widths) for name, s in sessions.items()}
+        return {name: _ort_roles(kernel_events(s, every=calls), widths) for name, s in sessions.items()}
 
 
 def _ort_roles(events: list[dict[str, Any]], widths: Widths) -> Times:
@@ -209,8 +210,8 @@ def _profile_roles(args: argparse.Namespace) -> int:
             totals = ort_times(models, images, args.batch, args.threads, widths, args.passes, spinning=not args.ort_no_spinning)
         else:
             totals = openvino_times(models, images, args.batch, args.threads, widths, args.passes)
-        per_call = len(images) * args.passes
-        ops = {name: {(role, op): ms / per_call for (role, op), ms in t.items()} for name, t in totals.items()}
+        profiled_images = len(images) * args.passes
+        ops = {name: {(role, op): ms / profiled_images for (role, op), ms in t.items()} for name, t in totals.items()}
         per_image = {name: dict(sorted(by_role(t).items())) for name, t in ops.items()}
         record[runtime] = {"ms_per_image": per_image, **bounds(per_image, token_share, ideal),
                            "ms_per_image_by_op": {name: [[role, op, ms] for (role, op), ms in sorted(t.items())]
