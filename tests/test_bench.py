@@ -176,8 +176,12 @@ def test_chain_shapes_must_compose():
 @pytest.mark.parametrize("form", sorted(FORMS))
 def test_graph_forms_keep_the_outputs(trained_small, tmp_path, form):
     _, path = trained_small
+    before = [node.op_type for node in onnx.load(str(path)).graph.node]
     model = FORMS[form](onnx.load(str(path)))
     onnx.checker.check_model(model, full_check=True)
+    assert [node.op_type for node in model.graph.node] != before, "the form rewrote nothing"
+    if "qkv" in form:  # both head splits leave no 5-D transpose
+        assert all(len(a.ints) < 5 for node in model.graph.node if node.op_type == "Transpose" for a in node.attribute)
     rewritten = tmp_path / f"{form}.onnx"
     onnx.save(model, str(rewritten))
     x = image_batch(3, seed=1)

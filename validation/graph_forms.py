@@ -13,12 +13,17 @@ levers experiment checks outputs against the unrewritten file). The forms:
   `Reshape(X, [-1, C]) -> Gemm(W, b) -> Reshape([-1, N, C'])`, which lets ORT fold the bias
   into the GEMM without a fixed batch;
 * `attention_op`: `Softmax((q * s) @ Transpose(k)) @ v` as one ONNX `Attention` (opset 23,
-  scale s), the fused attention both runtimes implement; the model's opset goes to 23.
+  scale s), the fused attention both runtimes implement; the model's opset goes to 23;
+* `split_qkv`: timm's fused `qkv` linear, split into heads by a 5-D Transpose and unbound by
+  Slice + Squeeze, as three linears (the weight's column blocks) each with a 4-D Transpose
+  to [B, H, N, D]: no 5-D transpose and no split copy of the [B, N, 3C] product;
+* `qkv_heads_first`: the fused product kept, put into [B, 3H, N, D] by one 4-D Transpose and
+  split into q, k, v along the head axis: no 5-D transpose, no Squeeze.
 """
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 import onnx
@@ -190,7 +195,98 @@ def attention_op(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+class _QkvUnbind(NamedTuple):
+    """timm's head split of the fused qkv product: MatMul(x, W[C, 3C]) + b ->
+    Reshape([-1, N, 3, H, D]) -> Transpose([2, 0, 3, 1, 4]) -> (Slice(i, i + 1) + Squeeze(0))
+    for q, k, v (in that order)."""
+    matmul: onnx.NodeProto
+    add: onnx.NodeProto
+    reshape: onnx.NodeProto
+    perm: onnx.NodeProto
+    picks: list[tuple[onnx.NodeProto, onnx.NodeProto]]
+
+
+def _qkv_unbinds(g: _Graph) -> list[_QkvUnbind]:
+    found = []
+    for perm in g.graph.node:
+        if perm.op_type != "Transpose" or list(perm.attribute[0].ints) != [2, 0, 3, 1, 4]:
+            continue
+        reshape = g.producer.get(perm.input[0])
+        add = g.producer.get(reshape.input[0]) if reshape is not None and reshape.op_type == "Reshape" else None
+        matmul = g.producer.get(add.input[0]) if add is not None and add.op_type == "Add" else None
+        if matmul is None or matmul.op_type != "MatMul" or matmul.input[1] not in g.initializers:
+            continue
+        if g.const(add.input[1]) is None or g.const(reshape.input[1]) is None:
+            continue
+        picks = [(s, g.consumers.get(s.output[0], [])) for s in g.consumers[perm.output[0]]]
+        if len(picks) != 3 or any(s.op_type != "Slice" or len(users) != 1 or users[0].op_type != "Squeeze"
+                                  for s, users in picks):
+            continue
+        if any(len(g.consumers[n.output[0]]) != 1 for n in (matmul, add, reshape)):
+            continue
+        ordered = sorted(((s, users[0]) for s, users in picks), key=lambda p: int(g.const(p[0].input[1]).reshape(-1)[0]))
+        found.append(_QkvUnbind(matmul, add, reshape, perm, ordered))
+    return found
+
+
+def _drop_unused_initializers(graph: onnx.GraphProto) -> None:
+    used = {name for node in graph.node for name in node.input}
+    kept = [init for init in graph.initializer if init.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+
+
+def split_qkv(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Each of q, k, v as its own MatMul(x, W[:, iC:(i+1)C]) + b_i -> Reshape([-1, N, H, D]) ->
+    Transpose([0, 2, 1, 3])."""
+    g = _Graph(model)
+    swaps: dict[int, list[onnx.NodeProto]] = {}
+    index_of = {id(node): i for i, node in enumerate(g.graph.node)}
+    for unbind in _qkv_unbinds(g):
+        weight, bias = g.const(unbind.matmul.input[1]), g.const(unbind.add.input[1])
+        width = weight.shape[1] // 3
+        head_shape = g.add_initializer(np.delete(g.const(unbind.reshape.input[1]), 2), "head_shape")
+        new_nodes = []
+        for i, (_, squeeze) in enumerate(unbind.picks):
+            w = g.add_initializer(np.ascontiguousarray(weight[:, i * width:(i + 1) * width]), "w")
+            b = g.add_initializer(bias[i * width:(i + 1) * width], "b")
+            prod, biased, heads = g.new_name("prod"), g.new_name("biased"), g.new_name("heads")
+            new_nodes += [helper.make_node("MatMul", [unbind.matmul.input[0], w], [prod]),
+                          helper.make_node("Add", [prod, b], [biased]),
+                          helper.make_node("Reshape", [biased, head_shape], [heads]),
+                          helper.make_node("Transpose", [heads], list(squeeze.output), perm=[0, 2, 1, 3])]
+        for dead in (unbind.add, unbind.reshape, unbind.perm, *(n for pick in unbind.picks for n in pick)):
+            swaps[index_of[id(dead)]] = []
+        swaps[index_of[id(unbind.matmul)]] = new_nodes
+    _replace_nodes(g.graph, swaps)
+    _drop_unused_initializers(g.graph)
+    return model
+
+
+def qkv_heads_first(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The fused product kept, split into heads as Reshape([-1, N, 3H, D]) -> Transpose([0, 2, 1, 3])
+    -> Split(axis 1) into q, k, v."""
+    g = _Graph(model)
+    swaps: dict[int, list[onnx.NodeProto]] = {}
+    index_of = {id(node): i for i, node in enumerate(g.graph.node)}
+    for unbind in _qkv_unbinds(g):
+        _, tokens, three, heads, dim = g.const(unbind.reshape.input[1])
+        shape = g.add_initializer(np.array([-1, tokens, three * heads, dim], np.int64), "heads_shape")
+        sizes = g.add_initializer(np.array([heads] * 3, np.int64), "split")
+        flat, first = g.new_name("flat"), g.new_name("heads_first")
+        swaps[index_of[id(unbind.reshape)]] = [helper.make_node("Reshape", [unbind.reshape.input[0], shape], [flat])]
+        swaps[index_of[id(unbind.perm)]] = [
+            helper.make_node("Transpose", [flat], [first], perm=[0, 2, 1, 3]),
+            helper.make_node("Split", [first, sizes], [squeeze.output[0] for _, squeeze in unbind.picks], axis=1)]
+        for dead in (n for pick in unbind.picks for n in pick):
+            swaps[index_of[id(dead)]] = []
+    _replace_nodes(g.graph, swaps)
+    _drop_unused_initializers(g.graph)
+    return model
+
+
 FORMS: dict[str, Callable[[onnx.ModelProto], onnx.ModelProto]] = {
     "gather_nd": gather_nd, "compress": compress, "scatter_elements": scatter_elements,
-    "linear_as_gemm": linear_as_gemm, "attention_op": attention_op,
+    "linear_as_gemm": linear_as_gemm, "attention_op": attention_op, "split_qkv": split_qkv,
+    "qkv_heads_first": qkv_heads_first,
 }

@@ -35,8 +35,8 @@ OPSET_DEFAULT = 18
 FIXED_BATCH = object()
 """Option value replaced by each group's batch size (a session pinned to the batch it serves)."""
 EXPERIMENTS = ("dispatch-ort", "dispatch-ov", "dispatcher-ort", "dispatcher-ov", "dense-part-ort", "dense-part-ov",
-               "attention-ort", "attention-ov", "gelu-ov", "gelu-ort", "ort-session", "ort-pinned", "ov-config",
-               "ov-pinned")
+               "attention-ort", "attention-ov", "qkv-ort", "qkv-ov", "gelu-ov", "gelu-ort", "ort-session",
+               "ort-pinned", "ov-config", "ov-pinned")
 """Every group of contenders `run` can time, for `--only`."""
 
 
@@ -150,7 +150,8 @@ def run(work: Path, out: Path, threads: int, passes: int, batches: list[int], on
     pool = np.load(work / "pool.npy")
     dyt, dense = work / "dyt-r0.5.onnx", work / "dyt-r0.5-dense.onnx"
     files = {name: _lazy(functools.partial(_form_file, dyt, [name], out / f"dyt-{name}.onnx")) for name in FORMS}
-    for name in ("linear_as_gemm", "attention_op"):  # the forms that touch the dense part too
+    # the forms that touch the dense part too
+    for name in ("linear_as_gemm", "attention_op", "split_qkv", "qkv_heads_first"):
         files[f"dense-{name}"] = _lazy(functools.partial(_form_file, dense, [name], out / f"dense-{name}.onnx"))
     checkpoint = work / "dyt-r0.5.pth"
     # MLP units adding their rows into the residual inside the scatter (ScatterND reduction "add")
@@ -171,6 +172,12 @@ def run(work: Path, out: Path, threads: int, passes: int, batches: list[int], on
         """The shipped DyT and dense exports and the same lever applied to each, on one runtime."""
         return {"shipped": (runtime, dyt, {}), lever: (runtime, dyt_form, {}),
                 "dense": (runtime, dense, {}), f"dense-{lever}": (runtime, dense_form, {})}
+
+    def qkv_forms(runtime: str) -> Contenders:
+        """The shipped exports and both other head splits of the qkv product, on one runtime."""
+        forms = ("split_qkv", "qkv_heads_first")
+        return {"shipped": (runtime, dyt, {}), **{form: (runtime, files[form], {}) for form in forms},
+                "dense": (runtime, dense, {}), **{f"dense-{form}": (runtime, files[f"dense-{form}"], {}) for form in forms}}
 
     def pinned(runtime: str) -> Contenders:
         """The DyT and dense exports with a dynamic batch and with the batch axis pinned to
@@ -195,6 +202,8 @@ def run(work: Path, out: Path, threads: int, passes: int, batches: list[int], on
         "dense-part-ov": against_shipped(ov, "linear_as_gemm", files["linear_as_gemm"], files["dense-linear_as_gemm"]),
         "attention-ort": against_shipped(ort_, "attention_op", files["attention_op"], files["dense-attention_op"]),
         "attention-ov": against_shipped(ov, "attention_op", files["attention_op"], files["dense-attention_op"]),
+        "qkv-ort": qkv_forms(ort_),
+        "qkv-ov": qkv_forms(ov),
         "gelu-ov": against_shipped(ov, "torch_gelu", torch_gelu["dyt"], torch_gelu["dense"]),
         "gelu-ort": against_shipped(ort_, "torch_gelu", torch_gelu["dyt"], torch_gelu["dense"]),
         "ort-session": {"all": (ort_, dyt, {}), "extended": (ort_, dyt, {"graph_optimization": "extended"}),
