@@ -129,6 +129,14 @@ def test_output_directory_not_writable(run_cli, checkpoint, tmp_path):
     assert_refused(run_cli(checkpoint, "-o", tmp_path / "no" / "such" / "dir.onnx"), "does not exist")
 
 
+def test_output_ending_in_a_separator_is_refused(run_cli, checkpoint, tmp_path):
+    """`-o out/` means a directory; writing a file called `out` instead would surprise."""
+    assert_refused(run_cli(checkpoint, "-o", f"{tmp_path / 'out'}{os.sep}"), "out/ names a directory")
+    assert_refused(run_cli("init", "--backbone", "vit_tiny_patch16_224", "-o", f"{tmp_path / 'm'}{os.sep}"),
+                   "names a directory")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 def _only_target_left(directory: Path, target: Path, before: bytes) -> None:
     """The pre-existing target is byte for byte what it was, and nothing else was left."""
     assert target.read_bytes() == before

@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 import traceback
+from pathlib import Path
 from typing import Callable, NoReturn
 
 from ..atomic import FULL_DISK
@@ -48,6 +49,14 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         raise UserError(f"{message} (see {self.prog} --help)")
+
+
+def output_file(text: str) -> Path:
+    """`-o`'s type. A path ending in a separator names a directory, and `Path` would drop the
+    separator and write a file of the directory's name instead."""
+    if text.endswith(("/", os.sep)):
+        raise argparse.ArgumentTypeError(f"{text} names a directory; give the output file's path")
+    return Path(text)
 
 
 def add_checkpoint_overrides(parser: argparse.ArgumentParser) -> None:
