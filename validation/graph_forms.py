@@ -18,7 +18,10 @@ levers experiment checks outputs against the unrewritten file). The forms:
   Slice + Squeeze, as three linears (the weight's column blocks) each with a 4-D Transpose
   to [B, H, N, D]: no 5-D transpose and no split copy of the [B, N, 3C] product;
 * `qkv_heads_first`: the fused product kept, put into [B, 3H, N, D] by one 4-D Transpose and
-  split into q, k, v along the head axis: no 5-D transpose, no Squeeze.
+  split into q, k, v along the head axis: no 5-D transpose, no Squeeze;
+* `gelu_op`: the exporter's GELU as one ONNX `Gelu` (opset 20), which ONNX Runtime fuses with
+  the bias Add into one `BiasGelu` kernel (and OpenVINO into the GEMM: the form the exporter's
+  GELU rewrite avoids); the model's opset goes to 20.
 """
 from __future__ import annotations
 
@@ -285,8 +288,35 @@ def qkv_heads_first(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+def gelu_op(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The exporter's GELU, x * (0.5 + 0.5 * Erf(x / sqrt(2))), as one ONNX `Gelu` (opset 20)."""
+    g = _Graph(model)
+    swaps: dict[int, list[onnx.NodeProto]] = {}
+    index_of = {id(node): i for i, node in enumerate(g.graph.node)}
+    for div in g.graph.node:
+        if div.op_type != "Div" or not g.is_const(div.input[1], 2 ** 0.5):
+            continue
+        chain, name = [div], div.output[0]
+        for op in ("Erf", "Mul", "Add", "Mul"):
+            users = g.consumers.get(name, [])
+            if len(users) != 1 or users[0].op_type != op:
+                break
+            chain.append(users[0])
+            name = users[0].output[0]
+        if len(chain) != 5 or div.input[0] not in chain[-1].input:
+            continue
+        for dead in chain[:-1]:
+            swaps[index_of[id(dead)]] = []
+        swaps[index_of[id(chain[-1])]] = [helper.make_node("Gelu", [div.input[0]], list(chain[-1].output))]
+    _replace_nodes(g.graph, swaps)
+    for opset in model.opset_import:
+        if opset.domain in ("", "ai.onnx"):
+            opset.version = max(opset.version, 20)
+    return model
+
+
 FORMS: dict[str, Callable[[onnx.ModelProto], onnx.ModelProto]] = {
     "gather_nd": gather_nd, "compress": compress, "scatter_elements": scatter_elements,
     "linear_as_gemm": linear_as_gemm, "attention_op": attention_op, "split_qkv": split_qkv,
-    "qkv_heads_first": qkv_heads_first,
+    "qkv_heads_first": qkv_heads_first, "gelu_op": gelu_op,
 }

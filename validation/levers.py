@@ -35,8 +35,8 @@ OPSET_DEFAULT = 18
 FIXED_BATCH = object()
 """Option value replaced by each group's batch size (a session pinned to the batch it serves)."""
 EXPERIMENTS = ("dispatch-ort", "dispatch-ov", "dispatcher-ort", "dispatcher-ov", "dense-part-ort", "dense-part-ov",
-               "attention-ort", "attention-ov", "qkv-ort", "qkv-ov", "gelu-ov", "gelu-ort", "ort-session",
-               "ort-pinned", "ov-config", "ov-pinned")
+               "attention-ort", "attention-ov", "qkv-ort", "qkv-ov", "gelu-ov", "gelu-ort", "gelu-op-ort",
+               "gelu-op-ov", "ort-session", "ort-pinned", "ov-config", "ov-pinned")
 """Every group of contenders `run` can time, for `--only`."""
 
 
@@ -151,7 +151,7 @@ def run(work: Path, out: Path, threads: int, passes: int, batches: list[int], on
     dyt, dense = work / "dyt-r0.5.onnx", work / "dyt-r0.5-dense.onnx"
     files = {name: _lazy(functools.partial(_form_file, dyt, [name], out / f"dyt-{name}.onnx")) for name in FORMS}
     # the forms that touch the dense part too
-    for name in ("linear_as_gemm", "attention_op", "split_qkv", "qkv_heads_first"):
+    for name in ("linear_as_gemm", "attention_op", "split_qkv", "qkv_heads_first", "gelu_op"):
         files[f"dense-{name}"] = _lazy(functools.partial(_form_file, dense, [name], out / f"dense-{name}.onnx"))
     checkpoint = work / "dyt-r0.5.pth"
     # MLP units adding their rows into the residual inside the scatter (ScatterND reduction "add")
@@ -206,6 +206,8 @@ def run(work: Path, out: Path, threads: int, passes: int, batches: list[int], on
         "qkv-ov": qkv_forms(ov),
         "gelu-ov": against_shipped(ov, "torch_gelu", torch_gelu["dyt"], torch_gelu["dense"]),
         "gelu-ort": against_shipped(ort_, "torch_gelu", torch_gelu["dyt"], torch_gelu["dense"]),
+        "gelu-op-ort": against_shipped(ort_, "gelu_op", files["gelu_op"], files["dense-gelu_op"]),
+        "gelu-op-ov": against_shipped(ov, "gelu_op", files["gelu_op"], files["dense-gelu_op"]),
         "ort-session": {"all": (ort_, dyt, {}), "extended": (ort_, dyt, {"graph_optimization": "extended"}),
                         "basic": (ort_, dyt, {"graph_optimization": "basic"}),
                         "saved-optimized": (ort_, opt_ort, {"graph_optimization": "disable"}),
