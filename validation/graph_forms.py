@@ -45,6 +45,8 @@ class _Graph:
             for name in node.input:
                 self.consumers[name].append(node)
         self.initializers = {init.name: init for init in self.graph.initializer}
+        # each node's index (by identity) in graph order: the keys `_replace_nodes` takes
+        self.position = {id(node): i for i, node in enumerate(self.graph.node)}
         self._count = 0
 
     def const(self, name: str) -> np.ndarray | None:
@@ -76,6 +78,13 @@ def _replace_nodes(graph: onnx.GraphProto, replacements: dict[int, list[onnx.Nod
         nodes.extend(replacements.get(i, [node]))
     del graph.node[:]
     graph.node.extend(nodes)
+
+
+def _require_opset(model: onnx.ModelProto, version: int) -> None:
+    """Raise the default domain's opset to `version` (the op a form brings in needs it)."""
+    for opset in model.opset_import:
+        if opset.domain in ("", "ai.onnx"):
+            opset.version = max(opset.version, version)
 
 
 def gather_nd(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -143,7 +152,6 @@ def linear_as_gemm(model: onnx.ModelProto) -> onnx.ModelProto:
               for v in list(inferred.graph.value_info) + list(inferred.graph.input)}
     g = _Graph(model)
     swaps = {}
-    index_of = {id(node): i for i, node in enumerate(g.graph.node)}
     for node in g.graph.node:
         if node.op_type != "MatMul" or node.input[1] not in g.initializers:
             continue
@@ -159,9 +167,9 @@ def linear_as_gemm(model: onnx.ModelProto) -> onnx.ModelProto:
         flat_in, flat_out = g.new_name("flat_in"), g.new_name("flat_out")
         to_2d = g.add_initializer(np.array([-1, shape[2]], np.int64), "shape2d")
         to_3d = g.add_initializer(np.array([-1, shape[1], weight.shape[1]], np.int64), "shape3d")
-        swaps[index_of[id(node)]] = [helper.make_node("Reshape", [node.input[0], to_2d], [flat_in]),
+        swaps[g.position[id(node)]] = [helper.make_node("Reshape", [node.input[0], to_2d], [flat_in]),
                                      helper.make_node("Gemm", [flat_in, node.input[1], bias], [flat_out])]
-        swaps[index_of[id(add)]] = [helper.make_node("Reshape", [flat_out, to_3d], list(add.output))]
+        swaps[g.position[id(add)]] = [helper.make_node("Reshape", [flat_out, to_3d], list(add.output))]
     _replace_nodes(g.graph, swaps)
     return model
 
@@ -170,7 +178,6 @@ def attention_op(model: onnx.ModelProto) -> onnx.ModelProto:
     """MatMul(Softmax(MatMul(Mul(q, s), Transpose(k, [0, 1, 3, 2]))), v) -> Attention(q, k, v, scale=s)."""
     g = _Graph(model)
     swaps: dict[int, list[onnx.NodeProto]] = {}
-    index_of = {id(node): i for i, node in enumerate(g.graph.node)}
     for soft in g.graph.node:
         if soft.op_type != "Softmax":
             continue
@@ -187,13 +194,11 @@ def attention_op(model: onnx.ModelProto) -> onnx.ModelProto:
         if scale is None or scale.size != 1 or any(len(g.consumers[n.output[0]]) != 1 for n in (scaled, key_t, scores)):
             continue
         for dead in (scaled, key_t, scores, soft):
-            swaps[index_of[id(dead)]] = []
-        swaps[index_of[id(mix)]] = [helper.make_node("Attention", [q, key_t.input[0], mix.input[1]], list(mix.output),
+            swaps[g.position[id(dead)]] = []
+        swaps[g.position[id(mix)]] = [helper.make_node("Attention", [q, key_t.input[0], mix.input[1]], list(mix.output),
                                                      scale=float(scale.reshape(-1)[0]))]
     _replace_nodes(g.graph, swaps)
-    for opset in model.opset_import:
-        if opset.domain in ("", "ai.onnx"):
-            opset.version = max(opset.version, 23)
+    _require_opset(model, 23)
     model.ir_version = max(model.ir_version, 10)
     return model
 
@@ -244,7 +249,6 @@ def split_qkv(model: onnx.ModelProto) -> onnx.ModelProto:
     Transpose([0, 2, 1, 3])."""
     g = _Graph(model)
     swaps: dict[int, list[onnx.NodeProto]] = {}
-    index_of = {id(node): i for i, node in enumerate(g.graph.node)}
     for unbind in _qkv_unbinds(g):
         weight, bias = g.const(unbind.matmul.input[1]), g.const(unbind.add.input[1])
         width = weight.shape[1] // 3
@@ -259,8 +263,8 @@ def split_qkv(model: onnx.ModelProto) -> onnx.ModelProto:
                           helper.make_node("Reshape", [biased, head_shape], [heads]),
                           helper.make_node("Transpose", [heads], list(squeeze.output), perm=[0, 2, 1, 3])]
         for dead in (unbind.add, unbind.reshape, unbind.perm, *(n for pick in unbind.picks for n in pick)):
-            swaps[index_of[id(dead)]] = []
-        swaps[index_of[id(unbind.matmul)]] = new_nodes
+            swaps[g.position[id(dead)]] = []
+        swaps[g.position[id(unbind.matmul)]] = new_nodes
     _replace_nodes(g.graph, swaps)
     _drop_unused_initializers(g.graph)
     return model
@@ -271,18 +275,17 @@ def qkv_heads_first(model: onnx.ModelProto) -> onnx.ModelProto:
     -> Split(axis 1) into q, k, v."""
     g = _Graph(model)
     swaps: dict[int, list[onnx.NodeProto]] = {}
-    index_of = {id(node): i for i, node in enumerate(g.graph.node)}
     for unbind in _qkv_unbinds(g):
         _, tokens, three, heads, dim = g.const(unbind.reshape.input[1])
         shape = g.add_initializer(np.array([-1, tokens, three * heads, dim], np.int64), "heads_shape")
         sizes = g.add_initializer(np.array([heads] * 3, np.int64), "split")
         flat, first = g.new_name("flat"), g.new_name("heads_first")
-        swaps[index_of[id(unbind.reshape)]] = [helper.make_node("Reshape", [unbind.reshape.input[0], shape], [flat])]
-        swaps[index_of[id(unbind.perm)]] = [
+        swaps[g.position[id(unbind.reshape)]] = [helper.make_node("Reshape", [unbind.reshape.input[0], shape], [flat])]
+        swaps[g.position[id(unbind.perm)]] = [
             helper.make_node("Transpose", [flat], [first], perm=[0, 2, 1, 3]),
             helper.make_node("Split", [first, sizes], [squeeze.output[0] for _, squeeze in unbind.picks], axis=1)]
         for dead in (n for pick in unbind.picks for n in pick):
-            swaps[index_of[id(dead)]] = []
+            swaps[g.position[id(dead)]] = []
     _replace_nodes(g.graph, swaps)
     _drop_unused_initializers(g.graph)
     return model
@@ -292,7 +295,6 @@ def gelu_op(model: onnx.ModelProto) -> onnx.ModelProto:
     """The exporter's GELU, x * (0.5 + 0.5 * Erf(x / sqrt(2))), as one ONNX `Gelu` (opset 20)."""
     g = _Graph(model)
     swaps: dict[int, list[onnx.NodeProto]] = {}
-    index_of = {id(node): i for i, node in enumerate(g.graph.node)}
     for div in g.graph.node:
         if div.op_type != "Div" or not g.is_const(div.input[1], 2 ** 0.5):
             continue
@@ -306,12 +308,10 @@ def gelu_op(model: onnx.ModelProto) -> onnx.ModelProto:
         if len(chain) != 5 or div.input[0] not in chain[-1].input:
             continue
         for dead in chain[:-1]:
-            swaps[index_of[id(dead)]] = []
-        swaps[index_of[id(chain[-1])]] = [helper.make_node("Gelu", [div.input[0]], list(chain[-1].output))]
+            swaps[g.position[id(dead)]] = []
+        swaps[g.position[id(chain[-1])]] = [helper.make_node("Gelu", [div.input[0]], list(chain[-1].output))]
     _replace_nodes(g.graph, swaps)
-    for opset in model.opset_import:
-        if opset.domain in ("", "ai.onnx"):
-            opset.version = max(opset.version, 20)
+    _require_opset(model, 20)
     return model
 
 
