@@ -185,8 +185,11 @@ def load_calibration_file(path: str | Path) -> np.ndarray:
         pickled = "pickle" in str(e).lower() or "object arrays" in str(e).lower()
         reason = "pickled Python objects, refused" if pickled else str(e).splitlines()[0][:120]
         raise UserError(f"{flag} is not a .npy array of images ({reason})") from None
-    if not isinstance(images, np.ndarray):  # an .npz archive
-        raise UserError(f"{flag} is an .npz archive; save one array [N, C, H, W] with numpy.save")
+    if not isinstance(images, np.ndarray):  # np.load opens every zip file as an .npz archive
+        with images:
+            npz = all(name.endswith(".npy") for name in images.zip.namelist())
+        kind = "an .npz archive" if npz else "a zip archive, not .npy (a torch.save checkpoint?)"
+        raise UserError(f"{flag} is {kind}; save one array [N, C, H, W] with numpy.save")
     if not np.issubdtype(images.dtype, np.floating):
         raise UserError(f"{flag} holds {images.dtype} data; need float images, preprocessed as the model expects")
     if images.ndim != 4 or len(images) == 0:

@@ -239,8 +239,12 @@ def test_int8_calibration_file_is_checked_before_anything_is_written(run_cli, ch
     with open(tmp_path / "pickle.npy", "wb") as f:  # not .npy at all: a plain pickle
         pickle.dump([1, 2], f)
     cases["pickle.npy"] = (None, "pickled Python objects, refused")
+    np.savez(tmp_path / "arrays.npz", images=np.zeros((2, 3, 32, 32), dtype=np.float32))
+    cases["arrays.npz"] = (None, "is an .npz archive; save one array")
+    cases[checkpoint.name] = (None, "is a zip archive, not .npy (a torch.save checkpoint?)")
     for name, (_, message) in cases.items():
-        assert_refused(run_cli(checkpoint, "--int8", "--calibration-images", tmp_path / name, "-o", target), message)
+        source = checkpoint if name == checkpoint.name else tmp_path / name
+        assert_refused(run_cli(checkpoint, "--int8", "--calibration-images", source, "-o", target), message)
         assert target.read_bytes() == b"previous export"
     assert not [p for p in tmp_path.iterdir() if ".partial" in p.name]
 
