@@ -111,7 +111,7 @@ def form(name: str) -> Iterator[None]:
             setattr(module, attr, original)
 
 
-def _exactness(backend, images: np.ndarray, reference: np.ndarray) -> dict[str, float]:
+def _exactness(backend: Backend, images: np.ndarray, reference: np.ndarray) -> dict[str, float]:
     batch = backend.run({"pixel_values": images})["logits"]
     single = np.concatenate([backend.run({"pixel_values": images[i:i + 1]})["logits"] for i in range(len(images))])
     scale = float(np.abs(reference).max())

@@ -16,6 +16,7 @@ Exports need no lock; timing does (the cores are shared):
 """
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=number(int, 1), default=5, help="interleaved timed passes over the pool")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
-    def body(args) -> int:
+    def body(args: argparse.Namespace) -> int:
         check_output_dir(args.out)
         args.out.mkdir(parents=True, exist_ok=True)
         rows = run(args.out, args.variants, [] if args.export_only else args.runtimes, args.activation, args.threads,

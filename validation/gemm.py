@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="time the shapes as one chain, LAYERS times over with distinct weights (each N the next K)")
     add_timing_options(p)
 
-    def body(args) -> int:
+    def body(args: argparse.Namespace) -> int:
         try:
             jobs: list[Job] = [Chain(tuple(args.shapes), args.chain)] if args.chain else args.shapes
         except ValueError as e:
