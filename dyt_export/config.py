@@ -37,6 +37,13 @@ def check_dispatch_mode(mode: str) -> None:
         raise UserError(f"unknown dispatch mode {mode!r}; choose one of {', '.join(DISPATCH_MODES)}")
 
 
+INT8_ACTIVATIONS: tuple[str, ...] = ("static", "dynamic")
+"""How activations get their int8 scale: `static`, once from calibration images (QDQ, one
+file for ONNX Runtime and OpenVINO); `dynamic`, on every call from the tensor itself (ORT's
+dynamic quantization: no calibration; on an AVX2 CPU without VNNI 1.50-1.53x the fp32 DyT
+export on ONNX Runtime against static's 1.25-1.39x, and closer to fp32, but 16-17 % slower
+than static on OpenVINO; docs/performance.md)."""
+
 OPSETS: tuple[int, ...] = (17, 18, 19, 20, 21)
 """ONNX opsets tested end to end. 18 is the default: the newest that ONNX Runtime's CUDA EP
 covers for ScatterND (runtime notes)."""

@@ -1,4 +1,7 @@
-"""Opt-in int8 export: ONNX Runtime static quantization of a dyt-export fp32 graph.
+"""Opt-in int8 export: ONNX Runtime static (default) or dynamic quantization of a dyt-export
+fp32 graph. Both quantize the same GEMMs and keep the same parts float, as listed below; the
+dynamic form scales activations on every call instead of from calibration images
+(`config.INT8_ACTIVATIONS` says when each pays), and its weights are per tensor.
 
 What is quantized, and why:
 * the weight GEMMs (MatMul/Gemm with a constant weight: qkv, attention projection, MLP,
@@ -34,6 +37,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from .atomic import staged_outputs
+from .config import INT8_ACTIVATIONS
 from .errors import UserError
 from .files import check_input_file
 from .progress import quiet_logs
@@ -46,7 +50,7 @@ DISPATCHER_CLASS = "TokenDispatcher"
 @dataclass
 class Int8Result:
     path: Path
-    quantized_nodes: int
+    int8_weights: int
     float_dispatcher_nodes: int
     calibration_images: int
 
@@ -107,24 +111,52 @@ INT8_SINGLE_FILE_ONLY = ("int8 quantization takes models whose fp32 weights fit 
                          "not ones kept in external data")
 
 
-def quantize_int8(fp32_path: str | Path, out_path: str | Path, calibration: np.ndarray) -> Int8Result:
-    """Write the int8 (QDQ) form of the dyt-export fp32 ONNX file `fp32_path` to `out_path`,
-    calibrated on `calibration` [N, C, H, W] float32 (already normalised model inputs)."""
+def quantize_int8(fp32_path: str | Path, out_path: str | Path, calibration: np.ndarray | None,
+                  activations: str = "static") -> Int8Result:
+    """Write the int8 form of the dyt-export fp32 ONNX file `fp32_path` to `out_path`. Static
+    activations are calibrated on `calibration` [N, C, H, W] float32 (already normalised model
+    inputs); dynamic ones take no calibration (`calibration` None)."""
     import onnx
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                          quantize_static)
 
     fp32_path, out_path = Path(fp32_path), Path(out_path)
+    if activations not in INT8_ACTIVATIONS:
+        raise UserError(f"int8 activations must be one of {', '.join(INT8_ACTIVATIONS)}, not {activations!r}")
+    if (activations == "dynamic") != (calibration is None):
+        raise UserError("dynamic int8 takes no calibration images" if calibration is not None
+                        else "static int8 needs calibration images")
     if fp32_path.with_name(fp32_path.name + ".data").exists():
         raise UserError(INT8_SINGLE_FILE_ONLY)
-    if calibration.ndim != 4 or len(calibration) == 0:
+    if calibration is not None and (calibration.ndim != 4 or len(calibration) == 0):
         raise UserError(f"int8 calibration needs images [N, C, H, W], got shape {list(calibration.shape)}")
     model = onnx.load(str(fp32_path))
     props = {p.key: p.value for p in model.metadata_props}
     if props.get("dyt.precision", "fp32") != "fp32":
         raise UserError(f"int8 quantization starts from an fp32 export, not {props.get('dyt.precision')}")
     dispatchers = dispatcher_nodes(model)
-    targets = [name for name in weight_nodes(model) if name not in dispatchers]
+    with tempfile.TemporaryDirectory() as tmp, quiet_logs(""):  # ORT logs advice on the root logger
+        staged = Path(tmp) / "int8.onnx"
+        if calibration is None:
+            _quantize_dynamic(model, dispatchers, staged)
+            summary = "ORT dynamic, u8 activations scaled on every call (per tensor), s8 weights per tensor"
+        else:
+            _quantize_static(fp32_path, model, dispatchers, calibration, staged)
+            summary = (f"ORT static QDQ, u8 activations (per tensor, MinMax on {len(calibration)} images), "
+                       f"s8 weights per channel")
+        quantized = onnx.load(str(staged))
+    _keep_dispatchers_float(quantized, dispatchers)
+    onnx.helper.set_model_props(quantized, {**props, "dyt.precision": "int8", "dyt.int8_activations": activations,
+                                            "dyt.int8": f"{summary}; dispatchers float"})
+    onnx.checker.check_model(quantized)
+    with staged_outputs(out_path) as stage:  # out_path may be fp32_path: replace it whole or not at all
+        onnx.save(quantized, str(stage / out_path.name))
+    int8_weights = sum(1 for i in quantized.graph.initializer
+                       if i.data_type == onnx.TensorProto.INT8 and len(i.dims) >= 2)
+    return Int8Result(out_path, int8_weights, len(dispatchers), 0 if calibration is None else len(calibration))
+
+
+def _quantize_static(fp32_path: Path, model: Any, dispatchers: set[str], calibration: np.ndarray, out: Path) -> None:
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_static)
 
     class Reader(CalibrationDataReader):
         """Batches of the calibration images; ORT asks for them one batch at a time
@@ -144,32 +176,68 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, calibration: np.n
         def get_next(self) -> dict[str, np.ndarray] | None:
             return next(self._it, None)
 
-    with tempfile.TemporaryDirectory() as tmp, quiet_logs(""):  # ORT logs advice on the root logger
-        staged = Path(tmp) / "int8.onnx"
-        quantize_static(
-            str(fp32_path), str(staged), Reader(), quant_format=QuantFormat.QDQ,
-            op_types_to_quantize=list(QUANTIZED_OPS), nodes_to_quantize=targets, nodes_to_exclude=sorted(dispatchers),
-            per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-            calibrate_method=CalibrationMethod.MinMax,
-            extra_options={"WeightSymmetric": True, "ActivationSymmetric": False, "CalibStridedMinMax": 1,
-                           "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1}},
-        )
-        quantized = onnx.load(str(staged))
-    _keep_dispatchers_float(quantized, dispatchers)
-    del quantized.metadata_props[:]
-    quantized.metadata_props.extend(model.metadata_props)
-    for prop in quantized.metadata_props:
-        if prop.key == "dyt.precision":
-            prop.value = "int8"
-    onnx.helper.set_model_props(quantized, {**{p.key: p.value for p in quantized.metadata_props},
-                                            "dyt.int8": f"ORT static QDQ, u8 activations (per tensor, MinMax on "
-                                                        f"{len(calibration)} images), s8 weights per channel; "
-                                                        f"dispatchers float"})
-    onnx.checker.check_model(quantized)
-    with staged_outputs(out_path) as stage:  # out_path may be fp32_path: replace it whole or not at all
-        onnx.save(quantized, str(stage / out_path.name))
-    q_nodes = sum(1 for n in quantized.graph.node if n.op_type == "DequantizeLinear")
-    return Int8Result(out_path, q_nodes, len(dispatchers), len(calibration))
+    targets = [name for name in weight_nodes(model) if name not in dispatchers]
+    quantize_static(
+        str(fp32_path), str(out), Reader(), quant_format=QuantFormat.QDQ,
+        op_types_to_quantize=list(QUANTIZED_OPS), nodes_to_quantize=targets, nodes_to_exclude=sorted(dispatchers),
+        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+        calibrate_method=CalibrationMethod.MinMax,
+        extra_options={"WeightSymmetric": True, "ActivationSymmetric": False, "CalibStridedMinMax": 1,
+                       "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1}},
+    )
+
+
+def _quantize_dynamic(model: Any, dispatchers: set[str], out: Path) -> None:
+    """Weights per tensor: per channel measured no faster on ViT-B/16 and further from fp32."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    _gemms_as_matmuls(model, keep=dispatchers)
+    targets = [name for name in weight_nodes(model) if name not in dispatchers]
+    quantize_dynamic(model, str(out), op_types_to_quantize=["MatMul"], nodes_to_quantize=targets,
+                     nodes_to_exclude=sorted(dispatchers), per_channel=False, weight_type=QuantType.QInt8)
+
+
+def _gemms_as_matmuls(model: Any, keep: set[str]) -> int:
+    """Rewrite every plain `Gemm` with a constant weight (the gathered MLP rows' linears, the
+    head) but the nodes in `keep` as MatMul + Add, in place, since ORT's dynamic quantizer has
+    no Gemm: otherwise the DyT export's fc1/fc2 would stay float. Returns how many were rewritten."""
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    initializers = {i.name: i for i in graph.initializer}
+    nodes, rewritten = [], 0
+    for node in graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if (node.op_type != "Gemm" or node.name in keep or len(node.input) < 2 or node.input[1] not in initializers
+                or attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0):
+            nodes.append(node)
+            continue
+        weight = node.input[1]
+        if attrs.get("transB", 0):
+            transposed = numpy_helper.from_array(numpy_helper.to_array(initializers[weight]).T.copy(),
+                                                 f"{weight}.T{rewritten}")
+            graph.initializer.append(transposed)
+            weight = transposed.name
+        bias = node.input[2] if len(node.input) > 2 else ""
+        product = f"{node.output[0]}.matmul" if bias else node.output[0]
+        new = [helper.make_node("MatMul", [node.input[0], weight], [product], name=f"{node.name}.matmul")]
+        if bias:
+            new.append(helper.make_node("Add", [product, bias], [node.output[0]], name=f"{node.name}.bias"))
+        for n in new:
+            n.metadata_props.extend(node.metadata_props)
+        nodes += new
+        rewritten += 1
+    del graph.node[:]
+    graph.node.extend(nodes)
+    used = {name for node in graph.node for name in node.input}
+    unused = [i for i in graph.initializer if i.name not in used]
+    for init in unused:
+        graph.initializer.remove(init)
+    stale = {i.name for i in unused}
+    kept = [v for v in graph.value_info if v.name not in stale]
+    del graph.value_info[:]
+    graph.value_info.extend(kept)
+    return rewritten
 
 
 def load_calibration_file(path: str | Path) -> np.ndarray:
@@ -215,8 +283,8 @@ def calibration_images(cfg: Any, count: int = 64, seed: int = 0) -> np.ndarray:
     return image_like(count, size=cfg.img_size, chans=cfg.in_chans, seed=seed).numpy()
 
 
-def export_int8(model: Any, path: str | Path, calibration: np.ndarray, *, steps: Any = None,
-                **export_options: Any) -> Int8Result:
+def export_int8(model: Any, path: str | Path, calibration: np.ndarray | None, *, activations: str = "static",
+                steps: Any = None, **export_options: Any) -> Int8Result:
     """Export `model` in fp32 (`export_onnx` with `export_options`) and write its int8 form to
     `path`. The fp32 graph is an intermediate in a staging directory beside `path`, and only
     the int8 file is moved into place, so a failure at any step leaves `path` as it was."""
@@ -230,4 +298,4 @@ def export_int8(model: Any, path: str | Path, calibration: np.ndarray, *, steps:
     with tempfile.TemporaryDirectory(prefix=f".{path.name}.", suffix=".partial", dir=path.resolve().parent) as tmp:
         fp32 = export_onnx(model, Path(tmp) / path.name, steps=steps, **export_options).path
         with steps.step("int8 quantization"):
-            return quantize_int8(fp32, path, calibration)
+            return quantize_int8(fp32, path, calibration, activations)

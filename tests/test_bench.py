@@ -18,7 +18,8 @@ from runtimes import CPU_RUNTIMES, open_backend
 from validation import bench
 from validation.bench_memory import external_copy, measure_here
 from validation.bench_models import trained_like
-from validation.bench_report import DOCS_BEGIN, DOCS_END, Result, results_from_record, target_checks, targets_table, write_docs
+from validation.bench_report import (DOCS_BEGIN, DOCS_END, Result, memory_table, results_from_record, target_checks,
+                                     targets_table, write_docs)
 from validation.gemm import LIBRARIES, Chain, macs, matmul_runner, steps
 from validation.graph_forms import FORMS
 from validation.public_eager import PublicEagerDyT
@@ -135,6 +136,36 @@ def test_memory_targets_are_one_per_allocator_and_weights_layout():
     assert checks["memory DyT/dense (glibc default, external data)"]["measured"] == pytest.approx(89 / 90)
     assert checks["memory DyT/dense (glibc default, external data)"]["met"]
     assert checks["memory DyT/dense (mmap threshold 1 MiB)"]["measured"] == pytest.approx(96 / 95)
+    for m in memory:
+        m.update(baseline_mb=30.0, peak_over_baseline_mb=m["peak_mb"] - 30.0)
+    assert "| ort-cpu | glibc default | external data | 1 | dyt@0.5 | 89 | 30 | 59 |" in memory_table(memory)
+    assert memory_table([]) == "Peak memory: not measured (`--memory-batches ''`)."  # no header without rows
+
+
+def test_int8_rows_and_targets_cover_both_activation_forms():
+    """Each --int8-activations form is timed against the same fp32 calls and gets targets of
+    its own; a record from before the dynamic form (no activations key, the demo's runtimes
+    at its top level) still reads as the static form."""
+    from validation.bench_int8 import int8_checks, int8_rows, int8_table
+
+    timed = {("ort-cpu", 2, 1): {"dyt@0.5": [0.2] * 3, "int8@0.5": [0.1] * 3, "int8-dynamic@0.5": [0.125] * 3}}
+    rows = int8_rows(timed, 0.5)
+    assert [(r["activations"], r["speedup"]) for r in rows] == [("static", pytest.approx(2.0)), ("dynamic", pytest.approx(1.6))]
+
+    def agreement(top1: float) -> dict:
+        return {"top1_agreement": top1, "accuracy_fp32": 0.9, "accuracy_int8": 0.9}
+    demo = {"test_images": 10, "calibration_images": 5,
+            "forms": {"static": {"ort-cpu": agreement(0.995)}, "dynamic": {"ort-cpu": agreement(0.98)}}}
+    assert {(c["target"], c["met"]) for c in int8_checks(rows, demo, threads=2)} == {
+        ("int8 speed-up", True), ("int8 speed-up (dynamic activations)", False),
+        ("int8 top-1 agreement (demo)", True), ("int8 top-1 agreement (demo) (dynamic activations)", False)}
+    table = int8_table(rows, demo)
+    assert "| dynamic | ort-cpu | 1 | 5.00 | 8.00 | 1.60x (1.60) | missed (>= 1.8x) |" in table
+    assert "| dynamic | ort-cpu | 0.9800 |" in table
+    old_rows = [{k: v for k, v in rows[0].items() if k != "activations"}]
+    old_demo = {"test_images": 10, "calibration_images": 5, "ort-cpu": agreement(0.995)}
+    assert [c["target"] for c in int8_checks(old_rows, old_demo, threads=2)] == ["int8 speed-up", "int8 top-1 agreement (demo)"]
+    assert "| static | ort-cpu | 0.9950 |" in int8_table(old_rows, old_demo)
 
 
 def test_a_bench_record_gives_back_its_results():

@@ -9,6 +9,7 @@ from conftest import force_dispatcher, image_batch, small_config
 from dyt_export import build_model, write_public_checkpoint
 from dyt_export.calibrate import image_like
 from dyt_export.cli import main as cli_main
+from dyt_export.config import INT8_ACTIVATIONS
 from dyt_export.errors import UserError
 from dyt_export.export import export_onnx
 from dyt_export.quantize import dispatcher_nodes, quantize_int8
@@ -16,16 +17,27 @@ from runtimes import open_backend
 
 
 @pytest.fixture(scope="module")
-def int8_pair(tmp_path_factory):
-    """(fp32 path, int8 path, model) of a small model with a block that activates no patch token."""
-    tmp = tmp_path_factory.mktemp("int8")
+def small_fp32(tmp_path_factory):
+    """(fp32 path, model) of a small model with a block that activates no patch token."""
     model = build_model(small_config(), seed=0)
     force_dispatcher(model, 1, active=False)
-    fp32 = tmp / "fp32.onnx"
+    fp32 = tmp_path_factory.mktemp("int8") / "fp32.onnx"
     export_onnx(model, fp32, with_masks=True)
-    int8 = tmp / "int8.onnx"
-    quantize_int8(fp32, int8, image_like(16, size=32, seed=0).numpy())
+    return fp32, model
+
+
+@pytest.fixture(scope="module", params=INT8_ACTIVATIONS)
+def int8_pair(request, small_fp32):
+    """(fp32 path, int8 path, model), the int8 file with static or dynamic activations."""
+    fp32, model = small_fp32
+    int8 = fp32.with_name(f"int8-{request.param}.onnx")
+    calibration = image_like(16, size=32, seed=0).numpy() if request.param == "static" else None
+    quantize_int8(fp32, int8, calibration, request.param)
     return fp32, int8, model
+
+
+# What feeds an int8 GEMM: QDQ's DequantizeLinear of a weight, or dynamic quantization's MatMulInteger.
+INT8_WEIGHT_READERS = {"DequantizeLinear": 0, "MatMulInteger": 1}
 
 
 def test_weight_gemms_are_quantized_and_dispatchers_stay_float(int8_pair):
@@ -36,16 +48,38 @@ def test_weight_gemms_are_quantized_and_dispatchers_stay_float(int8_pair):
     model = onnx.load(str(int8))
     producer = {out: node for node in model.graph.node for out in node.output}
     initializers = {i.name: i for i in model.graph.initializer}
-    quantized_weights = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in initializers
-                         and initializers[n.input[0]].data_type == onnx.TensorProto.INT8]
-    assert len(quantized_weights) >= 3 * 6  # qkv, proj, fc1, fc2, adapter down/up per block
+    int8_weights = {n.input[INT8_WEIGHT_READERS[n.op_type]] for n in model.graph.node if n.op_type in INT8_WEIGHT_READERS}
+    int8_weights = [w for w in int8_weights if w in initializers and initializers[w].data_type == onnx.TensorProto.INT8
+                    and len(initializers[w].dims) == 2]
+    assert len(int8_weights) == 3 * 6 + 1  # qkv, proj, fc1, fc2, adapter down/up per block; the head
     for node in model.graph.node:
-        if node.name in dispatchers:  # every dispatcher node reads float tensors, never a DQ copy
-            assert all(producer.get(i) is None or producer[i].op_type != "DequantizeLinear" for i in node.input), node.name
+        if node.name in dispatchers:  # every dispatcher node reads float tensors, never a quantized copy
+            assert all(producer.get(i) is None or producer[i].op_type not in ("DequantizeLinear", "DynamicQuantizeLinear")
+                       for i in node.input), node.name
     conv = next(n for n in model.graph.node if n.op_type == "Conv")
     assert initializers[conv.input[1]].data_type == onnx.TensorProto.FLOAT  # patch embedding stays float
     props = {p.key: p.value for p in model.metadata_props}
-    assert props["dyt.precision"] == "int8" and "dispatchers float" in props["dyt.int8"]
+    activations = props["dyt.int8_activations"]
+    assert props["dyt.precision"] == "int8" and "dispatchers float" in props["dyt.int8"] and activations in int8.name
+    assert ("scaled on every call" in props["dyt.int8"]) == (activations == "dynamic")
+
+
+def test_gemms_as_matmuls_keeps_the_fp32_answers(small_fp32, tmp_path):
+    """Dynamic quantization first writes the gathered MLP's Gemms as MatMul + Add (ORT's dynamic
+    quantizer has no Gemm); a transposed weight or a lost bias would change the fp32 logits."""
+    from dyt_export.quantize import _gemms_as_matmuls
+
+    fp32, _ = small_fp32
+    model = onnx.load(str(fp32))
+    gemms = sum(n.op_type == "Gemm" for n in model.graph.node)
+    assert _gemms_as_matmuls(model, keep=dispatcher_nodes(model)) == gemms >= 2 * 3  # fc1, fc2 per block
+    assert not any(n.op_type == "Gemm" for n in model.graph.node)
+    onnx.save(model, str(tmp_path / "matmuls.onnx"))
+    x = image_batch(3, seed=5)
+    want = open_backend("ort-cpu", fp32).run({"pixel_values": x})
+    got = open_backend("ort-cpu", tmp_path / "matmuls.onnx").run({"pixel_values": x})
+    np.testing.assert_allclose(got["logits"], want["logits"], rtol=1e-5, atol=1e-5)
+    assert (got["token_masks"] == want["token_masks"]).all()
 
 
 def test_int8_runs_on_both_cpu_runtimes_alike(int8_pair):
@@ -75,10 +109,21 @@ def test_cli_int8_writes_an_int8_model_and_checks_its_flags(tmp_path, capsys):
     props = {p.key: p.value for p in onnx.load(str(out), load_external_data=False).metadata_props}
     assert props["dyt.precision"] == "int8" and "on 8 images" in props["dyt.int8"]
     assert "int8" in capsys.readouterr().out
+    dynamic = tmp_path / "dynamic.onnx"
+    assert cli_main([str(ckpt), "-o", str(dynamic), "--int8", "--int8-activations", "dynamic"]) == 0
+    props = {p.key: p.value for p in onnx.load(str(dynamic), load_external_data=False).metadata_props}
+    assert props["dyt.int8_activations"] == "dynamic" and "scaled on every call" in props["dyt.int8"]
+    assert "int8 (dynamic activations)" in capsys.readouterr().out
     np.save(tmp_path / "bad.npy", image_batch(2, size=16))
-    for args in (["--calibration-images", str(calib)], ["--int8", "--fp16"],
-                 ["--int8", "--calibration-images", str(tmp_path / "bad.npy")]):
+    refusals = {("--calibration-images", str(calib)): "needs --int8",
+                ("--int8", "--fp16"): "drop --fp16",
+                ("--int8", "--calibration-images", str(tmp_path / "bad.npy")): "the model takes",
+                ("--int8-activations", "dynamic"): "--int8-activations needs --int8",
+                ("--int8", "--int8-activations", "dynamic", "--calibration-images", str(calib)): "has no use with"}
+    for args, message in refusals.items():
         assert cli_main([str(ckpt), "-o", str(tmp_path / "x.onnx"), *args]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
         assert not (tmp_path / "x.onnx").exists()
 
 
@@ -106,20 +151,32 @@ def test_int8_refuses_weights_in_external_data_before_exporting(int8_pair, tmp_p
 
 
 @pytest.mark.slow
-def test_demo_model_int8_keeps_top1_on_the_digits_test_set(tmp_path):
+@pytest.mark.parametrize("activations", INT8_ACTIVATIONS)
+def test_demo_model_int8_keeps_top1_on_the_digits_test_set(tmp_path, activations):
     """Issue 5 target: top-1 agreement >= 99 % with the fp32 export on the demo model's test set,
-    calibrated on its training split (the user's images), on both CPU runtimes."""
+    on both CPU runtimes; static activations calibrated on its training split (the user's images)."""
     from validation.data import digits
     from validation.demo import ensure_demo_model
     from validation.train import Recipe
 
     demo = ensure_demo_model()
     size = Recipe().img_size
-    calib = digits(size, split="train").pixel_values[::4]
+    calib = digits(size, split="train").pixel_values[::4] if activations == "static" else None
     int8 = tmp_path / "int8.onnx"
-    quantize_int8(demo.onnx, int8, calib)
+    quantize_int8(demo.onnx, int8, calib, activations)
     test = digits(size, split="test").pixel_values
     ref = open_backend("ort-cpu", demo.onnx).run({"pixel_values": test})["logits"].argmax(1)
     for runtime in ("ort-cpu", "openvino"):
         got = open_backend(runtime, int8).run({"pixel_values": test})["logits"].argmax(1)
         assert (got == ref).mean() >= 0.99, runtime
+
+
+def test_quantize_int8_refuses_a_mode_without_its_inputs(small_fp32, tmp_path):
+    fp32, _ = small_fp32
+    images = image_like(2, size=32, seed=0).numpy()
+    for calibration, activations, message in ((images, "dynamic", "takes no calibration"),
+                                              (None, "static", "needs calibration images"),
+                                              (images, "weekly", "must be one of static, dynamic")):
+        with pytest.raises(UserError, match=message):
+            quantize_int8(fp32, tmp_path / "q.onnx", calibration, activations)
+    assert not (tmp_path / "q.onnx").exists()

@@ -244,6 +244,11 @@ def test_int8_twins_are_quantized_like_the_model_and_reused(exported, tmp_path):
     assert not reused and made.precision == "int8" and made.has_masks and "dyt.int8" in made.props
     assert twin(reference, model, tmp_path, dispatch="dynamic", with_masks=True) == (path, True)
     assert ".int8." in path.name  # an fp32 model's twin never takes this file's place
+    assert made.int8_activations == "static"
+    dynamic = dataclasses.replace(model, props={**model.props, "dyt.int8_activations": "dynamic"})
+    dynamic_path, reused = twin(reference, dynamic, tmp_path, dispatch="dynamic", with_masks=True)
+    assert not reused and dynamic_path != path  # a static twin never stands in for a dynamic model's
+    assert read_model(dynamic_path).int8_activations == "dynamic" and ".int8-dynamic." in dynamic_path.name
 
 
 def test_a_twin_from_another_graph_form_is_exported_again(exported, tmp_path):

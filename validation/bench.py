@@ -68,7 +68,8 @@ class Exports:
     """`validation.bench_models.CalibratedModel` per rate."""
     dense: Path
     masked: Path
-    int8: Path
+    int8: dict[str, Path]
+    """The middle rate's int8 exports by `--int8-activations` form."""
     pool: np.ndarray
 
     @property
@@ -76,15 +77,17 @@ class Exports:
         return self.models[len(self.models) // 2]
 
     def onnx_files(self) -> dict[str, Path]:
+        from validation.bench_int8 import contender
+
         return {"dense": self.dense, "masked": self.masked, **{f"dyt@{m.rate:g}": m.dynamic for m in self.models},
-                f"int8@{self.middle.rate:g}": self.int8}
+                **{contender(a, self.middle.rate): path for a, path in self.int8.items()}}
 
 
 def build_exports(args: argparse.Namespace, work: Path) -> Exports:
     """Seeded model, calibrated per rate, public layout, exported; dense, masked and int8 twins
     at the middle rate (dense ignores the dispatchers, masked costs the same at every rate)."""
     from dyt_export.calibrate import image_like
-    from validation.bench_int8 import int8_export
+    from validation.bench_int8 import int8_exports
     from validation.bench_models import base_model, calibrated, export_twin
     from validation.public_eager import PublicEagerDyT
 
@@ -99,8 +102,7 @@ def build_exports(args: argparse.Namespace, work: Path) -> Exports:
         if rel > 1e-4:
             raise RuntimeError(f"public eager path differs from the toolkit's model at rate {m.rate}: {rel:.2e}")
     return Exports(models, export_twin(middle.model, "dense", work), export_twin(middle.model, "masked", work),
-                   int8_export(middle.dynamic, work / f"dyt-r{middle.rate:g}-int8.onnx", base.dyt_config.img_size,
-                               args.seed), pool.numpy())
+                   int8_exports(middle.dynamic, work, base.dyt_config.img_size, args.seed), pool.numpy())
 
 
 def time_all(args: argparse.Namespace, ex: Exports, threads: list[int]) -> tuple[dict, dict]:

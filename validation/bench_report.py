@@ -137,6 +137,8 @@ def results_table(results: list[Result]) -> str:
 
 
 def memory_table(memory: list[dict[str, Any]]) -> str:
+    if not memory:
+        return "Peak memory: not measured (`--memory-batches ''`)."
     lines = ["| runtime | allocator | weights | batch | model | peak RSS MB | baseline MB | peak - baseline MB |",
              "|---|---|---|---:|---|---:|---:|---:|"]
     for m in memory:
@@ -197,7 +199,7 @@ def markdown(record: dict[str, Any], results: list[Result], checks: list[dict[st
         "",
         memory_table(record["memory"]),
         "",
-        "### int8 (`dyt-export --int8`)",
+        "### int8 (`dyt-export --int8 [--int8-activations dynamic]`)",
         "",
         int8_table(record["int8"]["rows"], record["int8"]["demo"]),
         "",

@@ -9,8 +9,9 @@ checkpoint (the reference) when the user's file cannot serve as them:
 Twins follow the model's precision, so that masks and the dense baseline are those of the
 arithmetic the user ships: fp16 twins are exported with `--fp16` (and `--fp16-io` when the
 model takes float16 pixels); int8 twins are the fp32 export quantized the way `dyt-export
---int8` does it, calibrated on the same default inputs (64 seeded image-like images), since
-the images the user calibrated on are not recorded in the file. An int8 model calibrated on
+--int8` does it (static or dynamic activations, as the file records), static ones calibrated
+on the same default inputs (64 seeded image-like images), since the images the user
+calibrated on are not recorded in the file. An int8 model calibrated on
 other images has slightly different activation ranges than its twins; give the model
 `--with-masks` to compare its own masks.
 Twins are cached in `OUT/twins/`, named by the checkpoint's sha256 and precision, and
@@ -50,7 +51,14 @@ class ModelUnderTest:
         return "token_masks" in self.outputs
 
     @property
+    def int8_activations(self) -> str:
+        """`static` or `dynamic` (dyt-export --int8-activations); files from before it are static."""
+        return self.props.get("dyt.int8_activations", "static")
+
+    @property
     def precision_label(self) -> str:
+        if self.precision == "int8" and self.int8_activations != "static":
+            return f"int8-{self.int8_activations}"
         return f"{self.precision}-io" if self.fp16_io else self.precision
 
     @property
@@ -115,6 +123,7 @@ def twin(reference: Any, model: ModelUnderTest, directory: Path, *, dispatch: st
         return path, False
     from dyt_export.quantize import calibration_images, export_int8
 
-    export_int8(reference, path, calibration_images(model.cfg), opset=model.opset, dispatch=dispatch,
-                with_masks=with_masks, steps=steps)
+    calibration = calibration_images(model.cfg) if model.int8_activations == "static" else None
+    export_int8(reference, path, calibration, activations=model.int8_activations, opset=model.opset,
+                dispatch=dispatch, with_masks=with_masks, steps=steps)
     return path, False

@@ -6,7 +6,7 @@ import resource
 from pathlib import Path
 
 from ..atomic import check_output_path
-from ..config import DEFAULT_OPSET, DISPATCH_MODES, OPSETS
+from ..config import DEFAULT_OPSET, DISPATCH_MODES, INT8_ACTIVATIONS, OPSETS
 from ..errors import UserError
 from ..files import check_input_file
 from ..progress import Steps
@@ -41,6 +41,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fp16-io", action="store_true", help="with --fp16: fp16 input and logits too")
     parser.add_argument("--int8", action="store_true",
                         help="int8 weights and activations (ORT static quantization, QDQ); dispatchers stay float")
+    parser.add_argument("--int8-activations", choices=INT8_ACTIVATIONS, default="static",
+                        help="with --int8: static scales from calibration (default; one file for ONNX Runtime and "
+                             "OpenVINO), or dynamic: scaled on every call, no calibration (faster and closer to fp32 "
+                             "on ONNX Runtime without VNNI, slower on OpenVINO; docs/performance.md)")
     parser.add_argument("--external-data", action="store_true",
                         help="weights in OUTPUT.data beside the model (automatic above 1.8 GB); ONNX Runtime then "
                              "maps them from the file: lower peak memory (docs/performance.md)")
@@ -59,6 +63,10 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--external-data is not supported with --int8 (the int8 model is a quarter of the size)")
     if args.calibration_images and not args.int8:
         raise UserError("--calibration-images needs --int8")
+    if args.int8_activations != "static" and not args.int8:
+        raise UserError("--int8-activations needs --int8")
+    if args.calibration_images and args.int8_activations == "dynamic":
+        raise UserError("--calibration-images has no use with --int8-activations dynamic (it takes no calibration)")
     # Everything checkable without torch first: importing it takes seconds.
     check_input_file(args.checkpoint)
     out: Path = args.output or args.checkpoint.with_suffix(".onnx")
@@ -80,9 +88,9 @@ def run(args: argparse.Namespace) -> int:
     external = None
     if args.int8:
         from ..quantize import calibration_images, check_calibration_shape, export_int8
-        images = (calibration_images(cfg) if calibration is None
+        images = (None if args.int8_activations == "dynamic" else calibration_images(cfg) if calibration is None
                   else check_calibration_shape(calibration, cfg, f"--calibration-images {args.calibration_images}"))
-        export_int8(model, out, images, **options)
+        export_int8(model, out, images, activations=args.int8_activations, **options)
     else:
         external = export_onnx(model, out, external_data=args.external_data, **options).external_data
     summary = summarize(out)
@@ -90,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
     size_mb = (out.stat().st_size + (external.stat().st_size if external else 0)) / 1e6
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"wrote {out} ({size_mb:.1f} MB{', weights in ' + external.name if external else ''})")
-    print(f"  {cfg.variant} dispatch, {args.dispatch} mode, {'int8' if args.int8 else 'fp16' if args.fp16 else 'fp32'}, "
+    print(f"  {cfg.variant} dispatch, {args.dispatch} mode, {f'int8 ({args.int8_activations} activations)' if args.int8 else 'fp16' if args.fp16 else 'fp32'}, "
           f"opset {summary.opset}, {len(cfg.dispatcher_names)} dispatchers, dispatch ops: {ops}")
     print(steps.report())
     print(f"  peak memory {peak_mb:.0f} MB (resident, whole process)")
