@@ -6,7 +6,8 @@ to each activation rate, saved in the public DyT checkpoint layout, loaded back 
 
 * per runtime (ORT-CPU, OpenVINO) and batch size, in turns call by call
   (`validation.turns`): the DyT exports, the `dense` export, the `masked` export (its cost
-  does not depend on the rate, so one rate suffices) and the runtime's own large GEMM;
+  does not depend on the rate, so one rate suffices), the two int8 exports (static and
+  dynamic activations, `validation.bench_int8`) and the runtime's own large GEMM;
 * eager PyTorch DyT along the public code's gather/scatter path (`validation.public_eager`),
   in turns with `torch.mm`;
 * the machine's fp32 GEMM rate, best of numpy, torch, ONNX Runtime and OpenVINO
