@@ -256,7 +256,7 @@ def test_int8_failure_after_the_fp32_export_leaves_the_target_alone(run_cli, che
     from dyt_export.errors import UserError
     seen = []
 
-    def failing_quantize(fp32, out, images):
+    def failing_quantize(fp32, out, images, activations):
         seen.append(Path(fp32))
         assert Path(fp32).is_file() and Path(fp32) != Path(out)
         raise UserError("int8: injected failure")
