@@ -40,7 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="fp16 weights and compute; LayerNorm, softmax and dispatcher logits stay fp32")
     parser.add_argument("--fp16-io", action="store_true", help="with --fp16: fp16 input and logits too")
     parser.add_argument("--int8", action="store_true",
-                        help="int8 weights and activations (ORT static quantization, QDQ); dispatchers stay float")
+                        help="int8 weights and activations (ONNX Runtime quantization, static QDQ unless "
+                             "--int8-activations dynamic); dispatchers stay float")
     parser.add_argument("--int8-activations", choices=INT8_ACTIVATIONS, default="static",
                         help="with --int8: static scales from calibration (default; one file for ONNX Runtime and "
                              "OpenVINO), or dynamic: scaled on every call, no calibration (faster and closer to fp32 "
@@ -88,8 +89,10 @@ def run(args: argparse.Namespace) -> int:
     external = None
     if args.int8:
         from ..quantize import calibration_images, check_calibration_shape, export_int8
-        images = (None if args.int8_activations == "dynamic" else calibration_images(cfg) if calibration is None
-                  else check_calibration_shape(calibration, cfg, f"--calibration-images {args.calibration_images}"))
+        images = None  # dynamic activations take no calibration
+        if args.int8_activations == "static":
+            images = (calibration_images(cfg) if calibration is None
+                      else check_calibration_shape(calibration, cfg, f"--calibration-images {args.calibration_images}"))
         export_int8(model, out, images, activations=args.int8_activations, **options)
     else:
         external = export_onnx(model, out, external_data=args.external_data, **options).external_data
@@ -98,7 +101,8 @@ def run(args: argparse.Namespace) -> int:
     size_mb = (out.stat().st_size + (external.stat().st_size if external else 0)) / 1e6
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"wrote {out} ({size_mb:.1f} MB{', weights in ' + external.name if external else ''})")
-    print(f"  {cfg.variant} dispatch, {args.dispatch} mode, {f'int8 ({args.int8_activations} activations)' if args.int8 else 'fp16' if args.fp16 else 'fp32'}, "
+    precision = f"int8 ({args.int8_activations} activations)" if args.int8 else "fp16" if args.fp16 else "fp32"
+    print(f"  {cfg.variant} dispatch, {args.dispatch} mode, {precision}, "
           f"opset {summary.opset}, {len(cfg.dispatcher_names)} dispatchers, dispatch ops: {ops}")
     print(steps.report())
     print(f"  peak memory {peak_mb:.0f} MB (resident, whole process)")
