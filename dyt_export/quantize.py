@@ -203,6 +203,8 @@ def _gemms_as_matmuls(model: Any, keep: set[str]) -> int:
     no Gemm: otherwise the DyT export's fc1/fc2 would stay float. Returns how many were rewritten."""
     from onnx import helper, numpy_helper
 
+    from .export.graph import drop_unused_initializers
+
     graph = model.graph
     initializers = {i.name: i for i in graph.initializer}
     nodes, rewritten = [], 0
@@ -229,14 +231,7 @@ def _gemms_as_matmuls(model: Any, keep: set[str]) -> int:
         rewritten += 1
     del graph.node[:]
     graph.node.extend(nodes)
-    used = {name for node in graph.node for name in node.input}
-    unused = [i for i in graph.initializer if i.name not in used]
-    for init in unused:
-        graph.initializer.remove(init)
-    stale = {i.name for i in unused}
-    kept = [v for v in graph.value_info if v.name not in stale]
-    del graph.value_info[:]
-    graph.value_info.extend(kept)
+    drop_unused_initializers(graph)  # the transposed weights' originals
     return rewritten
 
 

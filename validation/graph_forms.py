@@ -32,6 +32,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from dyt_export.export.graph import drop_unused_initializers
+
 
 class _Graph:
     """Producer/consumer maps and constant lookup over a GraphProto."""
@@ -237,13 +239,6 @@ def _qkv_unbinds(g: _Graph) -> list[_QkvUnbind]:
     return found
 
 
-def _drop_unused_initializers(graph: onnx.GraphProto) -> None:
-    used = {name for node in graph.node for name in node.input}
-    kept = [init for init in graph.initializer if init.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
-
-
 def split_qkv(model: onnx.ModelProto) -> onnx.ModelProto:
     """Each of q, k, v as its own MatMul(x, W[:, iC:(i+1)C]) + b_i -> Reshape([-1, N, H, D]) ->
     Transpose([0, 2, 1, 3])."""
@@ -266,7 +261,7 @@ def split_qkv(model: onnx.ModelProto) -> onnx.ModelProto:
             swaps[g.position[id(dead)]] = []
         swaps[g.position[id(unbind.matmul)]] = new_nodes
     _replace_nodes(g.graph, swaps)
-    _drop_unused_initializers(g.graph)
+    drop_unused_initializers(g.graph)
     return model
 
 
@@ -287,7 +282,7 @@ def qkv_heads_first(model: onnx.ModelProto) -> onnx.ModelProto:
         for dead in (n for pick in unbind.picks for n in pick):
             swaps[g.position[id(dead)]] = []
     _replace_nodes(g.graph, swaps)
-    _drop_unused_initializers(g.graph)
+    drop_unused_initializers(g.graph)
     return model
 
 

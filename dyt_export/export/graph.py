@@ -42,6 +42,18 @@ def onnx_opset(model: onnx.ModelProto) -> int | None:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
 
 
+def drop_unused_initializers(graph: onnx.GraphProto) -> None:
+    """Remove the initializers no node reads any more, and their value_info entries, after a
+    rewrite replaced their readers: a stale weight would stay in the file, and a stale shape
+    entry would contradict a tensor that later takes its name."""
+    used = {name for node in graph.node for name in node.input}
+    dropped = {init.name for init in graph.initializer if init.name not in used}
+    for field in (graph.initializer, graph.value_info):
+        kept = [entry for entry in field if entry.name not in dropped]
+        del field[:]
+        field.extend(kept)
+
+
 def load_onnx(path: Path | str) -> onnx.ModelProto:
     """An ONNX file's model without its external weights. Anything that is not a model with a
     graph and an ONNX opset (missing, empty, damaged, another protobuf) gets one message."""
