@@ -51,17 +51,20 @@ def demo_agreement(work: Path, runtimes: list[str], threads: int) -> dict[str, A
     size = Recipe().img_size
     train, test = digits(size, split="train"), digits(size, split="test")
     calibration = train.pixel_values
-    forms: dict[str, dict[str, Any]] = {}
-    for activations in INT8_ACTIVATIONS:
-        int8 = quantize_int8(demo.onnx, work / f"demo-{form(activations)}.onnx",
-                             calibration if activations == "static" else None, activations).path
-        forms[activations] = {}
-        for runtime in runtimes:
-            top1 = {name: open_backend(runtime, path, threads=threads).run({"pixel_values": test.pixel_values})["logits"].argmax(1)
-                    for name, path in (("fp32", demo.onnx), ("int8", int8))}
-            forms[activations][runtime] = {"top1_agreement": float((top1["fp32"] == top1["int8"]).mean()),
-                                           "accuracy_fp32": float((top1["fp32"] == test.labels).mean()),
-                                           "accuracy_int8": float((top1["int8"] == test.labels).mean())}
+    int8 = {a: quantize_int8(demo.onnx, work / f"demo-{form(a)}.onnx", calibration if a == "static" else None, a).path
+            for a in INT8_ACTIVATIONS}
+
+    def top1(runtime: str, path: Path) -> Any:
+        return open_backend(runtime, path, threads=threads).run({"pixel_values": test.pixel_values})["logits"].argmax(1)
+
+    forms: dict[str, dict[str, Any]] = {a: {} for a in INT8_ACTIVATIONS}
+    for runtime in runtimes:
+        fp32_top1 = top1(runtime, demo.onnx)  # once per runtime, for both forms
+        for activations, path in int8.items():
+            int8_top1 = top1(runtime, path)
+            forms[activations][runtime] = {"top1_agreement": float((fp32_top1 == int8_top1).mean()),
+                                           "accuracy_fp32": float((fp32_top1 == test.labels).mean()),
+                                           "accuracy_int8": float((int8_top1 == test.labels).mean())}
     return {"test_images": len(test), "calibration_images": len(calibration), "forms": forms}
 
 
