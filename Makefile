@@ -37,7 +37,7 @@ validate: setup
 
 # Does the token dispatch pay? ViT-B/16 DyT at activation 0.3/0.5/0.7 vs its dense and masked
 # exports, eager PyTorch and the machine's GEMM rate, on ORT-CPU and OpenVINO (issue 5).
-# About 28 minutes on 2 quiet cores and 4.6 GB of disk; writes validation/records/bench/bench.json
+# About 31 minutes on 2 quiet cores and 4.6 GB of disk; writes validation/records/bench/bench.json
 # and the table in docs/performance.md. Run it alone: on shared cores, flock -x /tmp/dyt-bench.lock make bench
 bench: setup
 	DYT_BENCH_FROM_MAKE=1 $(BIN)/python -m validation.bench $(ARGS)
