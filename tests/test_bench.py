@@ -222,6 +222,23 @@ def test_graph_forms_keep_the_outputs(trained_small, tmp_path, form):
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
 
 
+@pytest.mark.parametrize("active", ["random", "cls only", "all"])
+def test_gather_back_form_is_bit_identical_to_the_shipped_scatter(active):
+    """The levers' MLP put-back by one Gather from [0; rows]: the same numbers as ScatterND into zeros."""
+    from dyt_export.model.gather import rowwise_added
+    from validation.levers import _gather_back_rowwise
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 7, 16, generator=gen)
+    mask = {"random": torch.rand(3, 7, generator=gen) > 0.5, "cls only": torch.zeros(3, 7, dtype=torch.bool),
+            "all": torch.ones(3, 7, dtype=torch.bool)}[active]
+    mask[:, 0] = True
+    branch = torch.nn.Linear(16, 16)
+    got = _gather_back_rowwise(x, mask, branch)
+    assert torch.equal(got, rowwise_added(x, mask, branch))
+    assert torch.equal(got[~mask], x[~mask]), "a skipped token keeps its residual alone"
+
+
 def test_peak_memory_figures_are_ordered(trained_small):
     _, path = trained_small
     m = measure_here("ort-cpu", path, image_batch(4), batch=2, threads=1)

@@ -36,7 +36,7 @@ FIXED_BATCH = object()
 """Option value replaced by each group's batch size (a session pinned to the batch it serves)."""
 EXPERIMENTS = ("dispatch-ort", "dispatch-ov", "dispatcher-ort", "dispatcher-ov", "dense-part-ort", "dense-part-ov",
                "attention-ort", "attention-ov", "qkv-ort", "qkv-ov", "gelu-ov", "gelu-ort", "gelu-op-ort",
-               "gelu-op-ov", "ort-session", "ort-pinned", "ov-config", "ov-pinned")
+               "gelu-op-ov", "gather-back-ort", "gather-back-ov", "ort-session", "ort-pinned", "ov-config", "ov-pinned")
 """Every group of contenders `run` can time, for `--only`."""
 
 
@@ -123,6 +123,22 @@ def _cls_sliced_forward(self: Any, x: Any) -> tuple[Any, Any]:
     return torch.cat([cls, logits > THRESHOLD_LOGIT], dim=1), logits
 
 
+def _gather_back_rowwise(x: Any, mask: Any, fn: Any, **_: Any) -> Any:
+    """MLP rows put back by one Gather from `[zeros(1, C); rows]` (each token's 1-based active
+    row, 0 for a skipped one: CumSum of the mask times the mask) instead of ScatterND into a
+    zeros fill: no full-size zeros tensor and no scatter, one small Concat. Bit-identical."""
+    import torch
+
+    b, n, c = x.shape
+    flat, active = x.reshape(b * n, c), mask.reshape(-1)
+    index = torch.nonzero(active).squeeze(1)
+    torch._check(index.shape[0] >= 1)
+    torch._check(index.shape[0] <= b * n)
+    rows = fn(flat.index_select(0, index))
+    source = active.to(torch.int64).cumsum(0) * active.to(torch.int64)
+    return x + torch.cat([torch.zeros_like(rows[:1]), rows]).index_select(0, source).reshape(b, n, c)
+
+
 @functools.cache
 def ort_optimized(source: Path, out: Path, threads: int) -> Path:
     """ONNX Runtime's own optimized graph of `source`, saved by a session that optimized it
@@ -157,6 +173,8 @@ def run(work: Path, out: Path, threads: int, passes: int, batches: list[int], on
     # MLP units adding their rows into the residual inside the scatter (ScatterND reduction "add")
     scatter_add = _lazy(functools.partial(_export_once, checkpoint, out / "dyt-scatter_add.onnx", mock.patch.object(
         block, "rowwise_added", functools.partial(block.rowwise_added, add_in_scatter=True))))
+    gather_back = _lazy(functools.partial(_export_once, checkpoint, out / "dyt-gather_back.onnx",
+                                          mock.patch.object(block, "rowwise_added", _gather_back_rowwise)))
     cls_sliced = _lazy(functools.partial(_export_once, checkpoint, out / "dyt-cls_sliced.onnx",
                                          mock.patch.object(TokenDispatcher, "forward", _cls_sliced_forward)))
     # GELU as torchlib writes it, without the exporter's exact rewrite (dyt_export.export.rewrites)
@@ -208,6 +226,8 @@ def run(work: Path, out: Path, threads: int, passes: int, batches: list[int], on
         "gelu-ort": against_shipped(ort_, "torch_gelu", torch_gelu["dyt"], torch_gelu["dense"]),
         "gelu-op-ort": against_shipped(ort_, "gelu_op", files["gelu_op"], files["dense-gelu_op"]),
         "gelu-op-ov": against_shipped(ov, "gelu_op", files["gelu_op"], files["dense-gelu_op"]),
+        "gather-back-ort": {"shipped": (ort_, dyt, {}), "gather_back": (ort_, gather_back, {})},
+        "gather-back-ov": {"shipped": (ov, dyt, {}), "gather_back": (ov, gather_back, {})},
         "ort-session": {"all": (ort_, dyt, {}), "extended": (ort_, dyt, {"graph_optimization": "extended"}),
                         "basic": (ort_, dyt, {"graph_optimization": "basic"}),
                         "saved-optimized": (ort_, opt_ort, {"graph_optimization": "disable"}),
