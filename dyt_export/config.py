@@ -40,9 +40,16 @@ def check_dispatch_mode(mode: str) -> None:
 INT8_ACTIVATIONS: tuple[str, ...] = ("static", "dynamic")
 """How activations get their int8 scale: `static`, once from calibration images (QDQ, one
 file for ONNX Runtime and OpenVINO); `dynamic`, on every call from the tensor itself (ORT's
-dynamic quantization: no calibration; on an AVX2 CPU without VNNI 1.50-1.53x the fp32 DyT
-export on ONNX Runtime against static's 1.25-1.39x, and closer to fp32, but 16-17 % slower
-than static on OpenVINO; docs/performance.md)."""
+dynamic quantization: no calibration; on an AVX2 CPU without VNNI `make bench` run 14 had it
+at 1.44-1.57x the fp32 DyT export on ONNX Runtime against static's 1.31-1.39x, and closer to
+fp32, but at 0.64-0.71x against static's 0.73-0.83x on OpenVINO; docs/performance.md)."""
+
+
+def int8_label(activations: str) -> str:
+    """`int8` for the default static form, `int8-dynamic` for the other: one name per form for
+    files, validation twins and benchmark contenders, so that one form never stands in for
+    the other."""
+    return "int8" if activations == "static" else f"int8-{activations}"
 
 OPSETS: tuple[int, ...] = (17, 18, 19, 20, 21)
 """ONNX opsets tested end to end. 18 is the default: the newest that ONNX Runtime's CUDA EP

@@ -11,36 +11,31 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from dyt_export.config import INT8_ACTIVATIONS, int8_label
+
 CALIBRATION_IMAGES = 64
 """Seeded image-like calibration inputs for the ViT-B/16 int8 export (as `dyt-export --int8`)."""
 
 
-def form(activations: str) -> str:
-    """`int8` for the default static form, `int8-dynamic` for the other: file and contender names."""
-    return "int8" if activations == "static" else f"int8-{activations}"
-
-
 def contender(activations: str, rate: float) -> str:
     """The name an int8 export is timed under in `make bench`'s turns."""
-    return f"{form(activations)}@{rate:g}"
+    return f"{int8_label(activations)}@{rate:g}"
 
 
 def int8_exports(fp32: Path, work: Path, img_size: int, seed: int) -> dict[str, Path]:
     """The int8 forms of the fp32 export `fp32` by activations, made like `dyt-export --int8
     [--int8-activations dynamic]` makes them (static: calibrated on seeded image-like inputs)."""
     from dyt_export.calibrate import image_like
-    from dyt_export.config import INT8_ACTIVATIONS
     from dyt_export.quantize import quantize_int8
 
     calibration = image_like(CALIBRATION_IMAGES, size=img_size, seed=seed).numpy()
-    return {a: quantize_int8(fp32, work / f"{fp32.stem}-{form(a)}.onnx",
+    return {a: quantize_int8(fp32, work / f"{fp32.stem}-{int8_label(a)}.onnx",
                              calibration if a == "static" else None, a).path for a in INT8_ACTIVATIONS}
 
 
 def demo_agreement(work: Path, runtimes: list[str], threads: int) -> dict[str, Any]:
     """Top-1 agreement of the demo model's int8 export with its fp32 export on the digits test
     split, per runtime, with both accuracies. Trains the demo model first if it is not cached."""
-    from dyt_export.config import INT8_ACTIVATIONS
     from dyt_export.quantize import quantize_int8
     from runtimes import open_backend
     from validation.data import digits
@@ -51,7 +46,7 @@ def demo_agreement(work: Path, runtimes: list[str], threads: int) -> dict[str, A
     size = Recipe().img_size
     train, test = digits(size, split="train"), digits(size, split="test")
     calibration = train.pixel_values
-    int8 = {a: quantize_int8(demo.onnx, work / f"demo-{form(a)}.onnx", calibration if a == "static" else None, a).path
+    int8 = {a: quantize_int8(demo.onnx, work / f"demo-{int8_label(a)}.onnx", calibration if a == "static" else None, a).path
             for a in INT8_ACTIVATIONS}
 
     def top1(runtime: str, path: Path) -> Any:
@@ -79,7 +74,6 @@ def demo_forms(demo: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
 def int8_rows(timed: dict[tuple[str, int, int], dict[str, list[float]]], rate: float) -> list[dict[str, Any]]:
     """int8 vs fp32 DyT img/s at `rate` per activations form, runtime, threads and batch, from
     the same turns."""
-    from dyt_export.config import INT8_ACTIVATIONS
     from validation.turns import paired_ratio, row
 
     rows = []

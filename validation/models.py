@@ -27,7 +27,7 @@ from typing import Any
 
 import onnx
 
-from dyt_export.config import DyTConfig
+from dyt_export.config import DyTConfig, int8_label
 from dyt_export.errors import UserError
 from dyt_export.export import config_from_metadata, current_graph_form
 from dyt_export.export.graph import load_onnx
@@ -57,8 +57,8 @@ class ModelUnderTest:
 
     @property
     def precision_label(self) -> str:
-        if self.precision == "int8" and self.int8_activations != "static":
-            return f"int8-{self.int8_activations}"
+        if self.precision == "int8":
+            return int8_label(self.int8_activations)
         return f"{self.precision}-io" if self.fp16_io else self.precision
 
     @property
