@@ -14,9 +14,10 @@ original; glibc's malloc then keeps or returns those ~100 freed 2-9 MB blocks de
 its *dynamic* mmap threshold, i.e. on the order of earlier allocations, not on the model.
 Measured on ViT-B/16: the DyT export's process kept ~190 MB of freed weights that the dense
 export's returned, while with ORT's graph optimizations below 'all', or with its initializers
-merely listed in first-use order, the dense export kept them too. So each measurement can also run with `MALLOC_MMAP_THRESHOLD_=1048576` (a fixed
-1 MiB threshold: large blocks are always mmap'd and go back to the OS when freed), which
-measures what the models hold rather than the allocator's luck. Both are reported.
+merely listed in first-use order, the dense export kept them too. So each measurement can
+also run with `MALLOC_MMAP_THRESHOLD_=1048576` (a fixed 1 MiB threshold: large blocks are
+always mmap'd and go back to the OS when freed), which measures what the models hold rather
+than the allocator's luck. Both are reported.
 
 Weights layout. With the weights in external data (`dyt-export --external-data`) ONNX Runtime
 maps each weight from the file and unmaps it once packed: no freed heap blocks, so no

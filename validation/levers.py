@@ -129,13 +129,12 @@ def _gather_back_rowwise(x: Any, mask: Any, fn: Any, **_: Any) -> Any:
     zeros fill: no full-size zeros tensor and no scatter, one small Concat. Bit-identical."""
     import torch
 
+    from dyt_export.model.gather import active_index
+
     b, n, c = x.shape
-    flat, active = x.reshape(b * n, c), mask.reshape(-1)
-    index = torch.nonzero(active).squeeze(1)
-    torch._check(index.shape[0] >= 1)
-    torch._check(index.shape[0] <= b * n)
-    rows = fn(flat.index_select(0, index))
-    source = active.to(torch.int64).cumsum(0) * active.to(torch.int64)
+    rows = fn(x.reshape(b * n, c).index_select(0, active_index(mask)))
+    active = mask.reshape(-1).to(torch.int64)
+    source = active.cumsum(0) * active
     return x + torch.cat([torch.zeros_like(rows[:1]), rows]).index_select(0, source).reshape(b, n, c)
 
 

@@ -22,6 +22,16 @@ SeqFn = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 """([B, T, C], additive key bias [B, 1, 1, T] or None) -> [B, T, C]: a branch with attention."""
 
 
+def active_index(mask: torch.Tensor) -> torch.Tensor:
+    """The active tokens' rows [K] in the flattened batch [B*N]. CLS is always active, so
+    1 <= K <= B*N; telling the exporter keeps its guards on the data-dependent K quiet."""
+    b, n = mask.shape
+    index = torch.nonzero(mask.reshape(-1)).squeeze(1)
+    torch._check(index.shape[0] >= 1)
+    torch._check(index.shape[0] <= b * n)
+    return index
+
+
 def rowwise_added(x: torch.Tensor, mask: torch.Tensor, fn: RowFn, *, add_in_scatter: bool = False) -> torch.Tensor:
     """x + fn(x) on the active rows of the flattened batch, x elsewhere: [B, N, C].
 
@@ -34,10 +44,7 @@ def rowwise_added(x: torch.Tensor, mask: torch.Tensor, fn: RowFn, *, add_in_scat
     """
     b, n, c = x.shape
     flat = x.reshape(b * n, c)
-    index = torch.nonzero(mask.reshape(-1)).squeeze(1)
-    # CLS is always active, so 1 <= K <= B*N; telling the exporter keeps its guards quiet.
-    torch._check(index.shape[0] >= 1)
-    torch._check(index.shape[0] <= b * n)
+    index = active_index(mask)
     rows = flat.index_select(0, index)
     if add_in_scatter:
         return flat.index_put((index,), fn(rows), accumulate=True).reshape(b, n, c)
