@@ -111,10 +111,11 @@ def test_onnx_file_passed_as_checkpoint(run_cli, tmp_path, exported):
     assert not (tmp_path / "again.onnx").exists()
 
 
-def test_output_equal_to_input_is_refused(run_cli, checkpoint):
-    before = checkpoint.read_bytes()
-    assert_refused(run_cli(checkpoint, "-o", checkpoint), "is the input file")
-    assert checkpoint.read_bytes() == before
+def test_output_equal_to_input_is_refused(run_cli, checkpoint, tmp_path):
+    unsuffixed = tmp_path / "checkpoint"  # a .pt path is refused for its suffix already
+    unsuffixed.write_bytes(checkpoint.read_bytes())
+    assert_refused(run_cli(unsuffixed, "-o", unsuffixed), "is the input file")
+    assert unsuffixed.read_bytes() == checkpoint.read_bytes()
 
 
 def test_output_directory_not_writable(run_cli, checkpoint, tmp_path):
@@ -135,6 +136,19 @@ def test_output_ending_in_a_separator_is_refused(run_cli, checkpoint, tmp_path):
     assert_refused(run_cli("init", "--backbone", "vit_tiny_patch16_224", "-o", f"{tmp_path / 'm'}{os.sep}"),
                    "names a directory")
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_output_named_as_the_other_format_is_refused(run_cli, checkpoint, tmp_path):
+    """`-o other.pth` would overwrite a checkpoint with ONNX; `init -o m.onnx` would write a
+    checkpoint that looks like an export."""
+    other = tmp_path / "other.pth"
+    other.write_bytes(b"a checkpoint")
+    for name in ("other.pth", "best.PT", "m.pth.tar", "w.safetensors"):
+        assert_refused(run_cli(checkpoint, "-o", tmp_path / name), "but this command writes ONNX; give a .onnx path")
+    assert_refused(run_cli("init", "--backbone", "vit_tiny_patch16_224", "-o", tmp_path / "m.onnx"),
+                   "writes a checkpoint (safetensors); give a .safetensors path")
+    assert other.read_bytes() == b"a checkpoint"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other.pth"]
 
 
 def _only_target_left(directory: Path, target: Path, before: bytes) -> None:

@@ -51,12 +51,33 @@ class Parser(argparse.ArgumentParser):
         raise UserError(f"{message} (see {self.prog} --help)")
 
 
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".tar", ".bin", ".ckpt", ".safetensors")
+ONNX_SUFFIXES = (".onnx", ".data")
+
+
 def output_file(text: str) -> Path:
     """`-o`'s type. A path ending in a separator names a directory, and `Path` would drop the
     separator and write a file of the directory's name instead."""
     if text.endswith(("/", os.sep)):
         raise argparse.ArgumentTypeError(f"{text} names a directory; give the output file's path")
     return Path(text)
+
+
+def _output_refusing(suffixes: tuple[str, ...], writes: str, wanted: str) -> Callable[[str], Path]:
+    """An `-o` type that refuses the other format's suffixes: `-o best.pth` on the exporter is
+    most likely a typo that would overwrite a checkpoint with ONNX (and `init -o m.onnx` a
+    belief that init exports), while inputs are judged by content whatever their name."""
+    def parse(text: str) -> Path:
+        path = output_file(text)
+        if path.suffix.lower() in suffixes:
+            raise argparse.ArgumentTypeError(f"{text} names a {path.suffix} file, but this command writes {writes}; "
+                                             f"give a {wanted} path")
+        return path
+    return parse
+
+
+onnx_output = _output_refusing(CHECKPOINT_SUFFIXES, "ONNX", ".onnx")
+checkpoint_output = _output_refusing(ONNX_SUFFIXES, "a checkpoint (safetensors)", ".safetensors")
 
 
 def add_checkpoint_overrides(parser: argparse.ArgumentParser) -> None:

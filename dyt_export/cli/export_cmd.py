@@ -10,7 +10,7 @@ from ..config import DEFAULT_OPSET, DISPATCH_MODES, INT8_ACTIVATIONS, OPSETS
 from ..errors import UserError
 from ..files import check_input_file
 from ..progress import Steps
-from .common import add_checkpoint_overrides, checkpoint_overrides, output_file
+from .common import add_checkpoint_overrides, checkpoint_overrides, onnx_output
 
 DESCRIPTION = "Export a DyT checkpoint to ONNX with data-dependent token dispatch."
 EXAMPLES = """\
@@ -29,7 +29,7 @@ exit status: 0 success, 2 bad input (one line on stderr; --debug shows the trace
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", type=Path, help="DyT checkpoint: public DyT layout (.pt/.pth) or dyt-export safetensors")
-    parser.add_argument("-o", "--output", type=output_file, help="output ONNX path (default: CKPT with .onnx)")
+    parser.add_argument("-o", "--output", type=onnx_output, help="output ONNX path (default: CKPT with .onnx)")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, choices=OPSETS, metavar="N",
                         help=f"ONNX opset, one of {', '.join(map(str, OPSETS))} (default {DEFAULT_OPSET})")
     parser.add_argument("--dispatch", choices=DISPATCH_MODES, default="dynamic",

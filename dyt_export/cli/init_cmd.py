@@ -5,7 +5,7 @@ import argparse
 from pathlib import Path
 
 from ..config import VARIANTS
-from .common import output_file
+from .common import checkpoint_output
 
 DESCRIPTION = ("Create a DyT checkpoint (toolkit safetensors) from a timm ViT architecture name, with seeded "
                "random or given backbone weights; --activation calibrates the dispatchers (not trained).")
@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="timm ViT weights (safetensors) for the backbone; the head too if its class count fits")
     parser.add_argument("--activation", type=float, metavar="R",
                         help="calibrate dispatcher biases to activate about R in [0, 1] of the patch tokens")
-    parser.add_argument("-o", "--output", type=output_file, required=True, help="output checkpoint (.safetensors)")
+    parser.add_argument("-o", "--output", type=checkpoint_output, required=True, help="output checkpoint (.safetensors)")
 
 
 def run(args: argparse.Namespace) -> int:
