@@ -170,6 +170,9 @@ def test_parity_miss_exits_non_zero_and_keeps_the_record(exported, capsys):
     check_record(record)
     assert not record["passed"] and record["parity"]["failures"]
     assert record["reference"]["matches_model_source"] is False and record["throughput"] == []
+    # A twin exported from another checkpoint would compare that checkpoint's masks with themselves.
+    assert record["parity"]["mask_agreement"] is None and record["model"]["twins"]["masks"] is None
+    assert "masks not compared: the reference is not the checkpoint" in (out / "ort-cpu.md").read_text()
 
 
 @pytest.mark.parametrize("args, message", [

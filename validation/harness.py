@@ -38,7 +38,7 @@ from .costs import activation_rates, gmacs
 from .data import ImageSet, load_inputs
 from .machine import machine_info
 from .models import ModelUnderTest, read_model, twin
-from .record import build_record, write_record
+from .record import MASKS_NOT_COMPARED, build_record, write_record
 from .throughput import ThroughputRow, batches_of, feed, measure
 
 RUN_CHUNK = 16
@@ -170,6 +170,15 @@ def _reference(opts: Options, model: ModelUnderTest, steps: Steps) -> TorchRefer
     return reference
 
 
+def _reference_is_source(reference: TorchReference, model: ModelUnderTest) -> bool | None:
+    """Whether the reference checkpoint is the file the model records as its source (by
+    sha256); None when the model records none. Twins are exported from the reference, so
+    only then do their masks speak for the model."""
+    if not model.source_sha256:
+        return None
+    return getattr(reference.module, "provenance", {}).get("sha256") == model.source_sha256
+
+
 def _throughput(opts: Options, model: Path, dense: Path, images: ImageSet, masks: np.ndarray,
                 log: Callable[[str], None]) -> tuple[list[ThroughputRow], list[ThroughputRow]]:
     """(DyT rows, dense rows). Each DyT row is timed right before its dense row, so load from
@@ -237,8 +246,12 @@ def validate(opts: Options, log: Callable[[str], None] = lambda _: None) -> Outc
 
     twins: dict[str, str | None] = {"masks": None, "dense": None}
     twin_dir = out / "twins"
-    masks_path = model.path
-    if not model.has_masks:
+    is_source = _reference_is_source(reference, model)
+    masks_path: Path | None = model.path
+    if not model.has_masks and is_source is False:
+        masks_path = None
+        log(f"masks not compared: {MASKS_NOT_COMPARED}")
+    elif not model.has_masks:
         with steps.step("export mask twin"):
             masks_path, _ = twin(reference.module, model, twin_dir, dispatch=model.dispatch, with_masks=True)
         twins["masks"] = str(masks_path)
@@ -252,7 +265,9 @@ def validate(opts: Options, log: Callable[[str], None] = lambda _: None) -> Outc
         runtime_info = backend.info()
         got = run_all(backend, images.pixel_values, ("logits", "token_masks") if model.has_masks else ("logits",))
         del backend
-        if not model.has_masks:
+        if masks_path is None:
+            got["token_masks"] = None
+        elif not model.has_masks:
             mask_backend = open_backend(opts.runtime, masks_path, threads=opts.threads[0], precision=opts.precision,
                                         **opts.backend_options)
             got["token_masks"] = run_all(mask_backend, images.pixel_values, ("token_masks",))["token_masks"]
@@ -271,8 +286,7 @@ def validate(opts: Options, log: Callable[[str], None] = lambda _: None) -> Outc
         runtime=opts.runtime, runtime_info=runtime_info, model=model, twins=twins,
         reference={"backend": "torch", "checkpoint": str(reference.path), "threads": reference.threads,
                    "sha256": getattr(reference.module, "provenance", {}).get("sha256", ""),
-                   "matches_model_source": (getattr(reference.module, "provenance", {}).get("sha256") == model.source_sha256)
-                   if model.source_sha256 else None},
+                   "matches_model_source": is_source},
         machine=machine_info(),
         inputs={"source": images.source, "images": len(images), "labeled": int((images.labels >= 0).sum())
                 if images.labels is not None else 0, "img_size": cfg.img_size},

@@ -3,7 +3,9 @@
 The user's file is timed and compared as given. Two twins are exported from the source
 checkpoint (the reference) when the user's file cannot serve as them:
 * a *mask twin*: same dispatch mode and precision, with the `token_masks` output, for the
-  mask comparison (skipped when the user's file already outputs masks);
+  mask comparison (skipped when the user's file already outputs masks, and when the
+  reference is not the checkpoint the model records as its source: its twin's masks would
+  then be the reference's, not the model's, and masks are reported as not compared);
 * a *dense twin*: `dispatch='dense'`, for the dense baseline timing (skipped when the
   user's file is itself dense).
 Twins follow the model's precision, so that masks and the dense baseline are those of the

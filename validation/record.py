@@ -24,6 +24,10 @@ from .throughput import ThroughputRow
 SCHEMA_VERSION = "1.2"
 SCHEMA_PATH = Path(__file__).with_name("record.schema.json")
 FLOPS_CONVENTION = "G multiply-adds per image (the DyT paper's 'FLOPs'; dense ViT-B/16 = 17.58)"
+MASKS_NOT_COMPARED = ("the reference is not the checkpoint the model was exported from (sha256 differs), so a mask "
+                      "twin exported from it would compare the reference with itself; export the model with "
+                      "--with-masks to compare its own masks")
+"""Why a record without a mask agreement has none, in its report and the log."""
 
 
 def load_schema() -> dict[str, Any]:
@@ -95,6 +99,8 @@ def markdown(record: dict[str, Any]) -> str:
         f"flip window |logit| <= {t['flip_logit']:g}.",
     ]
     lines += [f"- FAIL: {f}" for f in p["failures"]]
+    if p["mask_agreement"] is None and record["reference"]["matches_model_source"] is False:
+        lines.append(f"- masks not compared: {MASKS_NOT_COMPARED}")
     lines += [f"- flip: image {f['image']}, {f['layer']} token {f['token']}, reference logit {f['logit']:.2e}"
               for f in p["flips"][:20]]
     if record["accuracy"]:
