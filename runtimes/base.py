@@ -95,27 +95,38 @@ def require_file(model: Path | str, backend: str) -> Path:
 def load_failure(backend: str, path: Path, error: BaseException) -> BackendError:
     """The one-line error for a model the runtime could not load. A model whose weights sit in
     a separate file (`dyt-export --external-data`, or any model over 2 GB) that did not travel
-    with it makes both runtimes fail with a message about some tensor or offset; name the file."""
-    missing = missing_external_data(path)
-    if missing is not None:
-        return BackendError(f"{backend} cannot load {path}: its weights are kept in {missing}, which is missing "
-                            f"(copy the model and that file together)")
-    return BackendError(f"{backend} cannot load {path}: {first_line(error)}")
+    with it, or travelled cut short, makes both runtimes fail with a message about some tensor
+    or offset (OpenVINO's names neither); name the file instead."""
+    problem = external_data_problem(path)
+    return BackendError(f"{backend} cannot load {path}: {problem or first_line(error)}")
 
 
-def missing_external_data(path: Path) -> Path | None:
-    """The first external-data file `path`'s initializers name that does not exist, if any."""
+def external_data_problem(path: Path) -> str | None:
+    """What is wrong with the external-data files `path`'s initializers name: the first one
+    that does not exist, else the first one shorter than the tensors it must hold (a copy
+    cut short); None when they are whole or the model has none."""
     import onnx
 
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception:  # not a readable ONNX file: the runtime's own message says more
         return None
+    ends: dict[Path, int] = {}
     for tensor in model.graph.initializer:
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            location = path.parent / {e.key: e.value for e in tensor.external_data}.get("location", "")
-            if not location.is_file():
-                return location
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        entry = {e.key: e.value for e in tensor.external_data}
+        location = path.parent / entry.get("location", "")
+        if not location.is_file():
+            return f"its weights are kept in {location}, which is missing (copy the model and that file together)"
+        if entry.get("length", "").isdigit() and entry.get("offset", "0").isdigit():
+            end = int(entry.get("offset", "0")) + int(entry["length"])
+            ends[location] = max(ends.get(location, 0), end)
+    for location, end in ends.items():
+        size = location.stat().st_size
+        if size < end:
+            return (f"its weights file {location} is cut short ({size} bytes where the model needs {end}; "
+                    f"copy it again)")
     return None
 
 

@@ -56,6 +56,9 @@ class OrtBackend(Backend):
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.inter_op_num_threads = 1
         options.enable_cpu_mem_arena = bool(memory_arena)
+        # Fatal messages only: every error reaches the caller as an exception, reported in one
+        # line; ORT's logger would also print some of them on stderr, multi-line and coloured.
+        options.log_severity_level = 4
         if threads is not None:
             options.intra_op_num_threads = threads
         if optimized_model_path is not None:

@@ -143,6 +143,15 @@ def test_weights_in_external_data_give_the_single_file_logits(dyt_infer, models,
     assert done.returncode > 0 and len(done.stderr.splitlines()) == 1, done.stderr
     assert f"its weights are kept in {alone / 'external.onnx.data'}, which is missing" in done.stderr
 
+    # ... or with a weights file cut short (an interrupted copy): one line that says so.
+    whole = models["external"].with_name("external.onnx.data").read_bytes()
+    (alone / "external.onnx.data").write_bytes(whole[:len(whole) // 3])
+    done = run_cli(dyt_infer, "--runtime", runtime, "--model", alone / "external.onnx",
+                   "--input", tmp_path / "x.npy", "--output", tmp_path / "alone.npy")
+    assert done.returncode > 0 and len(done.stderr.splitlines()) == 1, done.stderr
+    assert (f"its weights file {alone / 'external.onnx.data'} is cut short ({len(whole) // 3} bytes where the model "
+            f"needs {len(whole)}; copy it again)") in done.stderr
+
 
 @pytest.mark.parametrize("runtime", RUNTIMES)
 def test_threads_take_effect_and_bench_prints_throughput(dyt_infer, models, tmp_path, runtime):

@@ -157,7 +157,7 @@ def test_models_the_runtime_cannot_load(tmp_path, runtime):
 
 
 @pytest.mark.parametrize("runtime", CPU_RUNTIMES)
-def test_a_model_without_its_external_data_file_names_that_file(edge, tmp_path, runtime):
+def test_a_model_without_its_external_data_file_names_that_file(edge, tmp_path, runtime, capfd):
     model, _, images = edge
     path = export_onnx(model, tmp_path / "m.onnx", external_data=True).path
     (tmp_path / "m.onnx.data").rename(tmp_path / "elsewhere.data")
@@ -165,6 +165,13 @@ def test_a_model_without_its_external_data_file_names_that_file(edge, tmp_path, 
                                            "which is missing") as error:
         open_backend(runtime, path)
     assert "\n" not in str(error.value)
+    whole = (tmp_path / "elsewhere.data").read_bytes()
+    for size in (0, len(whole) // 2, len(whole) - 1):  # a copy cut short: OpenVINO's own message names no file
+        (tmp_path / "m.onnx.data").write_bytes(whole[:size])
+        with pytest.raises(BackendError, match=f"{runtime} cannot load .*m.onnx: its weights file .*m.onnx.data is cut "
+                                               rf"short \({size} bytes where the model needs {len(whole)}; copy it again\)"):
+            open_backend(runtime, path)
+    assert capfd.readouterr().err == ""  # the runtime's own logger repeats nothing on stderr
     (tmp_path / "elsewhere.data").rename(tmp_path / "m.onnx.data")
     assert open_backend(runtime, path).run({"pixel_values": images[:2]})["logits"].shape[0] == 2
 

@@ -2,12 +2,14 @@
 // against the exporter's contract, and checking every batch before a runtime sees it,
 // so that bad input is a one-line dyt::Error rather than whatever the runtime does.
 #include <algorithm>
+#include <cctype>
 #include <cmath>
 #include <fstream>
 #include <iterator>
 #include <optional>
 #include <sstream>
 #include <system_error>
+#include <utility>
 
 #include "backends.hpp"
 
@@ -48,26 +50,57 @@ std::string format_shape(const int64_t* dims, size_t rank) {
     return out.str();
 }
 
-/// The first external-data file the model names that does not exist. A model whose weights
-/// sit in a separate file (`dyt-export --external-data`) that did not travel with it makes
-/// both runtimes fail with a message about some tensor or offset. Reads the raw protobuf:
-/// each external tensor holds an entry {1: "location", 2: file name}, i.e. the bytes
-/// 0A 08 "location" 12 <varint length> <name> (a raw weight would hold them only by chance).
-std::optional<std::filesystem::path> missing_external_data(const std::filesystem::path& path) {
+/// What is wrong with the external-data files the model names: the first that does not
+/// exist, else the first shorter than the tensors it must hold (a copy cut short). A model
+/// whose weights sit in a separate file (`dyt-export --external-data`) that did not travel
+/// with it, or travelled cut short, makes both runtimes fail with a message about some
+/// tensor or offset. Reads the raw protobuf: each external tensor holds the entries
+/// {1: key, 2: value}, i.e. the bytes 0A <n> key 12 <varint length> value, in the order
+/// location, offset, length (a raw weight would hold them only by chance).
+std::optional<std::string> external_data_problem(const std::filesystem::path& path) {
     std::ifstream file(path, std::ios::binary);
     const std::string bytes{std::istreambuf_iterator<char>(file), std::istreambuf_iterator<char>()};
-    static const std::string key("\x0a\x08location\x12", 11);
-    for (size_t at = bytes.find(key); at != std::string::npos; at = bytes.find(key, at + 1)) {
-        size_t pos = at + key.size(), length = 0;
-        for (int shift = 0; pos < bytes.size() && shift < 35; shift += 7) {
-            const auto byte = static_cast<unsigned char>(bytes[pos++]);
-            length |= size_t(byte & 0x7F) << shift;
-            if (!(byte & 0x80)) break;
+    struct Entry { size_t at; std::string key, value; };
+    std::vector<Entry> entries;
+    for (const std::string name : {"location", "offset", "length"}) {
+        const std::string key = std::string("\x0a", 1) + char(name.size()) + name + "\x12";
+        for (size_t at = bytes.find(key); at != std::string::npos; at = bytes.find(key, at + 1)) {
+            size_t pos = at + key.size(), length = 0;
+            for (int shift = 0; pos < bytes.size() && shift < 35; shift += 7) {
+                const auto byte = static_cast<unsigned char>(bytes[pos++]);
+                length |= size_t(byte & 0x7F) << shift;
+                if (!(byte & 0x80)) break;
+            }
+            if (length > 0 && pos + length <= bytes.size()) entries.push_back({at, name, bytes.substr(pos, length)});
         }
-        if (length == 0 || pos + length > bytes.size()) continue;
-        const std::filesystem::path data = path.parent_path() / bytes.substr(pos, length);
+    }
+    std::sort(entries.begin(), entries.end(), [](const Entry& a, const Entry& b) { return a.at < b.at; });
+    const auto number = [](const std::string& text) -> std::optional<uintmax_t> {
+        if (text.empty() || text.size() > 19 || !std::all_of(text.begin(), text.end(), [](unsigned char c) { return std::isdigit(c) != 0; })) return std::nullopt;
+        return std::stoull(text);
+    };
+    std::vector<std::pair<std::filesystem::path, uintmax_t>> ends;  // file, end of its last tensor
+    uintmax_t offset = 0;
+    for (const auto& entry : entries) {
+        if (entry.key == "location") {
+            const std::filesystem::path data = path.parent_path() / entry.value;
+            std::error_code ec;
+            if (!std::filesystem::is_regular_file(data, ec))
+                return "its weights are kept in " + data.string() + ", which is missing (copy the model and that file together)";
+            if (ends.empty() || ends.back().first != data) ends.emplace_back(data, 0);
+            offset = 0;
+        } else if (entry.key == "offset") {
+            offset = number(entry.value).value_or(0);
+        } else if (!ends.empty()) {
+            if (const auto length = number(entry.value)) ends.back().second = std::max(ends.back().second, offset + *length);
+        }
+    }
+    for (const auto& [data, end] : ends) {
         std::error_code ec;
-        if (!std::filesystem::is_regular_file(data, ec)) return data;
+        const uintmax_t size = std::filesystem::file_size(data, ec);
+        if (!ec && size < end)
+            return "its weights file " + data.string() + " is cut short (" + std::to_string(size) +
+                   " bytes where the model needs " + std::to_string(end) + "; copy it again)";
     }
     return std::nullopt;
 }
@@ -118,9 +151,8 @@ std::unique_ptr<Model> Model::load(Runtime runtime, const std::filesystem::path&
         return load_with(runtime, path, options);
     } catch (const Error&) {
         // Only a failed load pays for reading the file a second time.
-        if (const auto missing = missing_external_data(path))
-            throw Error(std::string(runtime_name(runtime)) + " cannot load " + path.string() + ": its weights are kept in " +
-                        missing->string() + ", which is missing (copy the model and that file together)");
+        if (const auto problem = external_data_problem(path))
+            throw Error(std::string(runtime_name(runtime)) + " cannot load " + path.string() + ": " + *problem);
         throw;
     }
 }
