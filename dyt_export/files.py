@@ -3,13 +3,18 @@
 The command line checks its inputs with these before importing torch (seconds), so a
 missing, empty or foreign file is refused at once; the checkpoint reader and `inspect`
 use the same sniffing, so a file is recognised by its content, never by its suffix.
+Also here, for `inspect` and every backend: whether the external-data files an ONNX model
+names travelled with it whole (onnx is imported only for that).
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from .errors import UserError
+
+if TYPE_CHECKING:
+    import onnx
 
 Kind = Literal["safetensors", "torch-zip", "torch-legacy", "onnx"]
 
@@ -51,4 +56,42 @@ def file_kind(path: Path) -> Kind | None:
         return "torch-legacy"
     if len(head) >= 3 and head[0] == 0x08 and 1 <= head[1] < 0x80 and head[2] in _ONNX_MODEL_TAGS:
         return "onnx"  # ModelProto: ir_version (small varint), then another top-level field
+    return None
+
+
+def external_data(model: onnx.ModelProto, path: Path) -> dict[Path, int]:
+    """The external-data files the initializers of `model` (loaded from `path` without its
+    weights) name, each with the bytes its tensors need (0 where no length is stated)."""
+    import onnx
+
+    ends: dict[Path, int] = {}
+    for tensor in model.graph.initializer:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        entry = {e.key: e.value for e in tensor.external_data}
+        location = path.parent / entry.get("location", "")
+        stated = entry.get("length", "").isdigit() and entry.get("offset", "0").isdigit()
+        end = int(entry.get("offset", "0")) + int(entry["length"]) if stated else 0
+        ends[location] = max(ends.get(location, 0), end)
+    return ends
+
+
+def external_data_problem(path: Path) -> str | None:
+    """What is wrong with the external-data files of the ONNX model at `path`: the first one
+    that does not exist, else the first one shorter than the tensors it must hold (a copy cut
+    short); None when they are whole, the model has none, or it is not a readable model."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # not a readable ONNX file: the caller's own message says more
+        return None
+    ends = external_data(model, path)
+    for location in ends:
+        if not location.is_file():
+            return f"its weights are kept in {location}, which is missing (copy the model and that file together)"
+    for location, end in ends.items():
+        size = location.stat().st_size
+        if size < end:
+            return f"its weights file {location} is cut short ({size} bytes where the model needs {end}; copy it again)"
     return None

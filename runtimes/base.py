@@ -18,6 +18,9 @@ from typing import Any, ClassVar, Mapping
 
 import numpy as np
 
+from dyt_export.files import external_data_problem
+
+
 class BackendError(Exception):
     """The runtime cannot do what was asked (unavailable, cannot load, bad input): one line."""
 
@@ -99,35 +102,6 @@ def load_failure(backend: str, path: Path, error: BaseException) -> BackendError
     or offset (OpenVINO's names neither); name the file instead."""
     problem = external_data_problem(path)
     return BackendError(f"{backend} cannot load {path}: {problem or first_line(error)}")
-
-
-def external_data_problem(path: Path) -> str | None:
-    """What is wrong with the external-data files `path`'s initializers name: the first one
-    that does not exist, else the first one shorter than the tensors it must hold (a copy
-    cut short); None when they are whole or the model has none."""
-    import onnx
-
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception:  # not a readable ONNX file: the runtime's own message says more
-        return None
-    ends: dict[Path, int] = {}
-    for tensor in model.graph.initializer:
-        if tensor.data_location != onnx.TensorProto.EXTERNAL:
-            continue
-        entry = {e.key: e.value for e in tensor.external_data}
-        location = path.parent / entry.get("location", "")
-        if not location.is_file():
-            return f"its weights are kept in {location}, which is missing (copy the model and that file together)"
-        if entry.get("length", "").isdigit() and entry.get("offset", "0").isdigit():
-            end = int(entry.get("offset", "0")) + int(entry["length"])
-            ends[location] = max(ends.get(location, 0), end)
-    for location, end in ends.items():
-        size = location.stat().st_size
-        if size < end:
-            return (f"its weights file {location} is cut short ({size} bytes where the model needs {end}; "
-                    f"copy it again)")
-    return None
 
 
 _FRAME = re.compile(r"^Exception from \S+:\d+:?$")

@@ -216,6 +216,16 @@ def test_external_data_export_gives_the_single_file_answers(run_cli, checkpoint,
         single = open_backend(runtime, exported, threads=1).run({"pixel_values": images})["logits"]
         split = open_backend(runtime, out, threads=1).run({"pixel_values": images})["logits"]
         np.testing.assert_array_equal(split, single, err_msg=runtime)
+    # inspect says where the weights are, and whether that file travelled whole.
+    whole = data.read_bytes()
+    for size, says in ((len(whole), f"weights: external data in split.onnx.data ({len(whole)} bytes)"),
+                       (100, f"weights: external data, but its weights file {data} is cut short (100 bytes where "
+                             f"the model needs {len(whole)}; copy it again)")):
+        data.write_bytes(whole[:size])
+        result = run_cli("inspect", out)
+        assert result.returncode == 0 and says in result.stdout, result.stdout + result.stderr
+    assert "weights: in the file" in run_cli("inspect", exported).stdout
+    data.write_bytes(whole)
     assert run_cli(checkpoint, "-o", out).returncode == 0
     assert out.is_file() and not data.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["split.onnx"]

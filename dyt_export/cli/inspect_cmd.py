@@ -14,7 +14,7 @@ from .common import add_checkpoint_overrides, checkpoint_overrides
 DESCRIPTION = "Describe a DyT checkpoint or an exported ONNX file (recognised by content, not by name)."
 EXAMPLES = """\
 examples:
-  dyt-export inspect model.onnx              # opset, dynamic axes, dispatch ops, dispatchers and biases, metadata
+  dyt-export inspect model.onnx              # opset, dynamic axes, dispatch ops, dispatchers and biases, weights file, metadata
   dyt-export inspect model.safetensors       # a dyt-export checkpoint: everything it records
   dyt-export inspect checkpoint.pth --json   # public DyT layout, as one JSON object
   dyt-export inspect bare.pt --num-heads 12  # flags as for export, for what a file cannot say
@@ -100,6 +100,19 @@ def _onnx_biases(model: Any, cfg: DyTConfig) -> dict[str, float]:
             for init in model.graph.initializer if init.name in wanted and init.data_location != init.EXTERNAL}
 
 
+def _weights(model: Any, path: Path) -> str:
+    """Where the weights are, and whether a file they need is missing or cut short: a model
+    shipped without its weights file otherwise looks whole until a runtime refuses it."""
+    from ..files import external_data, external_data_problem
+    files = external_data(model, path)
+    if not files:
+        return "in the file"
+    problem = external_data_problem(path)
+    if problem:
+        return f"external data, but {problem}"
+    return "external data in " + ", ".join(f"{p.name} ({p.stat().st_size} bytes)" for p in files)
+
+
 def describe_onnx(path: Path) -> dict[str, Any]:
     from ..export.graph import load_onnx, summarize
     from ..export.metadata import PREFIX, config_from_metadata
@@ -114,6 +127,7 @@ def describe_onnx(path: Path) -> dict[str, Any]:
         facts.update(_config_facts(cfg, _onnx_biases(model, cfg), parameters))
         facts["dispatch"] = summary.metadata.get(PREFIX + "dispatch", "")
     facts.setdefault("parameters", {})["graph_initializer_values"] = summary.initializer_params
+    facts["weights"] = _weights(model, path)
     facts["metadata"] = summary.metadata
     return facts
 
