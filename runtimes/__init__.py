@@ -8,6 +8,7 @@ for ONNX Runtime never imports OpenVINO or torch.
 from __future__ import annotations
 
 import importlib
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +39,15 @@ def open_backend(name: str, model: Path | str, **options: Any) -> Backend:
     """Load `model` on runtime `name`, or BackendError saying why not (every backend checks
     its availability first)."""
     cls = get_backend(name)
+    parameters = inspect.signature(cls.__init__).parameters
+    takes = [p.name for p in parameters.values() if p.kind == p.KEYWORD_ONLY]
+    if not any(p.kind == p.VAR_KEYWORD for p in parameters.values()):
+        unknown = sorted(set(options) - set(takes))
+        if unknown:
+            raise BackendError(f"{name} takes no option {', '.join(map(repr, unknown))}; its options: {', '.join(takes)}")
     try:
         return cls(model, **options)
-    except TypeError as e:  # an option this backend does not take
+    except TypeError as e:  # a value of a type the backend cannot use
         raise BackendError(f"{name}: {e}") from None
 
 
