@@ -143,9 +143,13 @@ def test_weights_in_external_data_give_the_single_file_logits(dyt_infer, models,
     assert done.returncode > 0 and len(done.stderr.splitlines()) == 1, done.stderr
     assert f"its weights are kept in {alone / 'external.onnx.data'}, which is missing" in done.stderr
 
-    # ... or with a weights file cut short (an interrupted copy): one line that says so.
+    # ... or with a weights file cut short (an interrupted copy): one line that says so. The
+    # copy carries metadata keys "offset" and "length", which must not be read as a tensor's.
     whole = models["external"].with_name("external.onnx.data").read_bytes()
     (alone / "external.onnx.data").write_bytes(whole[:len(whole) // 3])
+    proto = onnx.load(str(models["external"]), load_external_data=False)
+    onnx.helper.set_model_props(proto, {"offset": "7", "length": str(10 * len(whole))})
+    onnx.save(proto, str(alone / "external.onnx"))
     done = run_cli(dyt_infer, "--runtime", runtime, "--model", alone / "external.onnx",
                    "--input", tmp_path / "x.npy", "--output", tmp_path / "alone.npy")
     assert done.returncode > 0 and len(done.stderr.splitlines()) == 1, done.stderr

@@ -55,12 +55,14 @@ std::string format_shape(const int64_t* dims, size_t rank) {
 /// whose weights sit in a separate file (`dyt-export --external-data`) that did not travel
 /// with it, or travelled cut short, makes both runtimes fail with a message about some
 /// tensor or offset. Reads the raw protobuf: each external tensor holds the entries
-/// {1: key, 2: value}, i.e. the bytes 0A <n> key 12 <varint length> value, in the order
-/// location, offset, length (a raw weight would hold them only by chance).
+/// {1: key, 2: value}, i.e. the bytes 0A <n> key 12 <varint length> value, one right after
+/// the other in the order location, offset, length (a raw weight would hold them only by
+/// chance; an offset or length entry that does not follow its tensor's previous entry, such
+/// as a metadata key, is not read as one).
 std::optional<std::string> external_data_problem(const std::filesystem::path& path) {
     std::ifstream file(path, std::ios::binary);
     const std::string bytes{std::istreambuf_iterator<char>(file), std::istreambuf_iterator<char>()};
-    struct Entry { size_t at; std::string key, value; };
+    struct Entry { size_t at, end; std::string key, value; };
     std::vector<Entry> entries;
     for (const std::string name : {"location", "offset", "length"}) {
         const std::string key = std::string("\x0a", 1) + char(name.size()) + name + "\x12";
@@ -71,17 +73,24 @@ std::optional<std::string> external_data_problem(const std::filesystem::path& pa
                 length |= size_t(byte & 0x7F) << shift;
                 if (!(byte & 0x80)) break;
             }
-            if (length > 0 && pos + length <= bytes.size()) entries.push_back({at, name, bytes.substr(pos, length)});
+            if (length > 0 && pos + length <= bytes.size())
+                entries.push_back({at, pos + length, name, bytes.substr(pos, length)});
         }
     }
     std::sort(entries.begin(), entries.end(), [](const Entry& a, const Entry& b) { return a.at < b.at; });
     const auto number = [](const std::string& text) -> std::optional<uintmax_t> {
-        if (text.empty() || text.size() > 19 || !std::all_of(text.begin(), text.end(), [](unsigned char c) { return std::isdigit(c) != 0; })) return std::nullopt;
+        const auto digit = [](unsigned char c) { return std::isdigit(c) != 0; };
+        if (text.empty() || text.size() > 19 || !std::all_of(text.begin(), text.end(), digit)) return std::nullopt;
         return std::stoull(text);
     };
     std::vector<std::pair<std::filesystem::path, uintmax_t>> ends;  // file, end of its last tensor
     uintmax_t offset = 0;
+    size_t previous_end = 0;  // where the current tensor's last entry ended (0: no tensor)
     for (const auto& entry : entries) {
+        // The next entry's wrapper (tag 6A and a 1-3 byte length) sits between two entries.
+        const bool chained = previous_end != 0 && entry.at >= previous_end && entry.at - previous_end <= 4;
+        if (entry.key != "location" && !chained) continue;
+        previous_end = entry.end;
         if (entry.key == "location") {
             const std::filesystem::path data = path.parent_path() / entry.value;
             std::error_code ec;
@@ -91,8 +100,8 @@ std::optional<std::string> external_data_problem(const std::filesystem::path& pa
             offset = 0;
         } else if (entry.key == "offset") {
             offset = number(entry.value).value_or(0);
-        } else if (!ends.empty()) {
-            if (const auto length = number(entry.value)) ends.back().second = std::max(ends.back().second, offset + *length);
+        } else if (const auto length = number(entry.value)) {
+            ends.back().second = std::max(ends.back().second, offset + *length);
         }
     }
     for (const auto& [data, end] : ends) {
