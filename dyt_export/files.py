@@ -76,16 +76,18 @@ def external_data(model: onnx.ModelProto, path: Path) -> dict[Path, int]:
     return ends
 
 
-def external_data_problem(path: Path) -> str | None:
-    """What is wrong with the external-data files of the ONNX model at `path`: the first one
-    that does not exist, else the first one shorter than the tensors it must hold (a copy cut
-    short); None when they are whole, the model has none, or it is not a readable model."""
+def external_data_problem(path: Path, model: onnx.ModelProto | None = None) -> str | None:
+    """What is wrong with the external-data files of the ONNX model at `path` (`model`: that
+    file already loaded without its weights, not read again): the first one that does not
+    exist, else the first one shorter than the tensors it must hold (a copy cut short); None
+    when they are whole, the model has none, or it is not a readable model."""
     import onnx
 
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception:  # not a readable ONNX file: the caller's own message says more
-        return None
+    if model is None:
+        try:
+            model = onnx.load(str(path), load_external_data=False)
+        except Exception:  # not a readable ONNX file: the caller's own message says more
+            return None
     ends = external_data(model, path)
     for location in ends:
         if not location.is_file():

@@ -107,7 +107,7 @@ def _weights(model: Any, path: Path) -> str:
     files = external_data(model, path)
     if not files:
         return "in the file"
-    problem = external_data_problem(path)
+    problem = external_data_problem(path, model)
     if problem:
         return f"external data, but {problem}"
     return "external data in " + ", ".join(f"{p.name} ({p.stat().st_size} bytes)" for p in files)
