@@ -170,15 +170,6 @@ def _reference(opts: Options, model: ModelUnderTest, steps: Steps) -> TorchRefer
     return reference
 
 
-def _reference_is_source(reference: TorchReference, model: ModelUnderTest) -> bool | None:
-    """Whether the reference checkpoint is the file the model records as its source (by
-    sha256); None when the model records none. Twins are exported from the reference, so
-    only then do their masks speak for the model."""
-    if not model.source_sha256:
-        return None
-    return getattr(reference.module, "provenance", {}).get("sha256") == model.source_sha256
-
-
 def _throughput(opts: Options, model: Path, dense: Path, images: ImageSet, masks: np.ndarray,
                 log: Callable[[str], None]) -> tuple[list[ThroughputRow], list[ThroughputRow]]:
     """(DyT rows, dense rows). Each DyT row is timed right before its dense row, so load from
@@ -246,7 +237,10 @@ def validate(opts: Options, log: Callable[[str], None] = lambda _: None) -> Outc
 
     twins: dict[str, str | None] = {"masks": None, "dense": None}
     twin_dir = out / "twins"
-    is_source = _reference_is_source(reference, model)
+    ref_sha256 = getattr(reference.module, "provenance", {}).get("sha256", "")
+    # Twins are exported from the reference: only when it is the model's recorded source do
+    # their masks speak for the model (None: the model records no source).
+    is_source = ref_sha256 == model.source_sha256 if model.source_sha256 else None
     masks_path: Path | None = model.path
     if not model.has_masks and is_source is False:
         masks_path = None
@@ -285,8 +279,7 @@ def validate(opts: Options, log: Callable[[str], None] = lambda _: None) -> Outc
     record = build_record(
         runtime=opts.runtime, runtime_info=runtime_info, model=model, twins=twins,
         reference={"backend": "torch", "checkpoint": str(reference.path), "threads": reference.threads,
-                   "sha256": getattr(reference.module, "provenance", {}).get("sha256", ""),
-                   "matches_model_source": is_source},
+                   "sha256": ref_sha256, "matches_model_source": is_source},
         machine=machine_info(),
         inputs={"source": images.source, "images": len(images), "labeled": int((images.labels >= 0).sum())
                 if images.labels is not None else 0, "img_size": cfg.img_size},
