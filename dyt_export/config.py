@@ -51,6 +51,7 @@ def int8_label(activations: str) -> str:
     the other."""
     return "int8" if activations == "static" else f"int8-{activations}"
 
+
 OPSETS: tuple[int, ...] = (17, 18, 19, 20, 21)
 """ONNX opsets tested end to end. 18 is the default: the newest that ONNX Runtime's CUDA EP
 covers for ScatterND (runtime notes)."""
