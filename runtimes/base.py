@@ -119,7 +119,8 @@ def first_line(error: BaseException) -> str:
 
 
 class Backend(abc.ABC):
-    """Load once in __init__, then `run` any number of times.
+    """Load once in __init__, then `run` any number of times, from any number of threads at
+    once (each backend's docstring says how it keeps concurrent calls apart).
 
     Options common to all: `threads` (None: the runtime's default) and `precision`
     ('fp32' runs the graph in the precision it was exported in, lowering nothing on the

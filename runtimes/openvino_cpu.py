@@ -1,4 +1,4 @@
-"""OpenVINO on its CPU plugin: one compiled model, one infer request, dynamic batch.
+"""OpenVINO on its CPU plugin: one compiled model, an infer request per call in flight, dynamic batch.
 
 Facts this backend is built around (runtime notes, measured here):
 * The CPU plugin picks bf16 inference on CPUs with AVX512-BF16 or AMX, so logits move by
@@ -17,9 +17,20 @@ Facts this backend is built around (runtime notes, measured here):
   to size, and a data-dependent graph's shape-inferring nodes stretch their lifetimes. For
   attention-dispatching models the fixed batch cuts peak memory by 16-33 % at batch 32; for
   the MLP dispatch it raises it. Speed moves by -5 to +7 %, logits not at all (docs/variants.md).
+* An infer request serves one call at a time (a second thread's call on a busy one fails
+  with "Infer Request is busy"). `run` therefore takes an idle request from a pool (creating
+  one when all are busy, so the pool never holds more requests than calls were ever in
+  flight at once) and copies the outputs out before giving it back. Requests are cheap: the
+  plugin keeps one graph, with its intermediate buffers, per stream, and a call's request
+  waits for its stream's graph. So with one stream (the LATENCY default) concurrent calls
+  are correct but run one after the other on INFERENCE_NUM_THREADS threads; only
+  NUM_STREAMS=N runs N calls at once, each on INFERENCE_NUM_THREADS/N threads.
 """
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -98,7 +109,8 @@ class OpenVinoCpuBackend(Backend):
             self._compiled = core.compile_model(graph, "CPU", plugin)
         except Exception as e:
             raise BackendError(f"{self.name} cannot compile {self.path}: {first_line(e)}") from None
-        self._request = self._compiled.create_infer_request()
+        self._idle = [self._compiled.create_infer_request()]  # requests no call holds; see _request
+        self._idle_lock = threading.Lock()
         # Compilation can fuse a graph input or output with the tensor next to it (an fp16 export's
         # input Cast, its last Linear), and `get_any_name` then returns the fused tensor's name
         # ('_to_copy', 'linear_28'): keep the names the ONNX file declares.
@@ -143,13 +155,25 @@ class OpenVinoCpuBackend(Backend):
             for name, value in feed.items():
                 if value.shape[0] > self.max_batch:
                     raise BackendError(f"input {name} has batch {value.shape[0]}; this backend was compiled for at most {self.max_batch}")
+        with self._request() as request:
+            try:
+                result = request.infer(feed)
+            except Exception as e:
+                raise BackendError(f"{self.name} failed to run {self.path.name}: {first_line(e)}") from None
+            # infer() copies outputs out of the request's tensors (share_outputs=False), so the
+            # arrays stay valid after another call reuses the request.
+            return {name: np.asarray(result[port]) for name, port in zip(self._outputs, self._compiled.outputs)}
+
+    @contextmanager
+    def _request(self) -> Iterator[Any]:
+        """An infer request no other call holds, for the duration of one call."""
+        with self._idle_lock:
+            request = self._idle.pop() if self._idle else self._compiled.create_infer_request()
         try:
-            result = self._request.infer(feed)
-        except Exception as e:
-            raise BackendError(f"{self.name} failed to run {self.path.name}: {first_line(e)}") from None
-        # infer() copies outputs out of the request's tensors (share_outputs=False), so the
-        # arrays stay valid after the next call.
-        return {name: np.asarray(result[port]) for name, port in zip(self._outputs, self._compiled.outputs)}
+            yield request
+        finally:
+            with self._idle_lock:
+                self._idle.append(request)
 
     def info(self) -> dict[str, Any]:
         import openvino as ov

@@ -36,7 +36,9 @@ class OrtBackend(Backend):
     `memory_arena` (False: tensors come from malloc instead of ORT's growing CPU arena, which
     keeps the high-water mark of every shape a data-dependent graph has produced). Threads: `intra_op_num_threads` is set explicitly whenever
     `threads` is given (ORT then does not pin threads; the calling thread counts as one),
-    inter-op parallelism is off, so every backend runs one request at a time.
+    inter-op parallelism is off, so a call runs its nodes one after another. `run` may be
+    called from several threads at once: ORT's Run is thread-safe, and concurrent calls
+    share the session's intra-op threads.
     """
 
     provider: ClassVar[str]

@@ -10,6 +10,9 @@ geometry a public-layout checkpoint cannot state (heads, adapter scale, image si
 """
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +21,29 @@ import numpy as np
 from .base import Availability, Backend, BackendError, TensorSpec, check_inputs, first_line, require_file
 
 OUTPUTS = ["logits", "token_masks", "dispatch_logits"]
+
+_THREADS_LOCK = threading.Lock()
+"""Held by every call that sets torch's thread count: torch has no per-call setting, and
+`torch.set_num_threads` also changes process state (MKL's count, and the count of every
+thread that has not run torch yet), so two such calls must not overlap."""
+
+
+@contextmanager
+def _torch_threads(threads: int | None) -> Iterator[None]:
+    """Run the block on `threads` intra-op threads, then give the calling thread back the
+    count it had; None runs it as it is, without the lock."""
+    if threads is None:
+        yield
+        return
+    import torch
+
+    with _THREADS_LOCK:
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
 
 
 def source_of_onnx(path: Path) -> tuple[Path, dict[str, Any]]:
@@ -40,7 +66,12 @@ def source_of_onnx(path: Path) -> tuple[Path, dict[str, Any]]:
 class TorchReference(Backend):
     """Options: `dispatch` ('dynamic', 'masked' or 'dense'; default 'dynamic'), and the
     checkpoint loader's overrides (`num_heads`, `adapter_scale`, `img_size`,
-    `trust_checkpoint`). `threads` sets torch's process-wide intra-op thread count."""
+    `trust_checkpoint`).
+
+    Safe to call from several threads at once: a forward pass keeps its state in local
+    variables, never on the module. `threads` applies to each call and the caller's thread
+    count is restored after it (`_torch_threads`), so calls with `threads` run one at a time;
+    calls without it run concurrently on the caller's own torch setting."""
 
     name = "torch"
 
@@ -83,14 +114,10 @@ class TorchReference(Backend):
         return self
 
     def _adopt(self, module: Any, dispatch: str) -> None:
-        import torch
-
         from dyt_export.config import DISPATCH_MODES
 
         if dispatch not in DISPATCH_MODES:
             raise BackendError(f"torch: dispatch must be one of {', '.join(DISPATCH_MODES)}")
-        if self.threads is not None:
-            torch.set_num_threads(self.threads)
         self.module = module.eval()
         self.dispatch = dispatch
         cfg = module.dyt_config
@@ -108,7 +135,7 @@ class TorchReference(Backend):
         import torch
 
         feed = check_inputs(inputs, self._inputs)
-        with torch.inference_mode():
+        with _torch_threads(self.threads), torch.inference_mode():
             trace = self.module.trace(torch.from_numpy(feed["pixel_values"]), mode=self.dispatch)
         return {"logits": trace.logits.float().numpy(), "token_masks": trace.masks.numpy(),
                 "dispatch_logits": trace.dispatch_logits.float().numpy()}

@@ -4,9 +4,17 @@
 // otherwise runs in bf16 and the logits drift by ~1e-3 from every other backend.
 // The performance hint is LATENCY (one stream, synchronous calls), the setting under which
 // runtimes are compared.
+//
+// An infer request serves one call at a time, so each call takes an idle request from a pool
+// (creating one when all are busy: the pool holds at most as many as calls were ever in flight
+// at once) and copies the outputs out before giving it back. The plugin keeps one graph per
+// stream and a request waits for its stream's graph: with one stream, concurrent calls are
+// correct but run one after the other.
+#include <mutex>
 #include <openvino/frontend/manager.hpp>
 #include <openvino/runtime/core.hpp>
 #include <regex>
+#include <vector>
 
 #include "backends.hpp"
 
@@ -24,25 +32,28 @@ public:
     OpenVinoModel(ov::CompiledModel compiled, std::array<int64_t, 3> image_shape, bool has_masks)
         : Model(Runtime::OpenVINO, image_shape, has_masks,
                 static_cast<int>(compiled.get_property(ov::inference_num_threads))),
-          compiled_(std::move(compiled)),
-          request_(compiled_.create_infer_request()) {}
+          compiled_(std::move(compiled)) {
+        idle_.push_back(compiled_.create_infer_request());
+    }
 
 protected:
     Result infer(const float* pixels, const std::array<int64_t, 4>& shape) override {
         Result result;
         try {
+            Lease lease(*this);
+            ov::InferRequest& request = lease.request;
             // Wraps the caller's buffer; OpenVINO reads it during infer() only.
             const ov::Shape dims(shape.begin(), shape.end());
-            request_.set_tensor(std::string(kInput), ov::Tensor(ov::element::f32, dims, const_cast<float*>(pixels)));
-            request_.infer();
+            request.set_tensor(std::string(kInput), ov::Tensor(ov::element::f32, dims, const_cast<float*>(pixels)));
+            request.infer();
             // Element types were checked at load (check_contract).
-            const ov::Tensor logits = request_.get_tensor(std::string(kLogits));
+            const ov::Tensor logits = request.get_tensor(std::string(kLogits));
             const ov::Shape logits_shape = logits.get_shape();
             if (logits_shape.size() != 2) throw Error("openvino: 'logits' is not [batch, classes]");
             result.logits_shape = {int64_t(logits_shape[0]), int64_t(logits_shape[1])};
             result.logits.assign(logits.data<const float>(), logits.data<const float>() + logits.get_size());
             if (has_masks()) {
-                const ov::Tensor masks = request_.get_tensor(std::string(kMasks));
+                const ov::Tensor masks = request.get_tensor(std::string(kMasks));
                 const ov::Shape masks_shape = masks.get_shape();
                 if (masks_shape.size() != 3) throw Error("openvino: 'token_masks' is not [batch, dispatchers, tokens]");
                 result.masks_shape = {int64_t(masks_shape[0]), int64_t(masks_shape[1]), int64_t(masks_shape[2])};
@@ -57,8 +68,32 @@ protected:
     }
 
 private:
+    /// An infer request that no other call holds, taken from the pool (or created when every
+    /// pooled one is busy) and given back when the lease ends.
+    struct Lease {
+        explicit Lease(OpenVinoModel& owner) : model(owner) {
+            const std::lock_guard<std::mutex> lock(model.idle_mutex_);
+            if (model.idle_.empty()) {
+                request = model.compiled_.create_infer_request();
+            } else {
+                request = std::move(model.idle_.back());
+                model.idle_.pop_back();
+            }
+        }
+        ~Lease() {
+            const std::lock_guard<std::mutex> lock(model.idle_mutex_);
+            model.idle_.push_back(std::move(request));
+        }
+        Lease(const Lease&) = delete;
+        Lease& operator=(const Lease&) = delete;
+
+        OpenVinoModel& model;
+        ov::InferRequest request;
+    };
+
     ov::CompiledModel compiled_;
-    ov::InferRequest request_;
+    std::mutex idle_mutex_;
+    std::vector<ov::InferRequest> idle_;  // requests no call holds
 };
 
 /// Reads the file with the ONNX frontend only: Core::read_model would try every frontend

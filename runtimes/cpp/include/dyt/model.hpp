@@ -6,10 +6,10 @@
 // [B,dispatchers,tokens]. Every failure (missing file, not a DyT export, wrong input shape,
 // a runtime error) is thrown as dyt::Error with a one-line message.
 //
-// A Model serves one caller at a time: do not call run() on the same Model from several
-// threads at once (the OpenVINO implementation reuses one infer request; ONNX Runtime's Run
-// would cope, but the interface promises only what both keep). Separate Models, one per
-// thread, may run concurrently.
+// run() may be called on the same Model from several threads at once: ONNX Runtime's Run is
+// thread-safe, and the OpenVINO implementation gives each call in flight its own infer
+// request. With OpenVINO's one stream (the LATENCY hint) such calls take turns on the graph;
+// with ONNX Runtime they share the session's intra-op threads.
 #pragma once
 
 #include <array>
