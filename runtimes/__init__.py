@@ -2,7 +2,8 @@
 
 `get_backend(name)` returns the class; `open_backend(name, model, ...)` checks that the
 runtime is available here and loads the model, raising `BackendError` with one line
-("ort-cuda is not available: ...") otherwise. Backends are imported lazily, so asking
+("ort-cuda is not available: ...") otherwise; a backend's `run` raises `RuntimeFailure`
+when the runtime itself fails while running. Backends are imported lazily, so asking
 for ONNX Runtime never imports OpenVINO or torch.
 """
 from __future__ import annotations
@@ -12,7 +13,7 @@ import inspect
 from pathlib import Path
 from typing import Any
 
-from .base import Availability, Backend, BackendError, TensorSpec, check_inputs
+from .base import Availability, Backend, BackendError, RuntimeFailure, TensorSpec, check_inputs
 
 _REGISTRY: dict[str, tuple[str, str]] = {
     "torch": ("runtimes.torch_ref", "TorchReference"),
@@ -51,5 +52,5 @@ def open_backend(name: str, model: Path | str, **options: Any) -> Backend:
         raise BackendError(f"{name}: {e}") from None
 
 
-__all__ = ["Availability", "Backend", "BackendError", "TensorSpec", "check_inputs", "BACKEND_NAMES",
+__all__ = ["Availability", "Backend", "BackendError", "RuntimeFailure", "TensorSpec", "check_inputs", "BACKEND_NAMES",
            "ONNX_RUNTIMES", "CPU_RUNTIMES", "get_backend", "open_backend"]

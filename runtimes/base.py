@@ -25,6 +25,13 @@ class BackendError(Exception):
     """The runtime cannot do what was asked (unavailable, cannot load, bad input): one line."""
 
 
+class RuntimeFailure(BackendError):
+    """The runtime failed while running valid inputs on a loaded model (a kernel error, an
+    exception from its own call): the runtime's fault, not the caller's. A BackendError, so
+    callers that handle every backend problem alike keep doing so; callers that tell them
+    apart catch it first (validation writes its record and exits 4, not 2)."""
+
+
 @dataclass(frozen=True)
 class Availability:
     available: bool
@@ -164,7 +171,7 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Outputs by name. Raises BackendError for inputs of the wrong name, dtype or shape,
-        or with NaN/inf values."""
+        or with NaN/inf values, and RuntimeFailure when the runtime fails while running them."""
 
     @abc.abstractmethod
     def info(self) -> dict[str, Any]:

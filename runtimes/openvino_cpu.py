@@ -36,8 +36,8 @@ from typing import Any
 
 import numpy as np
 
-from .base import (Availability, Backend, BackendError, TensorSpec, check_fixed_batch, check_inputs, first_line,
-                   load_failure, require_file)
+from .base import (Availability, Backend, BackendError, RuntimeFailure, TensorSpec, check_fixed_batch, check_inputs,
+                   first_line, load_failure, require_file)
 
 _PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16"}
 PERFORMANCE_HINTS = ("LATENCY", "THROUGHPUT", "CUMULATIVE_THROUGHPUT")
@@ -159,7 +159,7 @@ class OpenVinoCpuBackend(Backend):
             try:
                 result = request.infer(feed)
             except Exception as e:
-                raise BackendError(f"{self.name} failed to run {self.path.name}: {first_line(e)}") from None
+                raise RuntimeFailure(f"{self.name} failed to run {self.path.name}: {first_line(e)}") from None
             # infer() copies outputs out of the request's tensors (share_outputs=False), so the
             # arrays stay valid after another call reuses the request.
             return {name: np.asarray(result[port]) for name, port in zip(self._outputs, self._compiled.outputs)}

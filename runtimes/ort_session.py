@@ -10,7 +10,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from .base import Backend, BackendError, TensorSpec, check_fixed_batch, check_inputs, first_line, load_failure, require_file
+from .base import (Backend, BackendError, RuntimeFailure, TensorSpec, check_fixed_batch, check_inputs, first_line,
+                   load_failure, require_file)
 
 _ORT_TYPES = {
     "tensor(float)": np.dtype(np.float32), "tensor(float16)": np.dtype(np.float16),
@@ -107,7 +108,7 @@ class OrtBackend(Backend):
         try:
             outputs = self._session.run(self._outputs, feed)
         except Exception as e:  # a failure inside a kernel: report it, do not crash the caller
-            raise BackendError(f"{self.name} failed to run {self.path.name}: {first_line(e)}") from None
+            raise RuntimeFailure(f"{self.name} failed to run {self.path.name}: {first_line(e)}") from None
         return dict(zip(self._outputs, outputs))
 
     def info(self) -> dict[str, Any]:

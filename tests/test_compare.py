@@ -2,6 +2,8 @@
 tolerances, top-1 agreement, precision-dependent defaults, and figures that cannot be measured."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -19,10 +21,19 @@ def _reference(batch: int = 4, seed: int = 0) -> dict[str, np.ndarray]:
             "dispatch_logits": dispatch_logits}
 
 
+def _flip(ref: dict[str, np.ndarray], masks: np.ndarray, image: int, logit: float) -> None:
+    """Give `image` a near-threshold token (reference logit `logit`) at the first dispatcher,
+    decided the other way in the runtime's `masks`."""
+    ref["dispatch_logits"][image, 0, 0] = logit
+    ref["token_masks"][image, 0, 1] = logit > 0
+    masks[image, 0, 1] = not logit > 0
+
+
 def test_identical_outputs_pass():
     ref = _reference()
     parity = compare(ref, ref["logits"].copy(), ref["token_masks"].copy(), LAYERS)
     assert parity.passed and parity.max_abs == 0 and parity.top1_agreement == 1 and parity.mask_agreement == 1
+    assert (parity.images_compared_on_logits, parity.images_compared_on_top1_cosine, parity.flip_cosine_min) == (4, 0, None)
 
 
 def test_near_threshold_mask_difference_is_a_reported_flip_not_a_failure():
@@ -32,12 +43,30 @@ def test_near_threshold_mask_difference_is_a_reported_flip_not_a_failure():
     masks = ref["token_masks"].copy()
     masks[2, 1, 6] = False
     logits = ref["logits"].copy()
-    logits[2] = logits[2][::-1]  # the flipped image may even change class
+    logits[2] += 0.02 * np.abs(logits).max()  # the flipped image ran another computation: far beyond max_rel
     parity = compare(ref, logits, masks, LAYERS)
     assert parity.passed, parity.failures
     assert [(f.image, f.layer, f.token, f.reference_active) for f in parity.flips] == [(2, "blocks.1.mlp", 6, True)]
     assert parity.flips[0].logit == pytest.approx(3e-6)
     assert parity.images_with_flips == 1 and parity.mask_agreement < 1
+    assert (parity.images_compared_on_logits, parity.images_compared_on_top1_cosine) == (3, 1)
+    assert parity.max_rel == 0 and 0.95 < parity.flip_cosine_min < 0.9999  # held to the flip bound, not cosine_min
+    assert "on 3/4 images (1 with a flip: top-1 and cosine only), top-1 agreement 1.0000 on all" in parity.summary()
+
+
+def test_a_flip_does_not_excuse_a_changed_class_or_a_wrong_direction():
+    ref = _reference()
+    masks = ref["token_masks"].copy()
+    _flip(ref, masks, 2, 3e-6)
+    swapped = ref["logits"].copy()
+    swapped[2] = swapped[2][::-1]  # another class on the flipped image
+    parity = compare(ref, swapped, masks, LAYERS)
+    assert parity.top1_agreement == 0.75 and any(
+        f.startswith("top-1 class differs on 1 of 4 image(s) (1 of them with a flip) (agreement 0.7500 < 1), e.g. image 2")
+        for f in parity.failures), parity.failures
+    assert any("which has a flip" in f for f in parity.failures)  # reversed logits point elsewhere too
+    loose = Tolerances(flip_cosine_min=-1.0, top1_min=0.75)
+    assert compare(ref, swapped, masks, LAYERS, loose).passed  # only when the caller allows both
 
 
 def test_mask_difference_away_from_threshold_fails_whatever_the_tolerances():
@@ -101,7 +130,54 @@ def test_top1_min_lets_a_share_of_images_change_class():
     loose = dict(max_rel=10.0, cosine_min=-1.0)
     assert compare(ref, logits, ref["token_masks"], LAYERS, Tolerances(**loose, top1_min=0.99)).passed
     failures = compare(ref, logits, ref["token_masks"], LAYERS, Tolerances(**loose)).failures
-    assert failures == ["top-1 class differs on 1 of 200 image(s) without flips (agreement 0.9950 < 1), e.g. image 7"]
+    assert failures == ["top-1 class differs on 1 of 200 image(s) (agreement 0.9950 < 1), e.g. image 7"]
+
+
+def _int8_like(batch: int, flipped: int) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    """(reference, runtime logits, runtime masks): int8-like noise on every logit (0.1 of
+    max |logit|), and a near-threshold flip in the first `flipped` images."""
+    ref = _reference(batch=batch, seed=1)
+    ref["logits"] /= 3
+    ref["logits"][np.arange(batch), np.arange(batch) % 5] += 10.0  # clear classes, which the noise cannot change
+    logits = ref["logits"] + 0.1 * np.abs(ref["logits"]).max() * np.random.default_rng(2).uniform(-1, 1, ref["logits"].shape)
+    masks = ref["token_masks"].copy()
+    for image in range(flipped):
+        _flip(ref, masks, image, 0.1 * (-1) ** image)
+    return ref, logits.astype(np.float32), masks
+
+
+def test_all_flipped_run_fails_on_the_share_and_passes_only_when_told_on_top1_and_cosine_of_all():
+    """int8-like tolerances where every image has a flip: no logit was held to max_rel, so
+    the run fails with that reason, never with a vacuous max_rel 0 and cosine 1."""
+    ref, logits, masks = _int8_like(batch=8, flipped=8)
+    int8 = TOLERANCES["int8"]
+    parity = compare(ref, logits, masks, LAYERS, int8)
+    assert parity.images_with_flips == 8 and not parity.passed
+    assert parity.failures == ["only 0 of 8 image(s) (0%) were compared on logits, fewer than the 50% required: "
+                               "8 carry a flip (--logit-share-min lowers the share)"]
+    assert (parity.max_abs, parity.max_rel, parity.cosine_min) == (None, None, None)  # not 0 / 0 / 1
+    assert (parity.images_compared_on_logits, parity.images_compared_on_top1_cosine) == (0, 8)
+    assert parity.top1_agreement == 1.0 and 0.95 < parity.flip_cosine_min < 1
+    allowed = compare(ref, logits, masks, LAYERS, replace(int8, logit_share_min=0.0))
+    assert allowed.passed, allowed.failures
+    assert allowed.summary().startswith("max_rel n/a on 0/8 images (8 with a flip: top-1 and cosine only), "
+                                        "top-1 agreement 1.0000 on all")
+    logits[5] = np.roll(logits[5], 1)  # and with the share lowered, a changed class still fails
+    failures = compare(ref, logits, masks, LAYERS, replace(int8, logit_share_min=0.0)).failures
+    assert any("top-1 class differs on 1 of 8 image(s) (1 of them with a flip)" in f for f in failures), failures
+
+
+@pytest.mark.parametrize("flipped, passed", [(0, True), (3, True), (4, True), (5, False)])
+def test_partly_flipped_runs_pass_while_half_the_images_are_compared_on_logits(flipped, passed):
+    ref, logits, masks = _int8_like(batch=8, flipped=flipped)
+    parity = compare(ref, logits, masks, LAYERS, TOLERANCES["int8"])
+    assert parity.passed == passed, parity.failures
+    assert (parity.images_compared_on_logits, parity.images_compared_on_top1_cosine) == (8 - flipped, flipped)
+    assert 0.05 < parity.max_rel < 0.5 and parity.cosine_min > 0.95
+    assert (parity.flip_cosine_min is None) == (flipped == 0)
+    if not passed:
+        assert parity.failures == [f"only 3 of 8 image(s) (38%) were compared on logits, fewer than the 50% required: "
+                                   f"5 carry a flip (--logit-share-min lowers the share)"]
 
 
 def test_default_tolerances_follow_the_precision_and_nan_is_refused():
@@ -110,8 +186,11 @@ def test_default_tolerances_follow_the_precision_and_nan_is_refused():
     assert tolerances_for("int8") == Tolerances(max_rel=0.5, cosine_min=0.95, flip_logit=0.3, top1_min=0.99)
     assert tolerances_for("int8", max_rel=0.1).max_rel == 0.1
     assert tolerances_for("bf16") == TOLERANCES["fp32"]  # no measured defaults: the strictest
+    assert tolerances_for("fp16").logit_share_min == tolerances_for("int8").logit_share_min == 0.5
+    assert tolerances_for("int8").flip_cosine_min == tolerances_for("fp32").flip_cosine_min == 0.95
     for bad in ({"max_rel": float("nan")}, {"cosine_min": float("nan")}, {"flip_logit": float("inf")},
-                {"cosine_min": 1.5}, {"top1_min": -0.1}, {"max_rel": -1e-3}):
+                {"cosine_min": 1.5}, {"top1_min": -0.1}, {"max_rel": -1e-3}, {"logit_share_min": 1.01},
+                {"logit_share_min": float("nan")}, {"flip_cosine_min": -2.0}):
         with pytest.raises(UserError, match="must be a finite number"):
             Tolerances(**bad)
 
@@ -120,7 +199,10 @@ def test_figures_that_cannot_be_measured_are_none_never_nan():
     ref = _reference()
     parity = compare(ref, ref["logits"][:, :3], ref["token_masks"], LAYERS)
     assert not parity.passed and (parity.max_abs, parity.max_rel, parity.cosine_min) == (None, None, None)
-    assert parity.summary().startswith("max_rel n/a")
+    assert (parity.top1_agreement, parity.mask_agreement, parity.flip_cosine_min) == (None, None, None)
+    assert parity.summary().startswith("max_rel n/a on 0/4 images, top-1 agreement n/a on all")
+    parity = compare(ref, ref["logits"], ref["token_masks"][:, :, :5], LAYERS)
+    assert parity.mask_agreement is None and "token_masks shape" in parity.failures[0]
     broken = {**ref, "logits": ref["logits"].copy()}
     broken["logits"][1, 2] = np.nan
     parity = compare(broken, ref["logits"], ref["token_masks"], LAYERS)

@@ -1,4 +1,8 @@
-"""--int8: what gets quantized, what must not be, and that both CPU runtimes run the result."""
+"""--int8: what gets quantized, what must not be, and that both CPU runtimes run the result.
+
+Every parity assertion here is against the fp32 PyTorch reference (`TorchReference`, the
+model's own `trace`), with the tolerances validation applies (`validation.compare.TOLERANCES`):
+an int8 file agreeing with another int8 run proves nothing about the model it came from."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,7 +10,7 @@ import onnx
 import pytest
 
 from conftest import force_dispatcher, image_batch, small_config
-from dyt_export import build_model, write_public_checkpoint
+from dyt_export import build_model, load_checkpoint, write_public_checkpoint
 from dyt_export.calibrate import image_like
 from dyt_export.cli import main as cli_main
 from dyt_export.config import INT8_ACTIVATIONS
@@ -14,6 +18,8 @@ from dyt_export.errors import UserError
 from dyt_export.export import export_onnx
 from dyt_export.quantize import dispatcher_nodes, quantize_int8
 from runtimes import open_backend
+from runtimes.torch_ref import TorchReference
+from validation.compare import TOLERANCES, compare, compare_masks
 
 
 @pytest.fixture(scope="module")
@@ -76,27 +82,39 @@ def test_gemms_as_matmuls_keeps_the_fp32_answers(small_fp32, tmp_path):
     assert not any(n.op_type == "Gemm" for n in model.graph.node)
     onnx.save(model, str(tmp_path / "matmuls.onnx"))
     x = image_batch(3, seed=5)
-    want = open_backend("ort-cpu", fp32).run({"pixel_values": x})
-    got = open_backend("ort-cpu", tmp_path / "matmuls.onnx").run({"pixel_values": x})
-    np.testing.assert_allclose(got["logits"], want["logits"], rtol=1e-5, atol=1e-5)
-    assert (got["token_masks"] == want["token_masks"]).all()
+    reference = TorchReference.from_module(small_fp32[1]).run({"pixel_values": x})
+    layers = small_fp32[1].dyt_config.dispatcher_names
+    for path in (fp32, tmp_path / "matmuls.onnx"):
+        got = open_backend("ort-cpu", path).run({"pixel_values": x})
+        parity = compare(reference, got["logits"], got["token_masks"], layers, TOLERANCES["fp32"])
+        assert parity.passed and parity.max_rel < 1e-5 and parity.mask_agreement == 1, (path.name, parity.failures)
 
 
-def test_int8_runs_on_both_cpu_runtimes_alike(int8_pair):
-    """A seeded random model's logits are too flat for an int8-vs-fp32 check (the demo test
-    below does that on a trained model): here both runtimes must agree on the int8 graph, at
-    batch 3 and 1, and the silenced block must stay silent."""
-    _, int8, _ = int8_pair
+def test_int8_runs_on_both_cpu_runtimes_against_the_fp32_reference(int8_pair):
+    """Both runtimes, at batch 3 and 1, against the fp32 PyTorch model with the int8 tolerances.
+    Masks, in both forms: every difference from the reference is a flip within the int8
+    window (the dispatchers stay float), and the silenced block stays silent. Logits: the
+    dynamic form passes every int8 tolerance here. Statically quantized, a seeded random
+    model's logits cannot: measured on 16 images, cosine 0.66-0.90 and top-1 0.50-0.94 over
+    five seeded models, 0.92 and 0.88 even when calibrated on those very images. So
+    static logits are judged on the trained demo model (the slow test below)."""
+    _, int8, model = int8_pair
+    activations = {p.key: p.value for p in onnx.load(str(int8)).metadata_props}["dyt.int8_activations"]
     x = image_batch(3, seed=5)
-    ref = open_backend("ort-cpu", int8).run({"pixel_values": x})
+    layers = model.dyt_config.dispatcher_names
+    tolerances = TOLERANCES["int8"]
     for runtime in ("ort-cpu", "openvino"):
         for batch in (x, x[:1]):
+            reference = TorchReference.from_module(model).run({"pixel_values": batch})
             out = open_backend(runtime, int8).run({"pixel_values": batch})
-            want = ref["logits"][: len(batch)]
-            cosine = (out["logits"] * want).sum(1) / np.linalg.norm(out["logits"], axis=1) / np.linalg.norm(want, axis=1)
-            assert cosine.min() > 0.99, runtime
-            assert not out["token_masks"][:, 1, 1:].any()
-            assert (out["token_masks"] == ref["token_masks"][: len(batch)]).mean() > 0.95, runtime
+            assert not out["token_masks"][:, 1, 1:].any() and out["token_masks"][:, :, 0].all()
+            _, _, _, mask_failures = compare_masks(reference["token_masks"], reference["dispatch_logits"],
+                                                   out["token_masks"], layers, tolerances.flip_logit)
+            assert mask_failures == [], (runtime, mask_failures)
+            if activations == "dynamic":
+                parity = compare(reference, out["logits"], out["token_masks"], layers, tolerances)
+                assert parity.passed, (runtime, parity.failures)
+                assert parity.images_compared_on_logits + parity.images_compared_on_top1_cosine == len(batch)
 
 
 def test_cli_int8_writes_an_int8_model_and_checks_its_flags(tmp_path, capsys):
@@ -153,22 +171,28 @@ def test_int8_refuses_weights_in_external_data_before_exporting(int8_pair, tmp_p
 @pytest.mark.slow
 @pytest.mark.parametrize("activations", INT8_ACTIVATIONS)
 def test_demo_model_int8_keeps_top1_on_the_digits_test_set(tmp_path, activations):
-    """Issue 5 target: top-1 agreement >= 99 % with the fp32 export on the demo model's test set,
-    on both CPU runtimes; static activations calibrated on its training split (the user's images)."""
+    """Issue 5 target: top-1 agreement >= 99 % with the fp32 PyTorch model on the demo model's
+    test set, on both CPU runtimes, and every int8 tolerance of validation passed; static
+    activations calibrated on its training split (the user's images)."""
     from validation.data import digits
     from validation.demo import ensure_demo_model
     from validation.train import Recipe
 
     demo = ensure_demo_model()
-    size = Recipe().img_size
-    calib = digits(size, split="train").pixel_values[::4] if activations == "static" else None
+    recipe = Recipe()
+    model = load_checkpoint(demo.checkpoint, num_heads=recipe.num_heads)
+    calib = digits(recipe.img_size, split="train").pixel_values[::4] if activations == "static" else None
     int8 = tmp_path / "int8.onnx"
-    quantize_int8(demo.onnx, int8, calib, activations)
-    test = digits(size, split="test").pixel_values
-    ref = open_backend("ort-cpu", demo.onnx).run({"pixel_values": test})["logits"].argmax(1)
+    export_onnx(model, int8, with_masks=True)  # masks too, so flips are told from failures
+    quantize_int8(int8, int8, calib, activations)
+    test = digits(recipe.img_size, split="test").pixel_values
+    reference = TorchReference.from_module(model).run({"pixel_values": test})
     for runtime in ("ort-cpu", "openvino"):
-        got = open_backend(runtime, int8).run({"pixel_values": test})["logits"].argmax(1)
-        assert (got == ref).mean() >= 0.99, runtime
+        got = open_backend(runtime, int8).run({"pixel_values": test})
+        parity = compare(reference, got["logits"], got["token_masks"], model.dyt_config.dispatcher_names,
+                         TOLERANCES["int8"])
+        assert parity.passed, (runtime, parity.failures)
+        assert parity.top1_agreement >= 0.99, runtime
 
 
 def test_quantize_int8_refuses_a_mode_without_its_inputs(small_fp32, tmp_path):

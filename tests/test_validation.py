@@ -175,6 +175,82 @@ def test_parity_miss_exits_non_zero_and_keeps_the_record(exported, capsys):
     assert "masks not compared: the reference is not the checkpoint" in (out / "ort-cpu.md").read_text()
 
 
+RUNTIME_CALLS = {"ort-cpu": ("onnxruntime", "InferenceSession", "run"), "openvino": ("openvino", "InferRequest", "infer")}
+"""Where each runtime's own inference call lives, to make it fail as a kernel error would."""
+
+
+def _fail_runtime_call(monkeypatch: pytest.MonkeyPatch, runtime: str, at: int) -> None:
+    """From now on, the `at`-th call of the runtime's own inference call raises, with a
+    multi-line message as runtimes write them."""
+    import importlib
+
+    module, cls, method = RUNTIME_CALLS[runtime]
+    owner = getattr(importlib.import_module(module), cls)
+    real, calls = getattr(owner, method), []
+
+    def failing(self, *args, **kwargs):
+        calls.append(None)
+        if len(calls) == at:
+            raise RuntimeError("Non-zero status code returned while running Gather node 'gather_7'\n  at some frame")
+        return real(self, *args, **kwargs)
+    monkeypatch.setattr(owner, method, failing)
+
+
+@pytest.mark.parametrize("runtime, at, stage", [("ort-cpu", 2, "parity run"), ("openvino", 3, "throughput")])
+def test_a_runtime_failure_mid_run_exits_4_with_one_line_and_a_record_holding_it(exported, runtime, at, stage,
+                                                                               monkeypatch, capsys):
+    """Not bad input (2), not a parity miss (3): the runtime itself failed. Calls: 1 the model,
+    2 its mask twin (the parity run), 3 the first timed warm-up (throughput)."""
+    root, model, _ = exported
+    out = root / f"failure-{runtime}"
+    _fail_runtime_call(monkeypatch, runtime, at)
+    result = _validate("--runtime", runtime, "--model", str(model), "--out", str(out), *QUICK, "--quiet", capsys=capsys)
+    assert result.returncode == 4, result.stderr
+    assert result.stderr.startswith(f"python -m validation: runtime failure: {runtime} failed to run tiny")
+    assert result.stderr.endswith("Non-zero status code returned while running Gather node 'gather_7'\n")
+    assert len(result.stderr.splitlines()) == 1
+    assert result.stdout.startswith(f"FAIL {runtime} tiny: runtime failure during the {stage} -> {out}")
+    record = json.loads((out / f"{runtime}.json").read_text())
+    check_record(record)
+    assert not record["passed"] and record["error"] == {"stage": stage, "message": result.stderr.split(": ", 2)[2].strip()}
+    assert record["throughput"] == [] and record["dense_baseline"] == []
+    parity = record["parity"]
+    if stage == "parity run":  # nothing to compare: every figure null, none a stand-in
+        assert not parity["passed"] and parity["failures"][0].startswith("not compared: the runtime failed")
+        assert all(parity[k] is None for k in ("max_abs", "max_rel", "cosine_min", "top1_agreement", "mask_agreement"))
+        assert parity["images_compared_on_logits"] == 0 and record["accuracy"]["runtime"] is None
+    else:  # parity was measured before the runtime failed
+        assert parity["passed"] and parity["images_compared_on_logits"] == 10 and record["accuracy"]["runtime"] >= 0
+    assert f"RUNTIME FAILURE during the {stage}: {runtime} failed to run" in (out / f"{runtime}.md").read_text()
+
+
+def test_the_demo_exits_4_when_a_runtime_fails_and_the_others_still_run(exported, monkeypatch, capsys):
+    import validation.demo
+
+    root, model, _ = exported
+    monkeypatch.setattr(validation.demo, "ensure_demo_model",
+                        lambda **_: validation.demo.DemoModel(root / "tiny.safetensors", model, {}))
+    _fail_runtime_call(monkeypatch, "ort-cpu", 1)
+    code = validation.demo.main(["--runtimes", "ort-cpu,openvino", "--out", str(root / "demo"), "--no-throughput"])
+    out = capsys.readouterr().out
+    assert code == 4, out
+    assert "ort-cpu: runtime failure: ort-cpu failed to run tiny.onnx" in out and "ERROR" in out
+    assert json.loads((root / "demo" / "openvino.json").read_text())["passed"]
+    assert not json.loads((root / "demo" / "ort-cpu.json").read_text())["passed"]
+
+
+def test_commands_on_run_command_exit_4_on_a_runtime_failure(capsys):
+    from dyt_export.cli.common import Parser
+    from runtimes import RuntimeFailure
+    from validation.cli import run_command
+
+    def body(_):
+        raise RuntimeFailure("openvino failed to run m.onnx: out of memory")
+
+    assert run_command(Parser(prog="python -m validation.bench"), [], body) == 4
+    assert capsys.readouterr().err == "python -m validation.bench: runtime failure: openvino failed to run m.onnx: out of memory\n"
+
+
 @pytest.mark.parametrize("args, message", [
     (["--runtime", "ort-cuda"], "ort-cuda is not available: "),
     (["--runtime", "tensorrt"], "cannot validate on 'tensorrt'"),
@@ -212,6 +288,9 @@ def test_bad_requests_exit_2_with_one_line_before_any_work(exported, args, messa
     (["--cosine-min", "nan"], "argument --cosine-min: tolerance cosine_min must be a finite number in [-1, 1]"),
     (["--flip-logit", "inf"], "argument --flip-logit: tolerance flip_logit must be a finite number >= 0"),
     (["--top1-min", "1.5"], "argument --top1-min: tolerance top1_min must be a finite number in [0, 1]"),
+    (["--logit-share-min", "1.5"], "argument --logit-share-min: tolerance logit_share_min must be a finite number in [0, 1]"),
+    (["--logit-share-min", "nan"], "argument --logit-share-min: tolerance logit_share_min must be a finite number"),
+    (["--flip-cosine-min", "-2"], "argument --flip-cosine-min: tolerance flip_cosine_min must be a finite number in [-1, 1]"),
     (["--bogus"], "unrecognized arguments: --bogus"),
 ])
 def test_bad_arguments_are_one_line_not_a_usage_block(args, message, capsys):

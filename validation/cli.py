@@ -1,8 +1,10 @@
 """`python -m validation`: parity, accuracy and throughput of one ONNX model on one runtime.
 
-Exit codes: 0 parity passed; 3 parity failed (the record is still written); 2 bad input
-(missing or unreadable model, unavailable runtime, bad option or output directory, all
-checked before any work); 1 internal error. Errors are one line on stderr, bad arguments
+Exit codes: 0 parity passed; 3 parity failed (the record is still written); 4 the runtime
+failed while running the model (a kernel error, an exception from its own call: the record
+is still written, holding the error, and parity did not pass); 2 bad input (missing or
+unreadable model, unavailable runtime, bad option or output directory, all checked before
+any work); 1 internal error. Errors are one line on stderr, bad arguments
 included (the package's own argparse `Parser`, shared with `dyt-export`, and with
 `python -m validation.pictures` and `validation.demo` through `run_command`); --debug shows
 the traceback.
@@ -17,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from dyt_export.cli.common import Parser, run_guarded
+from dyt_export.cli.common import EXIT_RUNTIME_FAILURE, Parser, run_guarded
 
 EXIT_OK, EXIT_PARITY = 0, 3
 
@@ -30,11 +32,16 @@ EPILOG = """examples:
 
 parity rules (see validation/compare.py): a token-mask difference is a flip only when the
 reference dispatcher logit is within --flip-logit of 0 (each flip is reported); any other
-mask difference fails. Logits of images without flips must satisfy max|diff|/max|ref| <=
---max-rel and cosine >= --cosine-min, with the same top-1 class on a --top1-min share of them.
-Defaults follow the model's precision (max-rel / cosine-min / flip-logit / top1-min):
-{defaults}.
-exit codes: 0 pass, 3 parity failure, 2 bad input or runtime not available, 1 internal error."""
+mask difference fails. Images without flips are compared on logits: max|diff|/max|ref| <=
+--max-rel and cosine >= --cosine-min. Images with a flip are compared on top-1 and cosine
+>= --flip-cosine-min only. The same top-1 class is required on a --top1-min share of ALL
+images, and at least a --logit-share-min share of the images must be compared on logits,
+or the run fails with that reason. Defaults follow the model's precision (max-rel /
+cosine-min / flip-logit / top1-min):
+{defaults};
+flip-cosine-min {flip_cosine:g} (or --cosine-min when lower) and logit-share-min {share:g} in every precision.
+exit codes: 0 pass, 3 parity failure, 4 the runtime failed while running the model (record
+written, with the error), 2 bad input or runtime not available, 1 internal error."""
 
 
 def number(cast: type, low: float = -math.inf, high: float = math.inf) -> Callable[[str], Any]:
@@ -114,8 +121,10 @@ def parser() -> Parser:
 
     defaults = "; ".join(f"{name} {t.max_rel:g} / {t.cosine_min:g} / {t.flip_logit:g} / {t.top1_min:g}"
                          for name, t in TOLERANCES.items())
+    fp32 = TOLERANCES["fp32"]
     p = Parser(prog="python -m validation", description=__doc__.splitlines()[0],
-               epilog=EPILOG.format(defaults=defaults), formatter_class=argparse.RawDescriptionHelpFormatter)
+               epilog=EPILOG.format(defaults=defaults, flip_cosine=fp32.flip_cosine_min, share=fp32.logit_share_min),
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runtime", default="ort-cpu", help="ort-cpu (default), ort-cuda or openvino")
     p.add_argument("--model", type=Path, help="ONNX file exported by dyt-export (default: the demo model)")
     p.add_argument("--ref", type=Path, help="reference checkpoint (default: the source recorded in the model)")
@@ -137,7 +146,11 @@ def parser() -> Parser:
     p.add_argument("--cosine-min", type=tolerance("cosine_min"), help="per-image cosine (default: by model precision)")
     p.add_argument("--flip-logit", type=tolerance("flip_logit"), help="flip window on |logit| (default: by model precision)")
     p.add_argument("--top1-min", type=tolerance("top1_min"),
-                   help="share of images without flips that keep their top-1 class (default: by model precision)")
+                   help="share of all images that keep their top-1 class (default: by model precision)")
+    p.add_argument("--flip-cosine-min", type=tolerance("flip_cosine_min"),
+                   help="per-image cosine of the images with a flip (default 0.95, or --cosine-min when lower)")
+    p.add_argument("--logit-share-min", type=tolerance("logit_share_min"),
+                   help="share of the images that must be compared on logits, i.e. have no flip (default 0.5)")
     p.add_argument("--option", type=_option, action="append", default=[], metavar="KEY=VALUE",
                    help="backend option, e.g. performance_hint=THROUGHPUT, graph_optimization=basic")
     p.add_argument("--num-heads", type=number(int, 1), help="for a reference checkpoint that cannot state it")
@@ -152,19 +165,21 @@ def run_command(parser: Parser, argv: list[str] | None, body: Callable[[argparse
     """Parse `argv` and run `body(args)`, bad arguments included in the one-line errors."""
     argv = list(sys.argv[1:] if argv is None else argv)
     from dyt_export.errors import UserError
-    from runtimes.base import BackendError
+    from runtimes.base import BackendError, RuntimeFailure
 
     return run_guarded(lambda: body(parser.parse_args(argv)), debug="--debug" in argv, prog=parser.prog,
-                       bad_input=(UserError, BackendError))
+                       bad_input=(UserError, BackendError), runtime_failure=(RuntimeFailure,))
 
 
 def main(argv: list[str] | None = None) -> int:
+    command = parser()
+
     def body(args: argparse.Namespace) -> int:
+        from .compare import LIMITS
         from .harness import REFERENCE_THREADS, Options, validate
 
         log = (lambda _: None) if args.quiet else (lambda line: print(line, file=sys.stderr))
-        overrides = {name: getattr(args, name) for name in ("max_rel", "cosine_min", "flip_logit", "top1_min")
-                     if getattr(args, name) is not None}
+        overrides = {name: getattr(args, name) for name in LIMITS if getattr(args, name) is not None}
         opts = Options(
             runtime=args.runtime, model=args.model, ref=args.ref, out=args.out, data=args.data, images=args.images,
             limit=args.limit, batches=args.batches, threads=args.threads, iters=args.iters,
@@ -175,11 +190,14 @@ def main(argv: list[str] | None = None) -> int:
                               "trust_checkpoint": args.trust_checkpoint or None},
             show=not args.quiet)
         outcome = validate(opts, log=log)
-        p = outcome.parity
-        print(f"{'PASS' if p.passed else 'FAIL'} {outcome.record['runtime']} {outcome.record['model']['name']}: "
-              f"{p.summary()} -> {outcome.json_path}")
+        p, error = outcome.parity, outcome.error
+        print(f"{'PASS' if outcome.passed else 'FAIL'} {outcome.record['runtime']} {outcome.record['model']['name']}: "
+              f"{'runtime failure during the ' + error['stage'] if error else p.summary()} -> {outcome.json_path}")
+        if error:
+            print(f"{command.prog}: runtime failure: {error['message']}", file=sys.stderr)
+            return EXIT_RUNTIME_FAILURE
         for failure in p.failures:
             print(f"  parity failure: {failure}", file=sys.stderr)
         return EXIT_OK if p.passed else EXIT_PARITY
 
-    return run_command(parser(), argv, body)
+    return run_command(command, argv, body)

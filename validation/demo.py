@@ -14,9 +14,10 @@ empty background, which is what a token dispatcher should learn to tell apart; w
 phases fit ~1-2 minutes on 2 CPU cores. Width 96 has no conventional head count, so the
 checkpoint needs `--num-heads 3` when given to dyt-export alone (the ONNX metadata carries it).
 
-Exit codes as `python -m validation`: 0 every runtime passed, 3 a parity failure, 2 a
-runtime that is unknown or not available here (refused before training) or that could not
-validate the model, 1 internal error.
+Exit codes as `python -m validation`: 0 every runtime passed, 3 a parity failure, 4 a
+runtime that failed while running the model (its record holds the error), 2 a runtime that
+is unknown or not available here (refused before training) or that could not load the
+model, 1 internal error; when runtimes end differently, 2 wins over 4, and 4 over 3.
 """
 from __future__ import annotations
 
@@ -124,23 +125,24 @@ def _table(results: list[tuple[str, dict[str, Any] | None, str]]) -> str:
     from .compare import fmt
 
     table = Table(title="DyT demo: sklearn digits test split, PyTorch reference vs runtime")
-    for column in ("runtime", "acc torch", "acc runtime", "max rel", "top-1 agree", "mask agree", "flips",
+    for column in ("runtime", "acc torch", "acc runtime", "max rel", "on logits", "top-1 agree", "mask agree", "flips",
                    "activation", "GMACs dense/DyT", "img/s b1 / b8 / b32", "speedup b32 (ideal)", "result"):
         table.add_column(column)
     for runtime, record, note in results:
         if record is None:
-            table.add_row(runtime, *["-"] * 10, note)
+            table.add_row(runtime, *["-"] * 11, note)
             continue
         p, a, f = record["parity"], record["accuracy"] or {}, record["flops_g"]
         speeds = {r["batch"]: r["img_per_s"] for r in record["throughput"]}
         s32 = next((s for s in record["speedup"] if s["batch"] == max(speeds, default=0)), None)
         table.add_row(
-            runtime, f"{a.get('reference', float('nan')):.4f}", f"{a.get('runtime', float('nan')):.4f}",
-            fmt(p["max_rel"], ".1e"), f"{p['top1_agreement']:.4f}", fmt(p["mask_agreement"], ".6f"), str(len(p["flips"])),
+            runtime, fmt(a.get("reference"), ".4f"), fmt(a.get("runtime"), ".4f"), fmt(p["max_rel"], ".1e"),
+            f"{p['images_compared_on_logits']}/{p['images']}", fmt(p["top1_agreement"], ".4f"),
+            fmt(p["mask_agreement"], ".6f"), str(len(p["flips"])),
             f"{record['activation_rate_mean']:.3f}", f"{f['dense'] * 1e3:.1f}M / {f['dyt'] * 1e3:.1f}M",
             " / ".join(f"{speeds[b]:.0f}" for b in sorted(speeds)) or "-",
             f"{s32['measured']:.2f}x ({s32['flops_ideal']:.2f}x)" if s32 else "-",
-            "PASS" if record["passed"] else "FAIL")
+            "PASS" if record["passed"] else "ERROR" if record["error"] else "FAIL")
     console = Console(width=200)
     with console.capture() as capture:
         console.print(table)
@@ -148,7 +150,7 @@ def _table(results: list[tuple[str, dict[str, Any] | None, str]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dyt_export.cli.common import EXIT_BAD_INPUT, Parser
+    from dyt_export.cli.common import EXIT_BAD_INPUT, EXIT_RUNTIME_FAILURE, Parser
 
     from .cli import EXIT_OK, EXIT_PARITY, run_command
 
@@ -192,8 +194,12 @@ def main(argv: list[str] | None = None) -> int:
                 results.append((runtime, None, str(e)))
                 code = EXIT_BAD_INPUT
                 continue
-            results.append((runtime, outcome.record, str(outcome.json_path)))
-            if not outcome.parity.passed and code == EXIT_OK:
+            error = outcome.error
+            results.append((runtime, outcome.record, f"runtime failure: {error['message']}; {outcome.json_path}"
+                            if error else str(outcome.json_path)))
+            if error and code != EXIT_BAD_INPUT:
+                code = EXIT_RUNTIME_FAILURE
+            elif not outcome.passed and code == EXIT_OK:
                 code = EXIT_PARITY
         print(_table(results))
         for runtime, record, note in results:

@@ -29,11 +29,11 @@ import numpy as np
 from dyt_export.atomic import probe_writable
 from dyt_export.errors import UserError
 from dyt_export.progress import Steps
-from runtimes import ONNX_RUNTIMES, Backend, BackendError, get_backend, open_backend
+from runtimes import ONNX_RUNTIMES, Backend, BackendError, RuntimeFailure, get_backend, open_backend
 from runtimes.base import check_fixed_batch
 from runtimes.torch_ref import TorchReference
 
-from .compare import Parity, accuracy, compare, tolerances_for
+from .compare import Parity, accuracy, compare, tolerances_for, unmeasured
 from .costs import activation_rates, gmacs
 from .data import ImageSet, load_inputs
 from .machine import machine_info
@@ -84,6 +84,12 @@ class Outcome:
     json_path: Path
     markdown_path: Path
     parity: Parity
+    error: dict[str, str] | None = None
+    """The runtime failed while running: {"stage", "message"}, as in the record."""
+
+    @property
+    def passed(self) -> bool:
+        return self.record["passed"]
 
 
 def run_all(backend: Backend, images: np.ndarray, names: tuple[str, ...]) -> dict[str, np.ndarray]:
@@ -209,7 +215,8 @@ def _speedups(cfg: Any, rows: list[ThroughputRow], dense: list[ThroughputRow], m
 
 
 def validate(opts: Options, log: Callable[[str], None] = lambda _: None) -> Outcome:
-    """Validate one ONNX model on one runtime; writes OUT/<runtime>.json and .md."""
+    """Validate one ONNX model on one runtime; writes OUT/<runtime>.json and .md, also when
+    the runtime fails while running (RuntimeFailure): the record then holds the error."""
     _check_options(opts)
     steps = Steps(show=opts.show)
     started = time.perf_counter()
@@ -255,25 +262,36 @@ def validate(opts: Options, log: Callable[[str], None] = lambda _: None) -> Outc
             dense_path, _ = twin(reference.module, model, twin_dir, dispatch="dense", with_masks=False)
         twins["dense"] = str(dense_path)
 
-    with steps.step(f"parity run ({opts.runtime})"):
-        runtime_info = backend.info()
-        got = run_all(backend, images.pixel_values, ("logits", "token_masks") if model.has_masks else ("logits",))
-        del backend
-        if masks_path is None:
-            got["token_masks"] = None
-        elif not model.has_masks:
-            mask_backend = open_backend(opts.runtime, masks_path, threads=opts.threads[0], precision=opts.precision,
-                                        **opts.backend_options)
-            got["token_masks"] = run_all(mask_backend, images.pixel_values, ("token_masks",))["token_masks"]
-            del mask_backend
-    parity = compare(ref, got["logits"], got["token_masks"], layers, tolerances)
+    # A runtime that fails while running (RuntimeFailure) still gets its record, holding the error.
+    error: dict[str, str] | None = None
+    got: dict[str, Any] = {"logits": None, "token_masks": None}
+    runtime_info = backend.info()
+    try:
+        with steps.step(f"parity run ({opts.runtime})"):
+            outputs = ("logits", "token_masks") if model.has_masks else ("logits",)
+            got.update(run_all(backend, images.pixel_values, outputs))
+            del backend
+            if masks_path is not None and not model.has_masks:
+                mask_backend = open_backend(opts.runtime, masks_path, threads=opts.threads[0], precision=opts.precision,
+                                            **opts.backend_options)
+                got["token_masks"] = run_all(mask_backend, images.pixel_values, ("token_masks",))["token_masks"]
+                del mask_backend
+    except RuntimeFailure as e:
+        error = {"stage": "parity run", "message": str(e)}
+        got["logits"] = None  # a run cut short reports nothing: its record's parity and accuracy say why
+        parity = unmeasured(len(images), f"not compared: the runtime failed during the parity run ({e})")
+    else:
+        parity = compare(ref, got["logits"], got["token_masks"], layers, tolerances)
     log(f"parity: {'PASS' if parity.passed else 'FAIL'}  {parity.summary()}")
 
     throughput: list[ThroughputRow] = []
     dense: list[ThroughputRow] = []
-    if opts.throughput:
-        with steps.step("throughput"):
-            throughput, dense = _throughput(opts, model.path, dense_path, images, ref["token_masks"], log)
+    if opts.throughput and error is None:
+        try:
+            with steps.step("throughput"):
+                throughput, dense = _throughput(opts, model.path, dense_path, images, ref["token_masks"], log)
+        except RuntimeFailure as e:
+            error = {"stage": "throughput", "message": str(e)}
 
     rates = activation_rates(ref["token_masks"])
     record = build_record(
@@ -289,16 +307,18 @@ def validate(opts: Options, log: Callable[[str], None] = lambda _: None) -> Outc
         flops_g={"dense": float(gmacs(cfg, None)[0]), "dyt": float(gmacs(cfg, ref["token_masks"]).mean())},
         throughput=throughput, dense_baseline=dense,
         speedup=_speedups(cfg, throughput, dense, ref["token_masks"], len(images)) if throughput else [],
-        timings={**steps.timings, "total": time.perf_counter() - started},
+        timings={**steps.timings, "total": time.perf_counter() - started}, error=error,
     )
     json_path, markdown_path = write_record(record, out)
     log("steps:\n" + steps.report())
-    return Outcome(record, json_path, markdown_path, parity)
+    return Outcome(record, json_path, markdown_path, parity, error)
 
 
-def _accuracy(reference_logits: np.ndarray, logits: np.ndarray, images: ImageSet) -> dict[str, Any] | None:
+def _accuracy(reference_logits: np.ndarray, logits: np.ndarray | None, images: ImageSet) -> dict[str, Any] | None:
+    """Top-1 accuracy of both on the labeled images; the runtime's None when it gave no logits."""
     ref_acc = accuracy(reference_logits, images.labels)
     if ref_acc is None:
         return None
     labeled = int((images.labels >= 0).sum())
-    return {"images": labeled, "reference": ref_acc, "runtime": accuracy(logits, images.labels)}
+    return {"images": labeled, "reference": ref_acc,
+            "runtime": None if logits is None else accuracy(logits, images.labels)}

@@ -21,7 +21,7 @@ from dyt_export.atomic import staged_outputs
 from .compare import Parity, Tolerances, fmt
 from .throughput import ThroughputRow
 
-SCHEMA_VERSION = "1.2"
+SCHEMA_VERSION = "1.3"
 SCHEMA_PATH = Path(__file__).with_name("record.schema.json")
 FLOPS_CONVENTION = "G multiply-adds per image (the DyT paper's 'FLOPs'; dense ViT-B/16 = 17.58)"
 MASKS_NOT_COMPARED = ("the reference is not the checkpoint the model was exported from (sha256 differs), so a mask "
@@ -46,13 +46,15 @@ def build_record(*, runtime: str, runtime_info: dict[str, Any], model: Any, twin
                  tolerances: Tolerances, parity: Parity, accuracy: dict[str, Any] | None,
                  activation_rate: dict[str, float], flops_g: dict[str, float], throughput: list[ThroughputRow],
                  dense_baseline: list[ThroughputRow], speedup: list[dict[str, Any]],
-                 timings: dict[str, float]) -> dict[str, Any]:
-    """The record as a JSON-ready dict (see record.schema.json for every field)."""
+                 timings: dict[str, float], error: dict[str, str] | None = None) -> dict[str, Any]:
+    """The record as a JSON-ready dict (see record.schema.json for every field). `error`:
+    the runtime failed while running ({"stage", "message"}); the record then does not pass."""
     rates = list(activation_rate.values())
     return {
         "schema_version": SCHEMA_VERSION,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "passed": parity.passed,
+        "passed": parity.passed and error is None,
+        "error": error,
         "runtime": runtime,
         "runtime_info": runtime_info,
         "model": {
@@ -89,14 +91,24 @@ def markdown(record: dict[str, Any]) -> str:
         "",
         "## Parity",
         "",
-        "| max abs | max rel | cosine min | top-1 agreement | mask agreement | flips |",
-        "|---|---|---|---|---|---|",
+    ]
+    if record["error"]:
+        e = record["error"]
+        lines += [f"RUNTIME FAILURE during the {e['stage']}: {e['message']}", ""]
+    lines += [
+        f"Compared on logits: {p['images_compared_on_logits']} of {p['images']} images; on top-1 and cosine only "
+        f"(they carry a flip): {p['images_compared_on_top1_cosine']}; top-1 agreement is over all {p['images']}.",
+        "",
+        "| max abs | max rel | cosine min | cosine min (flips) | top-1 agreement | mask agreement | flips |",
+        "|---|---|---|---|---|---|---|",
         f"| {fmt(p['max_abs'], '.3g')} | {fmt(p['max_rel'], '.3g')} | {fmt(p['cosine_min'], '.7f')} | "
-        f"{p['top1_agreement']:.4f} | {fmt(p['mask_agreement'], '.6f')} | {len(p['flips'])} |",
+        f"{fmt(p['flip_cosine_min'], '.7f')} | {fmt(p['top1_agreement'], '.4f')} | {fmt(p['mask_agreement'], '.6f')} | "
+        f"{len(p['flips'])} |",
         "",
         f"Tolerances ({m['precision']} defaults unless overridden): max rel <= {t['max_rel']:g}, "
-        f"cosine >= {t['cosine_min']}, same top-1 on >= {t['top1_min']:.2%} of the images without flips, "
-        f"flip window |logit| <= {t['flip_logit']:g}.",
+        f"cosine >= {t['cosine_min']} (images with a flip: >= {min(t['cosine_min'], t['flip_cosine_min']):g}), "
+        f"same top-1 on >= {t['top1_min']:.2%} of all images, >= {t['logit_share_min']:.0%} of the images "
+        f"compared on logits, flip window |logit| <= {t['flip_logit']:g}.",
     ]
     lines += [f"- FAIL: {f}" for f in p["failures"]]
     if p["mask_agreement"] is None and record["reference"]["matches_model_source"] is False:
@@ -106,7 +118,7 @@ def markdown(record: dict[str, Any]) -> str:
     if record["accuracy"]:
         a = record["accuracy"]
         lines += ["", f"Accuracy on {a['images']} labeled images: torch {a['reference']:.4f}, "
-                      f"{record['runtime']} {a['runtime']:.4f}."]
+                      f"{record['runtime']} {fmt(a['runtime'], '.4f')}."]
     rates = ", ".join(f"{k} {v:.3f}" for k, v in record["activation_rate"].items())
     f = record["flops_g"]
     lines += ["", "## Activation and cost", "", f"Activation rate per dispatcher: {rates or 'none'}.",

@@ -12,22 +12,28 @@ from typing import Callable, NoReturn
 from ..atomic import FULL_DISK
 from ..errors import UserError
 
-EXIT_INTERNAL, EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 1, 2, 130, 141
-"""1 a bug, 2 bad input or a full disk (both the user's to change); 130 and 141 as a shell
-reports SIGINT and SIGPIPE (128 + signal)."""
+EXIT_INTERNAL, EXIT_BAD_INPUT, EXIT_RUNTIME_FAILURE, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 1, 2, 4, 130, 141
+"""1 a bug, 2 bad input or a full disk (both the user's to change), 4 a runtime that failed
+while running a model (the runtime's fault: neither the input's nor a bug here; only the
+commands that run runtimes raise it); 130 and 141 as a shell reports SIGINT and SIGPIPE
+(128 + signal). 3 is left to validation's parity failure."""
 
 
 def run_guarded(body: Callable[[], int], *, debug: bool, prog: str,
-                bad_input: tuple[type[BaseException], ...] = (UserError,)) -> int:
+                bad_input: tuple[type[BaseException], ...] = (UserError,),
+                runtime_failure: tuple[type[BaseException], ...] = ()) -> int:
     """`body()`'s exit code, or one line on stderr and the code for what went wrong; with
-    `debug` the traceback comes first. A reader that leaves early (`... | head`) is not an
-    error worth a line: the exit code says it, and stdout is pointed at /dev/null so that
-    Python's last flush at exit does not fail again."""
+    `debug` the traceback comes first. `runtime_failure` is checked before `bad_input`, so it
+    may subclass one of those. A reader that leaves early (`... | head`) is not an error
+    worth a line: the exit code says it, and stdout is pointed at /dev/null so that Python's
+    last flush at exit does not fail again."""
     try:
         return body()
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_BROKEN_PIPE
+    except runtime_failure as e:
+        error, message, code = e, f"runtime failure: {e}", EXIT_RUNTIME_FAILURE
     except bad_input as e:
         error, message, code = e, f"error: {e}", EXIT_BAD_INPUT
     except KeyboardInterrupt as e:
