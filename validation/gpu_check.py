@@ -102,7 +102,8 @@ def gpu_problem() -> str:
 
 
 def _setup() -> tuple[bool, str]:
-    done = subprocess.run([sys.executable, "-m", "runtimes.cuda_setup"], timeout=SETUP_TIMEOUT_S, stdin=subprocess.DEVNULL)
+    done = subprocess.run([sys.executable, "-m", "runtimes.cuda_setup"], timeout=SETUP_TIMEOUT_S,
+                          stdin=subprocess.DEVNULL, stdout=sys.stderr)  # stdout is the summary's
     if done.returncode != 0:
         return False, f"python -m runtimes.cuda_setup exited {done.returncode}"
     from importlib import metadata
