@@ -11,7 +11,7 @@ OUT     ?=
 CKPT    ?=
 ARGS    ?=
 
-.PHONY: setup test demo export validate pictures bench cpp setup-cuda clean
+.PHONY: setup test demo export validate pictures bench cpp setup-cuda gpu-check clean
 
 setup: $(STAMP)
 
@@ -47,20 +47,20 @@ bench: setup
 pictures: setup
 	$(BIN)/python -m validation.pictures $(if $(MODEL),$(MODEL),--prefix demo-digits) $(ARGS)
 
-# ONNX Runtime with CUDA for RUNTIME=ort-cuda: swaps the onnxruntime wheel for onnxruntime-gpu
-# (both install the `onnxruntime` module, so only one can be present) with the CUDA 12 and
-# cuDNN 9 libraries from pip. Needs an NVIDIA GPU and driver. Rerun after `make setup`
-# reinstalls onnxruntime; undo with: .venv/bin/pip uninstall onnxruntime-gpu && make setup
-# The GPU wheel is the CPU wheel's version, else the newest one between pyproject's onnxruntime
-# floor (1.21) and it (GPU wheels can lag behind); the last line exits non-zero without CUDA.
+# ONNX Runtime with CUDA for RUNTIME=ort-cuda: puts onnxruntime-gpu, built for the CUDA major
+# version of the pinned torch (CUDA 13), in place of the onnxruntime wheel (both install the
+# same module). Idempotent; rerun after `make setup` reinstalls onnxruntime. Ends with the
+# availability check (exit 2 without a usable GPU). Undo: .venv/bin/python -m runtimes.cuda_setup --undo
+# See docs/gpu.md.
 setup-cuda: setup
-	@v=$$($(BIN)/python -c 'from importlib.metadata import version; print(version("onnxruntime"))' 2>/dev/null); \
-	$(BIN)/python -m pip uninstall --quiet -y onnxruntime; \
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check "onnxruntime-gpu[cuda,cudnn]==$$v" \
-	  || $(BIN)/python -m pip install --quiet --disable-pip-version-check "onnxruntime-gpu[cuda,cudnn]>=1.21,<=$$v" \
-	  || { echo "onnxruntime-gpu >=1.21,<=$$v could not be installed; restoring onnxruntime $$v"; \
-	       $(BIN)/python -m pip install --quiet "onnxruntime==$$v"; exit 1; }
+	$(BIN)/python -m runtimes.cuda_setup
 	$(BIN)/python -m runtimes ort-cuda
+
+# ORT-CUDA end to end on an NVIDIA GPU, unattended, within 8 minutes: setup-cuda, the demo
+# (fp32, fp16) and ViT-B/16 DyT validated on ort-cuda, DyT vs dense img/s beside the paper's
+# GPU figures. Exits 2 at once, installing nothing, where there is no GPU (docs/gpu.md).
+gpu-check: setup
+	$(BIN)/python -m validation.gpu_check $(ARGS)
 
 # C++ library dyt::model and dyt_infer (runtimes/cpp): ONNX Runtime and OpenVINO libraries
 # from the wheels in .venv, ONNX Runtime headers fetched once into the build tree.

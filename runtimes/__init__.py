@@ -36,13 +36,26 @@ def get_backend(name: str) -> type[Backend]:
     return getattr(importlib.import_module(module), cls)
 
 
+def _option_names(cls: type[Backend]) -> list[str] | None:
+    """The keyword options `cls` takes, its own and those its `**options` pass on to its base
+    class's `__init__`; None when some `__init__` up the chain takes any keyword."""
+    names: list[str] = []
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        parameters = inspect.signature(vars(klass)["__init__"]).parameters.values()
+        names += [p.name for p in parameters if p.kind == p.KEYWORD_ONLY and p.name not in names]
+        if not any(p.kind == p.VAR_KEYWORD for p in parameters):
+            return names
+    return None
+
+
 def open_backend(name: str, model: Path | str, **options: Any) -> Backend:
     """Load `model` on runtime `name`, or BackendError saying why not (every backend checks
     its availability first)."""
     cls = get_backend(name)
-    parameters = inspect.signature(cls.__init__).parameters
-    takes = [p.name for p in parameters.values() if p.kind == p.KEYWORD_ONLY]
-    if not any(p.kind == p.VAR_KEYWORD for p in parameters.values()):
+    takes = _option_names(cls)
+    if takes is not None:
         unknown = sorted(set(options) - set(takes))
         if unknown:
             raise BackendError(f"{name} takes no option {', '.join(map(repr, unknown))}; its options: {', '.join(takes)}")

@@ -177,6 +177,11 @@ class Backend(abc.ABC):
     def info(self) -> dict[str, Any]:
         """Device and library versions, for records."""
 
+    def notes(self) -> list[str]:
+        """Lines a user should read about how the runtime took the model (e.g. compute it
+        left on the CPU instead of the device asked for); validation logs them."""
+        return []
+
     def _set_common(self, threads: int | None, precision: str) -> None:
         """Check that the runtime is available, then validate and store the options every backend takes."""
         available = self.availability()

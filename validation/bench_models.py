@@ -108,8 +108,9 @@ def base_model(seed: int, backbone: str = BACKBONE) -> DyTVisionTransformer:
 
 
 def calibrated(base: DyTVisionTransformer, rate: float, workdir: Path, pool: torch.Tensor,
-               seed: int) -> CalibratedModel:
-    """`base` calibrated to `rate`, saved in the public layout, loaded back and exported."""
+               seed: int, *, with_masks: bool = False) -> CalibratedModel:
+    """`base` calibrated to `rate`, saved in the public layout, loaded back and exported
+    (`with_masks`: with the token_masks output, so a validation needs no mask twin)."""
     model = copy.deepcopy(base)
     images = image_like(CALIBRATION_IMAGES, size=model.dyt_config.img_size, seed=seed)
     calibrate_dispatchers(model, rate, images)
@@ -117,7 +118,7 @@ def calibrated(base: DyTVisionTransformer, rate: float, workdir: Path, pool: tor
                                          args={"token_target_ratio": rate})
     loaded = load_checkpoint(checkpoint)
     dynamic = workdir / f"dyt-r{rate:g}.onnx"
-    export_onnx(loaded, dynamic, dispatch="dynamic")
+    export_onnx(loaded, dynamic, dispatch="dynamic", with_masks=with_masks)
     return CalibratedModel(rate, checkpoint, loaded, dynamic, loaded.trace(pool).masks.numpy())
 
 

@@ -234,6 +234,8 @@ def validate(opts: Options, log: Callable[[str], None] = lambda _: None) -> Outc
     with steps.step(f"load model ({opts.runtime})"):
         backend = open_backend(opts.runtime, model.path, threads=opts.threads[0], precision=opts.precision,
                                **opts.backend_options)
+    for note in backend.notes():  # e.g. compute ORT left on the CPU (also in the record's runtime_info)
+        log(note)
     reference = _reference(opts, model, steps)
     cfg, layers = model.cfg, model.cfg.dispatcher_names
 
