@@ -1,7 +1,7 @@
 """All four dispatch variants x {plain adapter, MoE E=1, MoE E=4}: PyTorch's logits and token
 masks on ONNX Runtime (CPU; CUDA where there is one), OpenVINO and the C++ `dyt_infer` (on
-ORT and OpenVINO), batch results equal
-one-by-one results on each, masked and gathered paths agree, MoE E=1 is the adapter.
+ORT and OpenVINO), batch results equal one-by-one results on each, masked and gathered paths
+agree, MoE E=1 is the adapter.
 
 Each dispatcher is steered so that some image of the batch of 5 activates exactly 0, 1 or all
 patch tokens there while the others differ: the ragged batches the gathered attention must
@@ -11,6 +11,7 @@ runs the batch and its five images in one launch per runtime.
 """
 from __future__ import annotations
 
+import os
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from filelock import FileLock
+from filelock import FileLock, Timeout
 from timm.models.vision_transformer import Attention
 
 from dyt_export import build_model, export_onnx
@@ -131,24 +132,47 @@ class Case:
         return self._runs[runtime]
 
 
+def _export_path(folder: Path, variant: str, adapter: str) -> Path:
+    return folder / f"{variant}-{adapter}.onnx"
+
+
 @pytest.fixture(scope="module")
-def export_dir(tmp_path_factory, worker_id) -> Path:
-    """One directory for all xdist workers, so each model is exported once per run."""
+def exports(request, tmp_path_factory, worker_id) -> Path:
+    """The folder holding every selected case's export, made once per run for all xdist
+    workers. Each worker starts at its own share of the list and passes over a model another
+    worker is exporting, so the workers export side by side instead of waiting on each other
+    (xdist hands one case's tests to several workers)."""
     root = tmp_path_factory.getbasetemp()
-    path = (root if worker_id == "master" else root.parent) / "variant-exports"
-    path.mkdir(exist_ok=True)
-    return path
+    folder = (root if worker_id == "master" else root.parent) / "variant-exports"
+    folder.mkdir(exist_ok=True)
+    selected = {item.callspec.params["case"] for item in request.session.items
+                if "case" in getattr(getattr(item, "callspec", None), "params", {})}
+    pending = [c for c in CASES if c in selected]
+    index = 0 if worker_id == "master" else int(worker_id.removeprefix("gw"))
+    start = index * len(pending) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    pending = pending[start:] + pending[:start]
+
+    def export(variant: str, adapter: str, timeout: float) -> None:
+        path = _export_path(folder, variant, adapter)
+        with FileLock(str(path) + ".lock", timeout=timeout):
+            if not path.exists():
+                export_onnx(steered_model(variant, ADAPTERS[adapter]), path, with_masks=True)
+    busy = []
+    for variant, adapter in pending:
+        try:
+            export(variant, adapter, timeout=0)
+        except Timeout:  # another worker is exporting it: come back at the end
+            busy.append((variant, adapter))
+    for variant, adapter in busy:
+        export(variant, adapter, timeout=-1)
+    return folder
 
 
 @pytest.fixture(scope="module", params=CASES, ids=[f"{v}-{a}" for v, a in CASES])
-def case(request, export_dir, tmp_path_factory) -> Case:
+def case(request, exports, tmp_path_factory) -> Case:
     variant, adapter = request.param
-    model = steered_model(variant, ADAPTERS[adapter])
-    path = export_dir / f"{variant}-{adapter}.onnx"
-    with FileLock(str(path) + ".lock"):
-        if not path.exists():
-            export_onnx(model, path, with_masks=True)
-    return Case(model, path, _images(), tmp_path_factory.mktemp(f"{variant}-{adapter}"))
+    return Case(steered_model(variant, ADAPTERS[adapter]), _export_path(exports, variant, adapter), _images(),
+                tmp_path_factory.mktemp(f"{variant}-{adapter}"))
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
