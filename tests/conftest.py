@@ -1,10 +1,7 @@
-"""Shared fixtures: small seeded DyT models (dim 64-192, 2-4 blocks), image-like inputs, the
-command line run in-process with the one-line-error contract checked, and the C++ build."""
+"""Shared fixtures: small seeded DyT models (dim 64-192, 2-4 blocks), image-like inputs, and
+the command line run in-process with the one-line-error contract checked."""
 from __future__ import annotations
 
-import fcntl
-import os
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -14,9 +11,6 @@ import torch
 
 from dyt_export import DyTConfig, build_model
 from dyt_export.config import unit_module_names
-
-REPO = Path(__file__).resolve().parents[1]
-CPP_BUILD = REPO / "runtimes" / "cpp" / "build"
 
 
 def small_config(**overrides) -> DyTConfig:
@@ -80,26 +74,3 @@ def assert_refused(result: subprocess.CompletedProcess, message: str, leftovers:
     assert "Traceback" not in result.stderr + result.stdout
     if leftovers is not None:
         assert [p.name for p in leftovers.iterdir() if p.suffix == ".onnx" or ".partial" in p.name] == []
-
-
-def tail(text: str, lines: int = 40) -> str:
-    return "\n".join(text.splitlines()[-lines:])
-
-
-@pytest.fixture(scope="session")
-def dyt_infer() -> Path:
-    """`make cpp` once per session (per xdist worker; they take turns on one build tree, kept
-    between runs, so a warm build relinks nothing). `-o` marks the install stamp up to date:
-    the tests already run in the installed .venv, and `cpp`'s `setup` prerequisite would
-    reinstall the package whenever pyproject.toml is newer than the stamp."""
-    compiler = os.environ.get("CXX") or next((c for c in ("c++", "g++", "clang++") if shutil.which(c)), None)
-    if compiler is None:
-        pytest.skip("no C++ compiler (CXX, c++, g++ or clang++) on this machine")
-    CPP_BUILD.mkdir(exist_ok=True)
-    with open(CPP_BUILD / ".pytest.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        done = subprocess.run(["make", "-C", str(REPO), "-o", ".venv/.dyt-installed", "cpp"],
-                              capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.fail(f"make cpp failed:\n{tail(done.stdout + done.stderr)}")
-    return CPP_BUILD / "dyt_infer"

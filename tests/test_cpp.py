@@ -1,12 +1,15 @@
 """The C++ library (runtimes/cpp) and dyt_infer: same numbers as the Python runtimes, clean
 failures, and a build that other CMake projects can embed.
 
-The build is conftest's `dyt_infer` fixture (`make cpp` once per session). The
+The build is `make cpp` once per session into runtimes/cpp/build (kept between runs, so a
+warm run only relinks nothing); pytest-xdist workers take turns through a file lock. The
 reference is the Python backend of the same runtime (runtimes.open_backend) at the same
 thread setting.
 """
 from __future__ import annotations
 
+import fcntl
+import os
 import re
 import shutil
 import subprocess
@@ -20,13 +23,37 @@ import pytest
 from dyt_export import build_model, export_onnx
 from runtimes import open_backend
 
-from conftest import CPP_BUILD, force_dispatcher, image_batch, small_config, tail
+from conftest import force_dispatcher, image_batch, small_config
 
-CPP = CPP_BUILD.parent
+REPO = Path(__file__).resolve().parents[1]
+CPP = REPO / "runtimes" / "cpp"
+BUILD = CPP / "build"
 PYTHON_BACKENDS = {"ort": "ort-cpu", "openvino": "openvino"}  # dyt_infer --runtime -> runtimes name
 RUNTIMES = tuple(PYTHON_BACKENDS)
 TOLERANCE = 1e-5  # max |diff| <= this x max |logit|
 EMPTY_LAYER, FULL_LAYER = 1, 2
+
+
+def _tail(text: str, lines: int = 40) -> str:
+    return "\n".join(text.splitlines()[-lines:])
+
+
+@pytest.fixture(scope="session")
+def dyt_infer() -> Path:
+    compiler = os.environ.get("CXX") or next(
+        (c for c in ("c++", "g++", "clang++") if shutil.which(c)), None)
+    if compiler is None:
+        pytest.skip("no C++ compiler (CXX, c++, g++ or clang++) on this machine")
+    BUILD.mkdir(exist_ok=True)
+    with open(BUILD / ".pytest.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # xdist workers share one build tree
+        # -o: the tests already run in the installed .venv; cpp's `setup` prerequisite would
+        # reinstall the package whenever pyproject.toml is newer than the install stamp.
+        done = subprocess.run(["make", "-C", str(REPO), "-o", ".venv/.dyt-installed", "cpp"],
+                              capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.fail(f"make cpp failed:\n{_tail(done.stdout + done.stderr)}")
+    return BUILD / "dyt_infer"
 
 
 def _model():
@@ -242,10 +269,10 @@ def test_embedding_example_builds_and_classifies(dyt_infer, models, tmp_path):
     """examples/embed is the README's snippet: add_subdirectory + dyt::model. Built here with
     -DONNXRUNTIME_ROOT pointing at the release-archive layout the main build assembled, which
     also covers that option."""
-    done = _configure(CPP / "examples" / "embed", tmp_path, f"-DONNXRUNTIME_ROOT={CPP_BUILD / 'onnxruntime'}")
-    assert done.returncode == 0, tail(done.stdout + done.stderr)
+    done = _configure(CPP / "examples" / "embed", tmp_path, f"-DONNXRUNTIME_ROOT={BUILD / 'onnxruntime'}")
+    assert done.returncode == 0, _tail(done.stdout + done.stderr)
     done = subprocess.run(["cmake", "--build", str(tmp_path), "--parallel", "2"], capture_output=True, text=True)
-    assert done.returncode == 0, tail(done.stdout + done.stderr)
+    assert done.returncode == 0, _tail(done.stdout + done.stderr)
 
     grey = np.full((1, 3, 32, 32), 0.5, np.float32)
     for runtime in RUNTIMES:
@@ -265,12 +292,12 @@ def test_configure_refuses_headers_newer_than_library(dyt_infer, tmp_path, layou
     build = tmp_path / "build"
     if layout == "release-archive":
         include = tmp_path / "onnxruntime" / "include"
-        shutil.copytree(CPP_BUILD / "onnxruntime" / "lib", tmp_path / "onnxruntime" / "lib", symlinks=True)
+        shutil.copytree(BUILD / "onnxruntime" / "lib", tmp_path / "onnxruntime" / "lib", symlinks=True)
         flags, fix = [f"-DONNXRUNTIME_ROOT={tmp_path / 'onnxruntime'}"], "unmodified release archive"
     else:
         include = build / "onnxruntime" / "debian" / "usr" / "include" / "onnxruntime"
         flags, fix = [], "pip install -U 'onnxruntime>=1.999'"
-    shutil.copytree(CPP_BUILD / "onnxruntime" / "include", include)
+    shutil.copytree(BUILD / "onnxruntime" / "include", include)
     header = include / "onnxruntime_c_api.h"
     header.write_text(re.sub(r"#define ORT_API_VERSION \d+", "#define ORT_API_VERSION 999", header.read_text()))
     done = _configure(CPP, build, *flags, "-DDYT_WITH_OPENVINO=OFF")

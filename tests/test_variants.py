@@ -36,6 +36,7 @@ from runtimes import get_backend, open_backend
 
 from conftest import image_batch, small_config
 from steering import ALL, steer
+from test_cpp import dyt_infer  # noqa: F401  (the session's `make cpp`)
 
 TOLERANCE = 1e-5
 """max |diff| <= this x max |logit|: a runtime against PyTorch (measured <= 2.0e-6), a batch
