@@ -47,7 +47,10 @@ def dyt_infer() -> Path:
     BUILD.mkdir(exist_ok=True)
     with open(BUILD / ".pytest.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # xdist workers share one build tree
-        done = subprocess.run(["make", "-C", str(REPO), "cpp"], capture_output=True, text=True)
+        # -o: the tests already run in the installed .venv; cpp's `setup` prerequisite would
+        # reinstall the package whenever pyproject.toml is newer than the install stamp.
+        done = subprocess.run(["make", "-C", str(REPO), "-o", ".venv/.dyt-installed", "cpp"],
+                              capture_output=True, text=True)
     if done.returncode != 0:
         pytest.fail(f"make cpp failed:\n{_tail(done.stdout + done.stderr)}")
     return BUILD / "dyt_infer"
@@ -117,6 +120,35 @@ def test_model_without_masks_writes_logits_only(dyt_infer, models, tmp_path, run
     assert not (tmp_path / "y.masks.npy").exists()
     ref = python_outputs(runtime, models["plain"], x)["logits"]
     assert np.abs(np.load(tmp_path / "y.npy") - ref).max() <= TOLERANCE * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_input_output_pairs_run_in_one_launch_as_in_separate_ones(dyt_infer, models, tmp_path, runtime):
+    """Repeated --input/--output pairs: one model load, each input's own outputs and top-5 block
+    under its name, the same numbers as one launch per input; a bad input anywhere stops the
+    run before any output is written."""
+    pairs = []
+    for i, batch in enumerate((3, 1)):
+        np.save(tmp_path / f"x{i}.npy", image_batch(batch, seed=i))
+        pairs += ["--input", tmp_path / f"x{i}.npy", "--output", tmp_path / f"y{i}.npy"]
+    done = run_cli(dyt_infer, "--runtime", runtime, "--model", models["masks"], "--threads", "1", *pairs)
+    assert done.returncode == 0, done.stderr
+    names = [line for line in done.stdout.splitlines() if line.endswith(".npy:")]
+    assert names == [f"{tmp_path / 'x0.npy'}:", f"{tmp_path / 'x1.npy'}:"], done.stdout
+    for i in range(2):
+        alone = run_cli(dyt_infer, "--runtime", runtime, "--model", models["masks"], "--threads", "1",
+                        "--input", tmp_path / f"x{i}.npy", "--output", tmp_path / "alone.npy")
+        assert alone.returncode == 0, alone.stderr
+        for suffix in (".npy", ".masks.npy"):
+            np.testing.assert_array_equal(np.load(tmp_path / f"y{i}{suffix}"), np.load(tmp_path / f"alone{suffix}"))
+
+    done = run_cli(dyt_infer, "--runtime", runtime, "--model", models["masks"], "--input", tmp_path / "x0.npy",
+                   "--input", tmp_path / "x1.npy", "--output", tmp_path / "z.npy")
+    assert done.returncode == 2 and "give one --output per --input (got 2 --input, 1 --output)" in done.stderr
+    done = run_cli(dyt_infer, "--runtime", runtime, "--model", models["masks"], "--input", tmp_path / "x0.npy",
+                   "--output", tmp_path / "z0.npy", "--input", tmp_path / "missing.npy", "--output", tmp_path / "z1.npy")
+    assert done.returncode == 1 and len(done.stderr.splitlines()) == 1 and "missing.npy" in done.stderr
+    assert not list(tmp_path.glob("z*"))
 
 
 @pytest.mark.parametrize("runtime", RUNTIMES)

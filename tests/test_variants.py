@@ -1,22 +1,26 @@
-"""All four dispatch variants x {plain adapter, MoE E=1, MoE E=4}: exact on ONNX Runtime, batch
-results equal one-by-one results, masked and gathered paths agree, MoE E=1 is the adapter.
+"""All four dispatch variants x {plain adapter, MoE E=1, MoE E=4}: PyTorch's logits and token
+masks on ONNX Runtime (CPU; CUDA where there is one), OpenVINO and the C++ `dyt_infer` (on
+ORT and OpenVINO), batch results equal one-by-one results on each, masked and gathered paths
+agree, MoE E=1 is the adapter.
 
 Each dispatcher is steered so that some image of the batch of 5 activates exactly 0, 1 or all
 patch tokens there while the others differ: the ragged batches the gathered attention must
-keep apart, and single-image runs down to CLS alone. Exports are shared
-by every test of a model through a file cache that xdist workers take turns on.
+keep apart, and single-image runs down to CLS alone. Each model is exported once per run
+(a file cache that xdist workers take turns on) and shared by every runtime; `dyt_infer`
+runs the batch and its five images in one launch per runtime.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+import subprocess
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 import torch
 import torch.nn.functional as F
-from filelock import FileLock
+from filelock import FileLock, Timeout
 from timm.models.vision_transformer import Attention
 
 from dyt_export import build_model, export_onnx
@@ -28,12 +32,19 @@ from dyt_export.model.adapter import MoEAdapter
 from dyt_export.model.attention import attention
 from dyt_export.model.dispatcher import TokenDispatcher
 from dyt_export.model.gather import rowwise_added, sequence_added
+from runtimes import get_backend, open_backend
 
 from conftest import image_batch, small_config
 from steering import ALL, steer
+from test_cpp import dyt_infer  # noqa: F401  (the session's `make cpp`)
 
-ORT_TOLERANCE = 1e-4    # max |diff| <= this x max |logit| (ONNX Runtime vs PyTorch)
-BATCH_TOLERANCE = 1e-5  # the same, batch of 5 vs five single-image runs, and masked vs gathered
+TOLERANCE = 1e-5
+"""max |diff| <= this x max |logit|: a runtime against PyTorch (measured <= 2.0e-6), a batch
+of 5 against its five single-image runs (<= 9.4e-7), masked against gathered. A tenth of
+validation's fp32 bound: an error five times the noise measured here fails."""
+RUNTIMES = ("ort-cpu", "ort-cuda", "openvino", "cpp-ort", "cpp-openvino")
+"""The Python backends by their `runtimes` names (ort-cuda skips, with the reason, where it is
+not available); dyt_infer as cpp-<its --runtime>. All at one thread."""
 TARGETS = [0, ALL, 1]
 """Active patch tokens some image reaches at each dispatcher, cycling: 3 blocks give every
 variant a 0, an all and a 1; attn_mlp's 6 dispatchers get each twice."""
@@ -56,38 +67,113 @@ def _relative(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) -> flo
     return float(np.abs(a - b).max() / np.abs(b).max())
 
 
+Output = tuple[np.ndarray, np.ndarray]
+"""logits [B, classes], token masks [B, dispatchers, tokens]"""
+
+
+@dataclass
+class Runs:
+    """One runtime's answers for the batch and for each of its images alone."""
+
+    batch: Output
+    singles: list[Output]
+
+
+def _torch_runs(model: DyTVisionTransformer, images: torch.Tensor) -> Runs:
+    traces = [model.trace(x) for x in [images] + [images[i:i + 1] for i in range(len(images))]]
+    outs = [(t.logits.numpy(), t.masks.numpy()) for t in traces]
+    return Runs(outs[0], outs[1:])
+
+
+def _python_runs(runtime: str, path: Path, images: np.ndarray) -> Runs:
+    available = get_backend(runtime).availability()
+    if not available:
+        pytest.skip(f"{runtime} is not available here: {available.reason}")
+    backend = open_backend(runtime, path, threads=1)
+
+    def run(x: np.ndarray) -> Output:
+        out = backend.run({"pixel_values": x})
+        return out["logits"], out["token_masks"]
+    return Runs(run(images), [run(images[i:i + 1]) for i in range(len(images))])
+
+
+def _cpp_runs(dyt_infer: Path, runtime: str, path: Path, images: np.ndarray, folder: Path) -> Runs:
+    """The batch and each image alone as --input/--output pairs of one dyt_infer launch."""
+    folder.mkdir(exist_ok=True)
+    inputs = [images] + [images[i:i + 1] for i in range(len(images))]
+    pairs = []
+    for i, x in enumerate(inputs):
+        np.save(folder / f"x{i}.npy", x)
+        pairs += ["--input", str(folder / f"x{i}.npy"), "--output", str(folder / f"y{i}.npy")]
+    done = subprocess.run([str(dyt_infer), "--runtime", runtime, "--model", str(path), "--threads", "1", *pairs],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    outs = [(np.load(folder / f"y{i}.npy"), np.load(folder / f"y{i}.masks.npy")) for i in range(len(inputs))]
+    return Runs(outs[0], outs[1:])
+
+
 @dataclass
 class Case:
     model: DyTVisionTransformer
     path: Path
-    session: ort.InferenceSession
     images: torch.Tensor
+    work: Path
+    _runs: dict[str, Runs] = field(default_factory=dict)
 
-    def ort(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        logits, masks = self.session.run(["logits", "token_masks"], {"pixel_values": images.numpy()})
-        return logits, masks
+    def runs(self, runtime: str, request: pytest.FixtureRequest) -> Runs:
+        """`runtime`'s answers ("torch": the PyTorch reference), computed once per module."""
+        if runtime not in self._runs:
+            if runtime == "torch":
+                self._runs[runtime] = _torch_runs(self.model, self.images)
+            elif runtime.startswith("cpp-"):  # dyt_infer is built (or skipped) only when asked for
+                self._runs[runtime] = _cpp_runs(request.getfixturevalue("dyt_infer"), runtime.removeprefix("cpp-"),
+                                                self.path, self.images.numpy(), self.work / runtime)
+            else:
+                self._runs[runtime] = _python_runs(runtime, self.path, self.images.numpy())
+        return self._runs[runtime]
+
+
+def _export_path(folder: Path, variant: str, adapter: str) -> Path:
+    return folder / f"{variant}-{adapter}.onnx"
 
 
 @pytest.fixture(scope="module")
-def export_dir(tmp_path_factory, worker_id) -> Path:
-    """One directory for all xdist workers, so each model is exported once per run."""
+def exports(request, tmp_path_factory, worker_id) -> Path:
+    """The folder holding every selected case's export, made once per run for all xdist
+    workers. Each worker starts at its own share of the list and passes over a model another
+    worker is exporting, so the workers export side by side instead of waiting on each other
+    (xdist hands one case's tests to several workers)."""
     root = tmp_path_factory.getbasetemp()
-    path = (root if worker_id == "master" else root.parent) / "variant-exports"
-    path.mkdir(exist_ok=True)
-    return path
+    folder = (root if worker_id == "master" else root.parent) / "variant-exports"
+    folder.mkdir(exist_ok=True)
+    selected = {item.callspec.params["case"] for item in request.session.items
+                if "case" in getattr(getattr(item, "callspec", None), "params", {})}
+    pending = [c for c in CASES if c in selected]
+    index = 0 if worker_id == "master" else int(worker_id.removeprefix("gw"))
+    start = index * len(pending) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    pending = pending[start:] + pending[:start]
+
+    def export(variant: str, adapter: str, timeout: float) -> None:
+        path = _export_path(folder, variant, adapter)
+        with FileLock(str(path) + ".lock", timeout=timeout):
+            if not path.exists():
+                export_onnx(steered_model(variant, ADAPTERS[adapter]), path, with_masks=True)
+    busy = []
+    for variant, adapter in pending:
+        try:
+            export(variant, adapter, timeout=0)
+        except Timeout:  # another worker is exporting it: come back at the end
+            busy.append((variant, adapter))
+    for variant, adapter in busy:
+        export(variant, adapter, timeout=-1)
+    return folder
 
 
 @pytest.fixture(scope="module", params=CASES, ids=[f"{v}-{a}" for v, a in CASES])
-def case(request, export_dir) -> Case:
+def case(request, exports, tmp_path_factory) -> Case:
     variant, adapter = request.param
-    model = steered_model(variant, ADAPTERS[adapter])
-    path = export_dir / f"{variant}-{adapter}.onnx"
-    with FileLock(str(path) + ".lock"):
-        if not path.exists():
-            export_onnx(model, path, with_masks=True)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    return Case(model, path, ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]), _images())
+    return Case(steered_model(variant, ADAPTERS[adapter]), _export_path(exports, variant, adapter), _images(),
+                tmp_path_factory.mktemp(f"{variant}-{adapter}"))
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -103,29 +189,25 @@ def test_steering_produces_the_edge_cases(variant):
         assert len(set(masks[:, d].tolist())) > 1, f"dispatcher {d}: every image has the same count"
 
 
-def test_ort_matches_pytorch_at_batch_5_and_1(case):
-    ref = case.model.trace(case.images)
-    logits, masks = case.ort(case.images)
-    np.testing.assert_array_equal(masks, ref.masks.numpy())
-    assert _relative(logits, ref.logits) <= ORT_TOLERANCE
-    for i in range(len(case.images)):
-        single_ref = case.model.trace(case.images[i:i + 1])
-        single, single_masks = case.ort(case.images[i:i + 1])
-        np.testing.assert_array_equal(single_masks, single_ref.masks.numpy())
-        assert _relative(single, single_ref.logits) <= ORT_TOLERANCE, f"image {i}"
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_runtime_matches_pytorch_at_batch_5_and_1(case, runtime, request):
+    """Token masks exactly and logits to TOLERANCE, for the batch and each image alone
+    (among them images whose layer keeps CLS alone, one patch token or all of them)."""
+    ref, got = case.runs("torch", request), case.runs(runtime, request)
+    for i, ((ref_logits, ref_masks), (logits, masks)) in enumerate(zip([ref.batch] + ref.singles,
+                                                                           [got.batch] + got.singles)):
+        what = "batch" if i == 0 else f"image {i - 1} alone"
+        np.testing.assert_array_equal(masks, ref_masks, err_msg=what)
+        assert _relative(logits, ref_logits) <= TOLERANCE, what
 
 
-def test_batch_equals_one_by_one(case):
-    """Ragged per-image attention never mixes images, on ORT and in PyTorch, including the
-    single-image runs where a layer has only CLS (0 patches) or every token active."""
-    batch_logits, batch_masks = case.ort(case.images)
-    singles = [case.ort(case.images[i:i + 1]) for i in range(len(case.images))]
-    np.testing.assert_array_equal(np.concatenate([m for _, m in singles]), batch_masks)
-    assert _relative(np.concatenate([l for l, _ in singles]), batch_logits) <= BATCH_TOLERANCE
-
-    torch_batch = case.model.trace(case.images).logits
-    torch_singles = torch.cat([case.model.trace(case.images[i:i + 1]).logits for i in range(len(case.images))])
-    assert _relative(torch_singles, torch_batch) <= BATCH_TOLERANCE
+@pytest.mark.parametrize("runtime", ("torch", *RUNTIMES))
+def test_batch_equals_one_by_one(case, runtime, request):
+    """Ragged per-image attention never mixes images, including the single-image runs where a
+    layer has only CLS (0 patches) or every token active."""
+    runs = case.runs(runtime, request)
+    np.testing.assert_array_equal(np.concatenate([m for _, m in runs.singles]), runs.batch[1])
+    assert _relative(np.concatenate([l for l, _ in runs.singles]), runs.batch[0]) <= TOLERANCE
 
 
 def test_graph_skips_tokens_at_every_dispatcher(case):
@@ -152,14 +234,12 @@ def test_attention_variants_at_the_lowest_and_highest_opset(tmp_path, variant, e
     steer(model, _images(), TARGETS)
     path = export_onnx(model, tmp_path / "m.onnx", opset=opset, with_masks=True).path
     assert summarize(path).opset == opset
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    backend = open_backend("ort-cpu", path, threads=1)
     for images in (_images(), _images()[:1]):
         ref = model.trace(images)
-        logits, masks = session.run(["logits", "token_masks"], {"pixel_values": images.numpy()})
-        np.testing.assert_array_equal(masks, ref.masks.numpy())
-        assert _relative(logits, ref.logits) <= ORT_TOLERANCE
+        out = backend.run({"pixel_values": images.numpy()})
+        np.testing.assert_array_equal(out["token_masks"], ref.masks.numpy())
+        assert _relative(out["logits"], ref.logits) <= TOLERANCE
 
 
 @pytest.mark.parametrize("variant,adapter", CASES, ids=[f"{v}-{a}" for v, a in CASES])
@@ -168,7 +248,7 @@ def test_masked_and_gathered_paths_agree(variant, adapter):
     masked = model.trace(_images(), "masked")
     gathered = model.trace(_images(), "dynamic")
     assert torch.equal(masked.masks, gathered.masks)
-    assert _relative(gathered.logits, masked.logits) <= BATCH_TOLERANCE
+    assert _relative(gathered.logits, masked.logits) <= TOLERANCE
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -177,7 +257,7 @@ def test_all_active_dispatch_equals_dense(variant):
     model = build_model(small_config(variant=variant, experts=4), seed=0)
     set_dispatcher_biases(model, _images(), lambda d, raw: float(raw.abs().max()) + 1.0)
     for mode in ("masked", "dynamic"):
-        assert _relative(model.trace(_images(), mode).logits, model.trace(_images(), "dense").logits) <= BATCH_TOLERANCE
+        assert _relative(model.trace(_images(), mode).logits, model.trace(_images(), "dense").logits) <= TOLERANCE
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -201,7 +281,7 @@ def test_moe_with_one_expert_is_the_plain_adapter(variant):
     for mode in ("dynamic", "masked"):
         ref, out = plain.trace(_images(), mode), moe.trace(_images(), mode)
         assert torch.equal(ref.masks, out.masks)
-        assert _relative(out.logits, ref.logits) <= BATCH_TOLERANCE
+        assert _relative(out.logits, ref.logits) <= TOLERANCE
 
 
 def _edge_masks(n: int) -> torch.Tensor:

@@ -18,16 +18,19 @@ namespace {
 
 constexpr const char* kHelp =
     "usage: dyt_infer --runtime {ort,openvino} --model M.onnx --input X.npy --output Y.npy\n"
-    "                 [--threads N] [--bench ITERS]\n"
+    "                 [--input X2.npy --output Y2.npy ...] [--threads N] [--bench ITERS]\n"
     "\n"
     "Runs an exported DyT model on X.npy (float32 [batch,3,H,W], C order) and writes\n"
     "Y.npy (float32 logits [batch,classes]). A model exported with masks also gives\n"
     "Y.masks.npy (bool [batch,dispatchers,tokens], token 0 = CLS; True = token active);\n"
     "a model without masks removes a Y.masks.npy left by an earlier run.\n"
     "Prints the runtime and its thread count, then the top-5 classes of each image.\n"
+    "--input and --output may be repeated in pairs: the model is loaded once and runs\n"
+    "each input in turn (all inputs are read before anything runs); each input's top-5\n"
+    "lines then follow a line naming it.\n"
     "\n"
     "  --threads N     intra-op threads, unpinned (default: the runtime's choice)\n"
-    "  --bench ITERS   after the first run, time ITERS more and print img/s\n";
+    "  --bench ITERS   after each input's run, time ITERS more and print img/s\n";
 
 struct UsageError : std::runtime_error {
     using std::runtime_error::runtime_error;
@@ -35,7 +38,8 @@ struct UsageError : std::runtime_error {
 
 struct Args {
     dyt::Runtime runtime{};
-    std::string model, input, output;
+    std::string model;
+    std::vector<std::string> inputs, outputs;  // in pairs: outputs[i] is inputs[i]'s
     int threads = 0;
     int bench = 0;
     bool help = false;
@@ -73,21 +77,27 @@ Args parse_args(int argc, char** argv) {
         static const char* known[] = {"--runtime", "--model", "--input", "--output", "--threads", "--bench"};
         if (std::find(std::begin(known), std::end(known), flag) == std::end(known))
             throw UsageError("unknown option '" + flag + "'");
-        values[flag] = value;
+        if (flag == "--input") args.inputs.push_back(value);
+        else if (flag == "--output") args.outputs.push_back(value);
+        else values[flag] = value;
     }
-    for (const char* required : {"--runtime", "--model", "--input", "--output"})
+    for (const char* required : {"--runtime", "--model"})
         if (!values.count(required)) throw UsageError(std::string("missing ") + required);
+    if (args.inputs.empty()) throw UsageError("missing --input");
+    if (args.outputs.empty()) throw UsageError("missing --output");
+    if (args.inputs.size() != args.outputs.size())
+        throw UsageError("give one --output per --input (got " + std::to_string(args.inputs.size()) + " --input, " +
+                         std::to_string(args.outputs.size()) + " --output)");
     try {
         args.runtime = dyt::parse_runtime(values["--runtime"]);
     } catch (const dyt::Error& e) {
         throw UsageError(e.what());
     }
     args.model = values["--model"];
-    args.input = values["--input"];
-    args.output = values["--output"];
     const std::string suffix = ".npy";
-    if (args.output.size() <= suffix.size() || args.output.compare(args.output.size() - suffix.size(), suffix.size(), suffix) != 0)
-        throw UsageError("--output must end in .npy, got '" + args.output + "'");
+    for (const std::string& output : args.outputs)
+        if (output.size() <= suffix.size() || output.compare(output.size() - suffix.size(), suffix.size(), suffix) != 0)
+            throw UsageError("--output must end in .npy, got '" + output + "'");
     if (values.count("--threads")) args.threads = parse_count("--threads", values["--threads"]);
     if (values.count("--bench")) args.bench = parse_count("--bench", values["--bench"]);
     return args;
@@ -119,24 +129,32 @@ void bench(dyt::Model& model, const npy::Array& input, const std::array<int64_t,
                 iterations, 1e3 * seconds / iterations, shape[0] * iterations / seconds);
 }
 
-int run(const Args& args) {
-    const npy::Array input = npy::read_f32(args.input, 4);
-    const std::array<int64_t, 4> shape{input.shape[0], input.shape[1], input.shape[2], input.shape[3]};
-    auto model = dyt::Model::load(args.runtime, args.model, dyt::Options{args.threads});
-    const dyt::Result result = model->run(input.data.data(), shape);
-
-    npy::write_f32(args.output, {result.logits_shape.begin(), result.logits_shape.end()}, result.logits.data());
-    const std::string masks_path = args.output.substr(0, args.output.size() - 4) + ".masks.npy";
+void write_result(const std::string& output, const dyt::Result& result) {
+    npy::write_f32(output, {result.logits_shape.begin(), result.logits_shape.end()}, result.logits.data());
+    const std::string masks_path = output.substr(0, output.size() - 4) + ".masks.npy";
     if (result.has_masks())
         npy::write_bool(masks_path, {result.masks_shape.begin(), result.masks_shape.end()}, result.masks.data());
     else  // an earlier run's masks must not pass for this model's
         std::filesystem::remove(masks_path);
+}
+
+int run(const Args& args) {
+    std::vector<npy::Array> inputs;
+    for (const std::string& path : args.inputs) inputs.push_back(npy::read_f32(path, 4));
+    auto model = dyt::Model::load(args.runtime, args.model, dyt::Options{args.threads});
     // What the runtime reports using, so that a test can see --threads take effect.
     const std::string threads = model->threads() > 0 ? std::to_string(model->threads()) : "default";
     std::printf("runtime: %s, threads: %s\n", std::string(dyt::runtime_name(model->runtime())).c_str(),
                 threads.c_str());
-    print_top5(result);
-    if (args.bench > 0) bench(*model, input, shape, args.bench);
+    for (size_t i = 0; i < inputs.size(); ++i) {
+        const npy::Array& input = inputs[i];
+        const std::array<int64_t, 4> shape{input.shape[0], input.shape[1], input.shape[2], input.shape[3]};
+        const dyt::Result result = model->run(input.data.data(), shape);
+        write_result(args.outputs[i], result);
+        if (inputs.size() > 1) std::printf("%s:\n", args.inputs[i].c_str());
+        print_top5(result);
+        if (args.bench > 0) bench(*model, input, shape, args.bench);
+    }
     return 0;
 }
 
