@@ -28,6 +28,7 @@ from runtimes import open_backend
 from runtimes.torch_ref import TorchReference
 from validation.compare import compare_masks, max_rel
 from validation.costs import activation_rates, pooled_rate
+from validation.cli import main as validation_main
 from validation.data import load_inputs
 from validation.harness import Options, validate
 from validation.pictures import draw
@@ -235,3 +236,17 @@ def test_init_records_the_setting_and_calibrates_on_merged_tokens(run_cli, tmp_p
 def test_validation_tome_r_is_for_the_demo_model(tmp_path):
     with pytest.raises(UserError, match="--tome-r exports the demo model with token merging"):
         validate(Options(runtime="ort-cpu", model=tmp_path / "given.onnx", out=tmp_path, tome_r=2, throughput=False))
+
+
+@pytest.mark.slow
+def test_python_m_validation_tome_r_validates_a_tome_export_of_the_demo(tmp_path, capsys):
+    """`python -m validation --tome-r 2`: the trained demo model (65 tokens -> 57) exported with
+    ToMe passes on both CPU runtimes with its accuracy, masks compared over the merged tokens."""
+    for runtime in ("ort-cpu", "openvino"):
+        code = validation_main(["--tome-r", "2", "--runtime", runtime, "--no-throughput", "--threads", "1",
+                                "--out", str(tmp_path), "--quiet"])
+        assert code == 0, capsys.readouterr().err
+        record = json.loads((tmp_path / f"{runtime}.json").read_text())
+        assert record["model"]["name"] == "dyt_digits-tome2" and record["model"]["config"]["tome_r"] == [2, 2, 2, 2]
+        assert record["parity"]["mask_agreement"] == 1.0 and record["parity"]["max_rel"] <= ONNX_TOLERANCE
+        assert record["accuracy"]["reference"] >= 0.9 and record["accuracy"]["runtime"] == record["accuracy"]["reference"]
