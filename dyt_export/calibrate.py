@@ -79,4 +79,5 @@ def calibrate_dispatchers(model: DyTVisionTransformer, activation: float, images
         return -threshold_between(flat, round(activation * flat.numel()))
 
     masks = set_dispatcher_biases(model, images, quantile_bias)
-    return masks[:, :, 1:].float().mean(dim=(0, 2)).tolist()
+    patches = torch.tensor(model.dyt_config.dispatcher_tokens) - 1  # fewer after ToMe merges; rows padded with False
+    return (masks[:, :, 1:].sum(dim=(0, 2)) / (patches * masks.shape[0])).tolist()

@@ -63,6 +63,12 @@ THRESHOLD_LOGIT: float = 0.0
 # ViT convention for heads when nothing in a checkpoint says it (reference, "Checkpoints").
 HEADS_BY_DIM: dict[int, int] = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}
 
+TOME_VARIANTS: tuple[str, ...] = ("mlp",)
+"""Variants that take token merging (ToMe). ToMe merges on every token's attention keys between
+attention and the dispatched unit; an attention-dispatching unit computes keys for its active
+tokens only, and `layer` dispatch has no point between its attention and its MLP at which all
+tokens exist (docs/tome.md)."""
+
 MAX_EXPERTS: int = 64
 """The paper uses 4 experts; far more is a typo that would allocate E full adapters per unit
 (`init --experts 100000` ran out of memory instead of saying so)."""
@@ -74,6 +80,18 @@ def _is_int(value: object) -> bool:
 
 def _is_finite_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def parse_tome_r(text: str) -> int | tuple[int, ...]:
+    """`--tome-r`'s value: one integer for every block, or a comma list with one per block
+    (checked against the depth by DyTConfig)."""
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if not values or min(values) < 0:
+        raise UserError(f"--tome-r takes an integer >= 0 or a comma list of them (one per block), got {text!r}")
+    return values[0] if len(values) == 1 else values
 
 
 def unit_module_names(unit: str) -> tuple[str, str]:
@@ -106,6 +124,10 @@ class DyTConfig:
     dispatch_blocks: tuple[int, ...] | None = None
     """Blocks that carry dispatchers (None: all). The public code's `keep_layers` leaves the
     first blocks without one; those blocks run every token and still have their adapters."""
+    tome_r: int | tuple[int, ...] | None = None
+    """Token merging (ToMe): tokens merged in each block, one integer for all blocks or one per
+    block; None (or all 0) merges nothing. Stored as a per-block tuple, or None; each block
+    merges at most half of its non-CLS tokens (`merge_schedule`). docs/tome.md."""
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
     """Free-form provenance (e.g. calibration, source) carried into metadata; never read back
     as structure."""
@@ -146,6 +168,23 @@ class DyTConfig:
             if any(b < 0 or b >= self.depth for b in blocks):
                 raise UserError(f"dispatch_blocks {blocks} outside 0..{self.depth - 1}")
             object.__setattr__(self, "dispatch_blocks", None if len(blocks) == self.depth else blocks)
+        object.__setattr__(self, "tome_r", self._checked_tome_r())
+
+    def _checked_tome_r(self) -> tuple[int, ...] | None:
+        r = self.tome_r
+        if r is None:
+            return None
+        values = (r,) * self.depth if _is_int(r) else r
+        if not isinstance(values, (list, tuple)) or not all(_is_int(v) and v >= 0 for v in values):
+            raise UserError(f"tome_r must be an integer >= 0 or a list of them (one per block), got {r!r}")
+        if len(values) != self.depth:
+            raise UserError(f"tome_r lists {len(values)} values; the model has {self.depth} blocks (one per block)")
+        if not any(values):
+            return None
+        if self.variant not in TOME_VARIANTS:
+            raise UserError(f"token merging (ToMe) needs every token's attention keys, which {self.variant} dispatch "
+                            f"does not compute for inactive tokens; use it with variant {', '.join(TOME_VARIANTS)}")
+        return tuple(values)
 
     @property
     def units(self) -> tuple[str, ...]:
@@ -167,12 +206,34 @@ class DyTConfig:
         """`blocks.{i}.{unit}` for every dispatcher, in execution order (the mask output's axis 1)."""
         return [f"blocks.{i}.{u}" for i in range(self.depth) if self.has_dispatcher(i) for u in self.units]
 
+    @property
+    def merge_schedule(self) -> tuple[tuple[int, int], ...]:
+        """(tokens entering, tokens merged) of every block. ToMe's cap: at most half of the
+        non-CLS tokens, `min(r, (tokens - 1) // 2)`."""
+        schedule, tokens = [], self.num_tokens
+        for r in self.tome_r or (0,) * self.depth:
+            merged = min(r, (tokens - 1) // 2)
+            schedule.append((tokens, merged))
+            tokens -= merged
+        return tuple(schedule)
+
+    @property
+    def dispatcher_tokens(self) -> list[int]:
+        """Tokens (CLS included) each dispatcher sees, in `dispatcher_names` order: `num_tokens`,
+        or fewer after ToMe merges. The `token_masks` output pads each row to `num_tokens`."""
+        return [tokens - merged for i, (tokens, merged) in enumerate(self.merge_schedule)
+                if self.has_dispatcher(i) for _ in self.units]
+
     def replace(self, **changes: Any) -> "DyTConfig":
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["dispatch_blocks"] = None if self.dispatch_blocks is None else list(self.dispatch_blocks)
+        if self.tome_r is None:  # files without token merging keep the config they always had
+            del d["tome_r"]
+        else:
+            d["tome_r"] = list(self.tome_r)
         return d
 
     def to_json(self) -> str:
@@ -202,6 +263,17 @@ class DyTConfig:
             if source is None:
                 raise
             raise UserError(f"{source} has an invalid dyt.config: {e}") from None
+
+
+def check_tome_precision(cfg: DyTConfig, precision: str) -> None:
+    """Refuse token merging in a precision other than fp32. Which tokens merge is a discrete
+    decision on cosine similarities, and near-ties are common (the demo model: 2 % of its
+    merge boundaries within 1e-5); fp16 or int8 rounding decides some of them the other way,
+    which moves tokens and their mask positions, and validation cannot yet tell that from an
+    error (docs/tome.md)."""
+    if cfg.tome_r is not None and precision != "fp32":
+        raise UserError(f"token merging (--tome-r) exports in fp32 only: {precision} rounding changes which tokens "
+                        "merge on near-tied similarities, which validation cannot yet tell from an error (docs/tome.md)")
 
 
 def vit_config(name: str, **overrides: Any) -> DyTConfig:

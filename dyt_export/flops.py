@@ -14,7 +14,11 @@ follows) calls FLOPs. Counted terms, per image:
   router's `E C`;
 * `dispatcher`: `N C` per dispatcher (one logit per token: the exported graph computes
   CLS's too and ignores it, which is cheaper than copying the patch tokens out first);
-* `head`: `C * classes` on the CLS token.
+* `head`: `C * classes` on the CLS token;
+* `merge` (ToMe): the bipartite matching's cosine similarities, `ceil(T/2) floor(T/2) D` for a
+  block entering with T tokens (D = head_dim); with ToMe, attention (and its LayerNorm) counts
+  the block's T entering tokens, everything after the merge (dispatcher, adapter, MLP) the
+  merged count, the final LayerNorm the last block's.
 
 Not counted, as in fvcore: softmax, GELU, residual adds, the position-embedding add, the
 token mean feeding an MoE router, and the gather/scatter that moves tokens. With these
@@ -33,7 +37,7 @@ import numpy as np
 
 from .config import DyTConfig
 
-TERMS: tuple[str, ...] = ("patch_embed", "norm", "qkv", "attn_scores", "attn_values", "attn_proj", "mlp",
+TERMS: tuple[str, ...] = ("patch_embed", "norm", "qkv", "attn_scores", "attn_values", "attn_proj", "merge", "mlp",
                           "adapter", "router", "dispatcher", "head")
 NORM_MACS_PER_ELEMENT = 5
 
@@ -71,17 +75,19 @@ def _check_counts(cfg: DyTConfig, active_counts: np.ndarray) -> np.ndarray:
     d = len(cfg.dispatcher_names)
     if counts.ndim != 2 or counts.shape[1] != d:
         raise ValueError(f"active_counts must be [batch, {d}] (one column per dispatcher), got {counts.shape}")
-    if counts.size and (counts.min() < 1 or counts.max() > cfg.num_tokens):
-        raise ValueError(f"active counts must lie in 1..{cfg.num_tokens} (CLS is always active)")
+    tokens = np.asarray(cfg.dispatcher_tokens)
+    if counts.size and (counts.min() < 1 or (counts > tokens).any()):
+        raise ValueError(f"active counts must lie in 1..the tokens each dispatcher sees ({cfg.num_tokens}, fewer "
+                         "after ToMe merges; CLS is always active)")
     return counts.astype(np.float64)
 
 
-def _adapter_macs(cfg: DyTConfig) -> tuple[float, float]:
-    """(adapter application, MoE routing and mixing) MACs of one unit, per image."""
+def _adapter_macs(cfg: DyTConfig, tokens: int) -> tuple[float, float]:
+    """(adapter application, MoE routing and mixing) MACs of one unit on `tokens`, per image."""
     if not cfg.bottleneck:
         return 0.0, 0.0
     c, r, e = cfg.embed_dim, cfg.bottleneck, cfg.experts
-    apply = 2.0 * cfg.num_tokens * c * r
+    apply = 2.0 * tokens * c * r
     mixing = e * c + e * (2 * r * c + r + c) if e else 0.0
     return apply, mixing
 
@@ -92,13 +98,16 @@ def count_macs(cfg: DyTConfig, active_counts: np.ndarray | None) -> Macs:
     `active_counts` is [B, D] in `cfg.dispatcher_names` order; None means the dense
     export (every token active, dispatchers not run) and gives a batch of one.
     """
-    n, c, h = float(cfg.num_tokens), float(cfg.embed_dim), float(cfg.mlp_hidden_dim)
+    c, h = float(cfg.embed_dim), float(cfg.mlp_hidden_dim)
     counts = None if active_counts is None else _check_counts(cfg, active_counts)
     b = 1 if counts is None else counts.shape[0]
     blocks = {t: np.zeros((b, cfg.depth)) for t in TERMS if t not in ("patch_embed", "head")}
-    adapter, mixing = _adapter_macs(cfg)
     column = 0
-    for i in range(cfg.depth):
+    for i, (entering, merged) in enumerate(cfg.merge_schedule):
+        n = float(entering - merged)  # tokens after ToMe's merge: what the DyT units see
+        adapter, mixing = _adapter_macs(cfg, entering - merged)
+        if merged:
+            blocks["merge"][:, i] += ((entering + 1) // 2) * (entering // 2) * (c / cfg.num_heads)
         dispatched = counts is not None and cfg.has_dispatcher(i)
         active = {}
         for unit in cfg.units:
@@ -110,7 +119,7 @@ def count_macs(cfg: DyTConfig, active_counts: np.ndarray | None) -> Macs:
                 active[unit] = np.full(b, n)
             blocks["adapter"][:, i] += adapter
             blocks["router"][:, i] += mixing
-        k_attn = active.get("attn", active.get("layer", n))
+        k_attn = active.get("attn", active.get("layer", float(entering)))
         k_mlp = active.get("mlp", active.get("layer", n))
         blocks["norm"][:, i] += NORM_MACS_PER_ELEMENT * c * (k_attn + k_mlp)
         blocks["qkv"][:, i] += 3 * k_attn * c * c
@@ -120,7 +129,7 @@ def count_macs(cfg: DyTConfig, active_counts: np.ndarray | None) -> Macs:
         blocks["mlp"][:, i] += 2 * k_mlp * c * h
     outside = {
         "patch_embed": float(cfg.num_patches * c * cfg.in_chans * cfg.patch_size ** 2),
-        "norm": NORM_MACS_PER_ELEMENT * n * c,
+        "norm": NORM_MACS_PER_ELEMENT * (cfg.num_tokens - sum(m for _, m in cfg.merge_schedule)) * c,
         "head": c * cfg.num_classes,
     }
     return Macs(blocks, outside)

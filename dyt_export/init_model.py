@@ -76,8 +76,10 @@ def _unsupported_features(vit: VisionTransformer) -> list[str]:
 
 
 def backbone_config(name: str, *, variant: str = "mlp", experts: int = 0, bottleneck: int = 64,
-                    adapter_scale: float = 1.0, num_classes: int | None = None) -> DyTConfig:
-    """DyTConfig of timm architecture `name` with DyT units; `num_classes` None keeps timm's."""
+                    adapter_scale: float = 1.0, num_classes: int | None = None,
+                    tome_r: int | tuple[int, ...] | None = None) -> DyTConfig:
+    """DyTConfig of timm architecture `name` with DyT units; `num_classes` None keeps timm's;
+    `tome_r` adds token merging (ToMe)."""
     vit = _timm_vit(name)
     unsupported = _unsupported_features(vit)
     if unsupported:
@@ -93,7 +95,7 @@ def backbone_config(name: str, *, variant: str = "mlp", experts: int = 0, bottle
         mlp_hidden_dim=vit.blocks[0].mlp.fc1.out_features, patch_size=vit.patch_embed.patch_size[0],
         img_size=vit.patch_embed.img_size[0], in_chans=vit.patch_embed.proj.in_channels,
         num_classes=vit.num_classes if num_classes is None else num_classes, variant=variant,
-        bottleneck=bottleneck, adapter_scale=adapter_scale, experts=experts,
+        bottleneck=bottleneck, adapter_scale=adapter_scale, experts=experts, tome_r=tome_r,
     )
 
 
@@ -125,19 +127,21 @@ def _load_backbone(model: DyTVisionTransformer, path: Path) -> str:
 def init_model(backbone: str, *, variant: str = "mlp", experts: int = 0, bottleneck: int = 64,
                adapter_scale: float = 1.0, num_classes: int | None = None, seed: int = 0,
                weights: str | Path | None = None, activation: float | None = None,
-               calibration_images: int = CALIBRATION_IMAGES) -> DyTVisionTransformer:
+               calibration_images: int = CALIBRATION_IMAGES,
+               tome_r: int | tuple[int, ...] | None = None) -> DyTVisionTransformer:
     """A DyT model of timm architecture `backbone`, ready to save or export.
 
     Everything random is drawn from `seed`. `activation` (in [0, 1]) calibrates every
     dispatcher to pass about that share of patch tokens on seeded image-like inputs; the
-    rates reached there are recorded in `dyt_config.extra['init']`.
+    rates reached there are recorded in `dyt_config.extra['init']`. With `tome_r` (token
+    merging, recorded in the config) the dispatchers are calibrated on the merged tokens they see.
     """
     if activation is not None and not 0.0 <= activation <= 1.0:
         raise UserError(f"--activation must lie in [0, 1], got {activation}")
     if not 0 <= seed < 2**32:
         raise UserError(f"--seed must lie in 0..{2**32 - 1}, got {seed}")
     cfg = backbone_config(backbone, variant=variant, experts=experts, bottleneck=bottleneck,
-                          adapter_scale=adapter_scale, num_classes=num_classes)
+                          adapter_scale=adapter_scale, num_classes=num_classes, tome_r=tome_r)
     model = build_model(cfg, seed=seed)
     record: dict[str, Any] = {"backbone": backbone, "seed": seed, "trained": False,
                               "adapters": "seeded random"}

@@ -37,7 +37,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from .atomic import staged_outputs
-from .config import INT8_ACTIVATIONS
+from .config import INT8_ACTIVATIONS, check_tome_precision
 from .errors import UserError
 from .files import check_input_file
 from .progress import quiet_logs
@@ -288,6 +288,7 @@ def export_int8(model: Any, path: str | Path, calibration: np.ndarray | None, *,
 
     if weights_need_external_data(model):
         raise UserError(INT8_SINGLE_FILE_ONLY)
+    check_tome_precision(model.dyt_config, "int8")
     path = Path(path)
     steps = steps or Steps()
     with tempfile.TemporaryDirectory(prefix=f".{path.name}.", suffix=".partial", dir=path.resolve().parent) as tmp:

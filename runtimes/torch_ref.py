@@ -6,7 +6,8 @@ the ONNX file cannot: the token masks and each dispatcher's logits (`dispatch_lo
 
 `model` is a checkpoint (any format `dyt_export.load_checkpoint` reads) or an ONNX file
 exported by dyt-export, whose metadata names its source checkpoint and carries the
-geometry a public-layout checkpoint cannot state (heads, adapter scale, image size).
+geometry a public-layout checkpoint cannot state (heads, adapter scale, image size) and the
+export's token merging (ToMe), which the reference then runs too.
 """
 from __future__ import annotations
 
@@ -59,7 +60,8 @@ def source_of_onnx(path: Path) -> tuple[Path, dict[str, Any]]:
     source = props.get("dyt.source_path", "")
     if not source:
         raise BackendError(f"torch: {path} does not record its source checkpoint; pass the checkpoint itself")
-    overrides = {"num_heads": cfg.num_heads, "adapter_scale": cfg.adapter_scale, "img_size": cfg.img_size}
+    overrides = {"num_heads": cfg.num_heads, "adapter_scale": cfg.adapter_scale, "img_size": cfg.img_size,
+                 "tome_r": cfg.tome_r or 0}  # 0: the export turned off a setting its checkpoint records
     return Path(source), overrides
 
 

@@ -59,7 +59,30 @@ def test_counts_equal_what_pytorch_multiplies(variant, experts):
     """Every matmul/conv PyTorch runs on the gathered path, one image at a time (so no batch
     padding), equals the analytic count minus LayerNorms (which the counter does not see).
     E=1 is left out: torch turns its one-expert mixing into a plain multiply."""
-    cfg = small_config(variant=variant, experts=experts, dispatch_blocks=(0, 2))
+    _assert_counts_equal_what_pytorch_multiplies(small_config(variant=variant, experts=experts, dispatch_blocks=(0, 2)))
+
+
+@pytest.mark.parametrize("experts", [0, 4])
+def test_counts_with_token_merging_equal_what_pytorch_multiplies(experts):
+    """With ToMe (r = 3, 0, 8: 17 -> 14 -> 14 -> 8 tokens): attention on each block's entering
+    tokens, the matching's similarities, and MLP, adapter and dispatcher on the merged ones."""
+    cfg = small_config(experts=experts, dispatch_blocks=(0, 2), tome_r=(3, 0, 8))
+    _assert_counts_equal_what_pytorch_multiplies(cfg)
+    with pytest.raises(ValueError, match="CLS is always active"):  # more than the 8 tokens block 2's dispatcher sees
+        macs_per_image(cfg, np.array([[14, 9]]))
+
+
+def test_tome_r8_takes_vit_b16_to_the_papers_13_12_and_13_29_g():
+    """ToMe r = 8 takes ViT-B/16 from 197 to 101 tokens: the paper's "Full tuning + ToMe" 13.12 G
+    and "AdaptFormer + ToMe" (bottleneck 64) 13.29 G."""
+    merged = _vitb(bottleneck=0, tome_r=8)
+    assert merged.merge_schedule[-1][0] - merged.merge_schedule[-1][1] == 101
+    assert round(macs_per_image(merged, None)[0] / 1e9, 2) == 13.12
+    assert round(macs_per_image(merged.replace(bottleneck=64), None)[0] / 1e9, 2) == 13.29
+
+
+def _assert_counts_equal_what_pytorch_multiplies(cfg: DyTConfig) -> None:
+    """Per image, dynamic and dense, with dispatchers steered to 0, all and 1 active tokens."""
     model = build_model(cfg, seed=0)
     images = torch.from_numpy(image_batch(3, seed=1))
     steer(model, images, [0, ALL, 1])

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from dyt_export.cli.common import EXIT_RUNTIME_FAILURE, Parser, run_guarded
+from dyt_export.config import parse_tome_r
 
 EXIT_OK, EXIT_PARITY = 0, 3
 
@@ -156,6 +157,8 @@ def parser() -> Parser:
     p.add_argument("--num-heads", type=number(int, 1), help="for a reference checkpoint that cannot state it")
     p.add_argument("--adapter-scale", type=number(float), help="for a reference checkpoint that cannot state it")
     p.add_argument("--trust-checkpoint", action="store_true", help="load foreign pickle globals as inert placeholders")
+    p.add_argument("--tome-r", type=parse_tome_r, metavar="R",
+                   help="validate the demo model exported with token merging (ToMe), as dyt-export --tome-r R")
     p.add_argument("--quiet", action="store_true", help="print only the result line")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
@@ -188,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
             backend_options=dict(args.option),
             loader_overrides={"num_heads": args.num_heads, "adapter_scale": args.adapter_scale,
                               "trust_checkpoint": args.trust_checkpoint or None},
-            show=not args.quiet)
+            tome_r=args.tome_r, show=not args.quiet)
         outcome = validate(opts, log=log)
         p, error = outcome.parity, outcome.error
         print(f"{'PASS' if outcome.passed else 'FAIL'} {outcome.record['runtime']} {outcome.record['model']['name']}: "

@@ -189,25 +189,33 @@ def row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def compare_masks(reference_masks: np.ndarray, reference_logits: np.ndarray, masks: np.ndarray,
-                  layers: Sequence[str], flip_logit: float) -> tuple[float | None, list[Flip], int, list[str]]:
+                  layers: Sequence[str], flip_logit: float,
+                  tokens: Sequence[int] | None = None) -> tuple[float | None, list[Flip], int, list[str]]:
     """(agreement 0..1, None when the shapes differ; flips; differences after a flip;
     failures) of runtime token masks against the reference's.
 
     reference_masks, masks: [B, D, N] bool, CLS first, dispatchers in execution order;
-    reference_logits: [B, D, N-1]."""
+    reference_logits: [B, D, N-1]. `tokens` [D]: the tokens each dispatcher sees
+    (`cfg.dispatcher_tokens`; fewer than N after ToMe merges, the rest of its row is padding
+    that must be False): agreement counts real tokens only, and an active padding slot fails."""
     if masks.shape != reference_masks.shape:
         return None, [], 0, [f"token_masks shape {list(masks.shape)} differs from the reference's {list(reference_masks.shape)}"]
     differ = masks.astype(bool) != reference_masks.astype(bool)
-    agreement = float(1.0 - differ.mean()) if differ.size else 1.0
+    seen = np.full(masks.shape[1], masks.shape[2]) if tokens is None else np.asarray(tokens)
+    real = np.arange(masks.shape[2]) < seen[:, None]  # [D, N]
+    agreement = float(1.0 - differ[:, real].mean()) if differ[:, real].size else 1.0
     flips: list[Flip] = []
     first_flip: dict[int, int] = {}  # image -> dispatcher index of its first flip
     after_flip = 0
     bad: list[str] = []
     for b, d, n in zip(*np.nonzero(differ)):  # ordered by image, then dispatcher
+        where = f"image {b}, {layers[d]} token {n}"
+        if not real[d, n]:
+            bad.append(f"{where}: padding (the dispatcher sees {int(seen[d])} tokens) must be False")
+            continue
         if b in first_flip and d > first_flip[b]:
             after_flip += 1
             continue
-        where = f"image {b}, {layers[d]} token {n}"
         if n == 0:
             bad.append(f"{where}: CLS must always be active")
             continue
@@ -224,9 +232,11 @@ def compare_masks(reference_masks: np.ndarray, reference_logits: np.ndarray, mas
 
 
 def compare(reference: dict[str, np.ndarray], logits: np.ndarray, masks: np.ndarray | None,
-            layers: Sequence[str], tolerances: Tolerances = Tolerances()) -> Parity:
+            layers: Sequence[str], tolerances: Tolerances = Tolerances(),
+            tokens: Sequence[int] | None = None) -> Parity:
     """Judge runtime `logits` [B, K] (and token `masks` [B, D, N] when the runtime produced
-    them) against the reference outputs `logits`, `token_masks`, `dispatch_logits`."""
+    them) against the reference outputs `logits`, `token_masks`, `dispatch_logits`; `tokens`
+    as for `compare_masks`."""
     ref = reference["logits"].astype(np.float32)
     if logits.shape != ref.shape:
         return unmeasured(len(ref), f"logits shape {list(logits.shape)} differs from the reference's {list(ref.shape)}")
@@ -242,7 +252,7 @@ def compare(reference: dict[str, np.ndarray], logits: np.ndarray, masks: np.ndar
     mask_agreement, flips, after_flip = None, [], 0
     if masks is not None:
         mask_agreement, flips, after_flip, mask_failures = compare_masks(
-            reference["token_masks"], reference["dispatch_logits"], masks, layers, tolerances.flip_logit)
+            reference["token_masks"], reference["dispatch_logits"], masks, layers, tolerances.flip_logit, tokens)
         failures += mask_failures
 
     both_finite = finite & ref_finite

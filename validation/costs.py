@@ -5,6 +5,8 @@ multiply-adds per image (the DyT paper's "FLOPs" convention: dense ViT-B/16 = 17
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 
 from dyt_export.config import DyTConfig
@@ -15,12 +17,27 @@ def active_counts(masks: np.ndarray) -> np.ndarray:
     return masks.astype(bool).sum(axis=2)
 
 
-def activation_rates(masks: np.ndarray) -> np.ndarray:
+def _patches(masks: np.ndarray, tokens: Sequence[int] | None) -> np.ndarray:
+    """[D] patch tokens (CLS left out) each dispatcher sees: its row's length, or fewer after
+    ToMe merges (`tokens` = `cfg.dispatcher_tokens`; the row is padded with False)."""
+    return (np.full(masks.shape[1], masks.shape[2]) if tokens is None else np.asarray(tokens)) - 1
+
+
+def activation_rates(masks: np.ndarray, tokens: Sequence[int] | None = None) -> np.ndarray:
     """[D] fraction of patch tokens active per dispatcher, over all images. CLS is left out:
-    it is always active and would inflate the rate by 1/N."""
+    it is always active and would inflate the rate by 1/N. With `tokens` the rate is over the
+    tokens the dispatcher really sees, so ToMe's padding never counts."""
     if masks.shape[2] <= 1:
         return np.ones(masks.shape[1])
-    return masks[:, :, 1:].astype(bool).mean(axis=(0, 2))
+    return masks[:, :, 1:].astype(bool).sum(axis=(0, 2)) / (_patches(masks, tokens) * masks.shape[0])
+
+
+def pooled_rate(masks: np.ndarray, tokens: Sequence[int] | None = None) -> float:
+    """Fraction of all patch tokens active, over every dispatcher and image (1.0 without
+    dispatchers); `tokens` as for `activation_rates`."""
+    if masks.shape[1] == 0:
+        return 1.0
+    return float(masks[:, :, 1:].astype(bool).sum() / (_patches(masks, tokens).sum() * masks.shape[0]))
 
 
 def gmacs(cfg: DyTConfig, masks: np.ndarray | None) -> np.ndarray:

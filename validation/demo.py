@@ -77,16 +77,28 @@ def _train(recipe: Recipe, path: Path, log: Callable[[str], None]) -> None:
     log(f"trained in {result.seconds:.0f} s -> {path}")
 
 
+def onnx_name(tome_r: int | tuple[int, ...] | None) -> str:
+    """The demo export's file name; with token merging (ToMe) it names r: `dyt_digits-tome2.onnx`
+    for 2 per block, `dyt_digits-tome2-0-1-1.onnx` for one r per block."""
+    if not tome_r:
+        return ONNX_NAME
+    values = (tome_r,) if isinstance(tome_r, int) else tuple(tome_r)
+    r = str(values[0]) if len(set(values)) == 1 else "-".join(map(str, values))
+    return ONNX_NAME.replace(".onnx", f"-tome{r}.onnx")
+
+
 def ensure_demo_model(recipe: Recipe = Recipe(), *, retrain: bool = False, show_steps: bool = False,
-                      log: Callable[[str], None] = lambda _: None) -> DemoModel:
-    """The cached demo checkpoint and its dynamic ONNX export, made when missing or stale."""
+                      log: Callable[[str], None] = lambda _: None,
+                      tome_r: int | tuple[int, ...] | None = None) -> DemoModel:
+    """The cached demo checkpoint and its dynamic ONNX export, made when missing or stale;
+    `tome_r`: the export merges tokens (ToMe) as `dyt-export --tome-r` does."""
     from dyt_export import export_onnx, load_checkpoint
     from dyt_export.checkpoint import file_sha256
     from dyt_export.export import current_graph_form, read_metadata
     from dyt_export.progress import Steps
 
     directory = cache_dir()
-    checkpoint, onnx_path, stamp = directory / CHECKPOINT_NAME, directory / ONNX_NAME, directory / "recipe.json"
+    checkpoint, onnx_path, stamp = directory / CHECKPOINT_NAME, directory / onnx_name(tome_r), directory / "recipe.json"
     wanted = json.dumps(recipe.to_dict(), sort_keys=True)
     with _locked(directory):
         fresh = retrain or not checkpoint.exists() or not stamp.exists() or stamp.read_text() != wanted
@@ -102,7 +114,7 @@ def ensure_demo_model(recipe: Recipe = Recipe(), *, retrain: bool = False, show_
             onnx_path.unlink(missing_ok=True)
             steps = Steps(show=show_steps)
             with steps.step("load checkpoint"):
-                model = load_checkpoint(checkpoint, num_heads=recipe.num_heads)
+                model = load_checkpoint(checkpoint, num_heads=recipe.num_heads, tome_r=tome_r)
             export_onnx(model, onnx_path, dispatch="dynamic", steps=steps)
             timings = dict(steps.timings)
         return DemoModel(checkpoint, onnx_path, timings)

@@ -45,7 +45,7 @@ RUN_CHUNK = 16
 """Images per call in the parity runs (timing uses the requested batch sizes)."""
 REFERENCE_THREADS = 1
 """torch threads of the reference (see the module docstring)."""
-GEOMETRY = ("num_classes", "in_chans", "img_size", "patch_size", "dispatcher_names")
+GEOMETRY = ("num_classes", "in_chans", "img_size", "patch_size", "dispatcher_names", "tome_r")
 """What the reference and the model must share for their outputs to be comparable at all."""
 
 
@@ -75,6 +75,8 @@ class Options:
     backend_options: dict[str, Any] = field(default_factory=dict)
     loader_overrides: dict[str, Any] = field(default_factory=dict)
     """num_heads / adapter_scale / trust_checkpoint for the reference checkpoint."""
+    tome_r: int | tuple[int, ...] | None = None
+    """With the demo model (model None): validate its export with token merging (ToMe)."""
     show: bool = False
 
 
@@ -157,6 +159,9 @@ def _check_options(opts: Options) -> None:
         raise UserError(f"need iters >= 1, warmup >= 0 and a finite min_seconds >= 0, got {opts.iters}, "
                         f"{opts.warmup}, {opts.min_seconds}")
     tolerances_for("fp32", **opts.tolerance_overrides)  # a bad override fails now, not after the runs
+    if opts.tome_r and opts.model is not None:
+        raise UserError(f"--tome-r exports the demo model with token merging; {opts.model.name} merges as it was "
+                        f"exported (dyt-export --tome-r), so drop --tome-r or --model")
 
 
 def _reference(opts: Options, model: ModelUnderTest, steps: Steps) -> TorchReference:
@@ -165,7 +170,7 @@ def _reference(opts: Options, model: ModelUnderTest, steps: Steps) -> TorchRefer
         overrides = {k: v for k, v in opts.loader_overrides.items() if v is not None}
         if opts.ref is not None:  # geometry the checkpoint cannot state comes from the ONNX file
             overrides = {"num_heads": model.cfg.num_heads, "adapter_scale": model.cfg.adapter_scale,
-                         "img_size": model.cfg.img_size, **overrides}
+                         "img_size": model.cfg.img_size, "tome_r": model.cfg.tome_r or 0, **overrides}
         reference = TorchReference(source, threads=opts.ref_threads, dispatch=model.dispatch, **overrides)
     ref_cfg = reference.module.dyt_config
     differ = [f"{name} {getattr(ref_cfg, name)} vs {getattr(model.cfg, name)}"
@@ -176,7 +181,7 @@ def _reference(opts: Options, model: ModelUnderTest, steps: Steps) -> TorchRefer
     return reference
 
 
-def _throughput(opts: Options, model: Path, dense: Path, images: ImageSet, masks: np.ndarray,
+def _throughput(opts: Options, model: Path, dense: Path, images: ImageSet, masks: np.ndarray, tokens: list[int],
                 log: Callable[[str], None]) -> tuple[list[ThroughputRow], list[ThroughputRow]]:
     """(DyT rows, dense rows). Each DyT row is timed right before its dense row, so load from
     other processes drifting over the run moves both sides of a speedup alike."""
@@ -186,7 +191,7 @@ def _throughput(opts: Options, model: Path, dense: Path, images: ImageSet, masks
                     for path in (model, dense)]
         for batch in opts.batches:
             row, base = (measure(backend, images.pixel_values, batch, iters=opts.iters, warmup=opts.warmup,
-                                 min_seconds=opts.min_seconds, masks=rate_masks)
+                                 min_seconds=opts.min_seconds, masks=rate_masks, tokens=tokens)
                          for backend, rate_masks in zip(backends, (masks, None)))
             base = dataclasses.replace(base, activation_rate=1.0)  # the dense graph runs every token
             rows.append(row)
@@ -225,7 +230,7 @@ def validate(opts: Options, log: Callable[[str], None] = lambda _: None) -> Outc
     if opts.model is None:
         from .demo import ensure_demo_model
 
-        opts = dataclasses.replace(opts, model=ensure_demo_model(log=log).onnx)
+        opts = dataclasses.replace(opts, model=ensure_demo_model(log=log, tome_r=opts.tome_r).onnx)
     model = read_model(opts.model)
     out = Path(opts.out) if opts.out is not None else _default_out(model.path)
     if opts.out is None:
@@ -283,7 +288,7 @@ def validate(opts: Options, log: Callable[[str], None] = lambda _: None) -> Outc
         got["logits"] = None  # a run cut short reports nothing: its record's parity and accuracy say why
         parity = unmeasured(len(images), f"not compared: the runtime failed during the parity run ({e})")
     else:
-        parity = compare(ref, got["logits"], got["token_masks"], layers, tolerances)
+        parity = compare(ref, got["logits"], got["token_masks"], layers, tolerances, cfg.dispatcher_tokens)
     log(f"parity: {'PASS' if parity.passed else 'FAIL'}  {parity.summary()}")
 
     throughput: list[ThroughputRow] = []
@@ -291,11 +296,12 @@ def validate(opts: Options, log: Callable[[str], None] = lambda _: None) -> Outc
     if opts.throughput and error is None:
         try:
             with steps.step("throughput"):
-                throughput, dense = _throughput(opts, model.path, dense_path, images, ref["token_masks"], log)
+                throughput, dense = _throughput(opts, model.path, dense_path, images, ref["token_masks"],
+                                                cfg.dispatcher_tokens, log)
         except RuntimeFailure as e:
             error = {"stage": "throughput", "message": str(e)}
 
-    rates = activation_rates(ref["token_masks"])
+    rates = activation_rates(ref["token_masks"], cfg.dispatcher_tokens)
     record = build_record(
         runtime=opts.runtime, runtime_info=runtime_info, model=model, twins=twins,
         reference={"backend": "torch", "checkpoint": str(reference.path), "threads": reference.threads,

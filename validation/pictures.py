@@ -3,7 +3,8 @@
 * `<prefix>-activation.png`: the fraction of patch tokens each dispatcher activates over
   the input images (Figure 5: rates differ per layer, and a layer at 0% is normal).
 * `<prefix>-tokens.png`: input images with, per dispatcher, the tokens that skip the
-  dispatched unit washed out in grey and the activated ones in full colour (Figure 6).
+  dispatched unit washed out in grey and the activated ones in full colour (Figure 6). Not
+  drawn for a model with token merging (ToMe): after a merge a token is no longer one patch.
 
 `python -m validation.pictures [MODEL]` takes an ONNX file from dyt-export (its source
 checkpoint comes from the metadata) or a checkpoint; the masks are the PyTorch
@@ -32,7 +33,9 @@ MAX_COUNT = 64
 below the 2^16 px at which matplotlib refuses to draw."""
 
 
-def activation_chart(rates: np.ndarray, layers: list[str], path: Path, title: str) -> Path:
+def activation_chart(rates: np.ndarray, layers: list[str], path: Path, title: str,
+                     tokens: list[int] | None = None) -> Path:
+    """Bars of `rates` per dispatcher; `tokens` (after ToMe merges) labels each with the tokens it sees."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -44,7 +47,8 @@ def activation_chart(rates: np.ndarray, layers: list[str], path: Path, title: st
     ax.axhline(rates.mean() * 100, color="#d8503b", linestyle="--", linewidth=1, label=f"mean {rates.mean():.0%}")
     for x, rate in zip(positions, rates):
         ax.text(x, rate * 100 + 1.5, f"{rate:.0%}", ha="center", fontsize=8)
-    ax.set_xticks(positions, [name.replace("blocks.", "").replace(".mlp", "") for name in layers])
+    labels = [name.replace("blocks.", "").replace(".mlp", "") for name in layers]
+    ax.set_xticks(positions, labels if tokens is None else [f"{label}\n{n} tok" for label, n in zip(labels, tokens)])
     ax.set_xlabel("block (dispatcher)")
     ax.set_ylabel("activated tokens (%)")
     ax.set_ylim(0, 110)
@@ -93,7 +97,7 @@ def token_grid(images: ImageSet, masks: np.ndarray, layers: list[str], patch: in
 def draw(model: Path | None, out: Path, *, prefix: str | None = None, data: str = "digits",
          images_dir: Path | None = None, count: int = 6, ref: Path | None = None, overrides: dict | None = None,
          log: Callable[[str], None] = lambda _: None) -> list[Path]:
-    """Both pictures for `model` (ONNX or checkpoint; None: the demo model, trained on first
+    """Both pictures (the chart alone with ToMe) for `model` (ONNX or checkpoint; None: the demo model, trained on first
     use) on the given images; returns their paths."""
     from dyt_export.atomic import staged_outputs
     from runtimes.torch_ref import TorchReference
@@ -120,13 +124,17 @@ def draw(model: Path | None, out: Path, *, prefix: str | None = None, data: str 
     masks = run_all(reference, inputs.pixel_values, ("token_masks",))["token_masks"]
     layers = cfg.dispatcher_names
     shown = inputs.take(count)
-    names = (f"{prefix}-activation.png", f"{prefix}-tokens.png")
+    names = (f"{prefix}-activation.png", f"{prefix}-tokens.png")[:1 if cfg.tome_r else 2]
+    if cfg.tome_r:
+        log(f"{prefix}: token merging (ToMe) makes later tokens stand for several patches; activation chart only")
     out.mkdir(parents=True, exist_ok=True)
-    with staged_outputs(out / names[1]) as stage:
-        activation_chart(activation_rates(masks), layers, stage / names[0],
-                         f"{prefix}: activated patch tokens per layer\n({len(inputs)} images, {inputs.source})")
-        token_grid(shown, masks[:count], layers, cfg.patch_size, stage / names[1],
-                   f"{prefix}: activated tokens in colour, skipped tokens greyed")
+    with staged_outputs(out / names[-1]) as stage:
+        activation_chart(activation_rates(masks, cfg.dispatcher_tokens), layers, stage / names[0],
+                         f"{prefix}: activated patch tokens per layer\n({len(inputs)} images, {inputs.source})",
+                         cfg.dispatcher_tokens if cfg.tome_r else None)
+        if not cfg.tome_r:
+            token_grid(shown, masks[:count], layers, cfg.patch_size, stage / names[1],
+                       f"{prefix}: activated tokens in colour, skipped tokens greyed")
     return [out / name for name in names]
 
 

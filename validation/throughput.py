@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
 from runtimes.base import Backend
+
+from .costs import pooled_rate
 
 
 @dataclass(frozen=True)
@@ -60,20 +62,15 @@ def feed(backend: Backend, images: np.ndarray) -> dict[str, np.ndarray]:
     return {spec.name: np.ascontiguousarray(images, dtype=spec.dtype)}
 
 
-def _rate(masks: np.ndarray) -> float:
-    """Fraction of patch tokens (CLS excluded: always active) active in [B, D, N] masks."""
-    if masks.shape[1] == 0:
-        return 1.0
-    return float(masks[:, :, 1:].mean())
-
-
 def measure(backend: Backend, images: np.ndarray, batch: int, *, iters: int = 20, warmup: int = 0,
-            min_seconds: float = 0.0, masks: np.ndarray | None = None) -> ThroughputRow:
+            min_seconds: float = 0.0, masks: np.ndarray | None = None,
+            tokens: Sequence[int] | None = None) -> ThroughputRow:
     """Time `backend` on batches of `batch` images cut from `images` [N, C, H, W].
 
     `masks` [N, D, T] (the reference token masks of `images`) gives the row its activation
     rate; without it the rate comes from the backend's `token_masks` output when it has
-    one, else it is None. `threads` is the backend's own setting.
+    one, else it is None; `tokens` (`cfg.dispatcher_tokens`) makes it count only the tokens each
+    dispatcher sees after ToMe merges. `threads` is the backend's own setting.
     """
     if iters < 1:
         raise ValueError("iters must be >= 1")
@@ -98,9 +95,9 @@ def measure(backend: Backend, images: np.ndarray, batch: int, *, iters: int = 20
     total = float(np.sum(latencies))
     ms = np.asarray(latencies) * 1e3
     if masks is not None:
-        rate = _rate(np.concatenate([masks[g] for g in groups]))
+        rate = pooled_rate(np.concatenate([masks[g] for g in groups]), tokens)
     elif seen_masks:
-        rate = _rate(np.concatenate(seen_masks))
+        rate = pooled_rate(np.concatenate(seen_masks), tokens)
     else:
         rate = None
     return ThroughputRow(batch=batch, threads=backend.threads, img_per_s=batch * len(latencies) / total,

@@ -102,7 +102,8 @@ def _native_config(cfg: DyTConfig, overrides: Overrides, path: Path) -> DyTConfi
 
 def load_checkpoint(path: str | Path, *, num_heads: int | None = None, adapter_scale: float | None = None,
                     img_size: int | None = None, dispatch: str | None = None,
-                    trust_checkpoint: bool = False) -> DyTVisionTransformer:
+                    trust_checkpoint: bool = False,
+                    tome_r: int | tuple[int, ...] | None = None) -> DyTVisionTransformer:
     """A DyT model (eval mode, returns logits) from any checkpoint the toolkit recognises.
 
     Keyword overrides say what a checkpoint cannot: `num_heads` (default: ViT convention;
@@ -110,7 +111,9 @@ def load_checkpoint(path: str | Path, *, num_heads: int | None = None, adapter_s
     `args.scale` or the toolkit file's; required for public checkpoints without `args`),
     `img_size` (resample the position embedding), `dispatch='dense'` (accept a plain timm ViT
     without DyT parts; no other value), `trust_checkpoint` (load foreign pickle globals as
-    inert placeholders).
+    inert placeholders). `tome_r` adds token merging (ToMe, no training needed): tokens merged
+    per block, an int or one per block; 0 turns off a toolkit file's recorded setting, None
+    keeps it (docs/tome.md).
     """
     path = Path(path)
     check_input_file(path)
@@ -136,6 +139,8 @@ def load_checkpoint(path: str | Path, *, num_heads: int | None = None, adapter_s
         raise CheckpointError(f"{path} is not a checkpoint (neither a torch.save file nor safetensors)")
 
     cfg = _resize(cfg, state, img_size)
+    if tome_r is not None:
+        cfg = cfg.replace(tome_r=tome_r)
     model = build_from_state(state, cfg)
     model.provenance = {"path": str(path.resolve()), "sha256": file_sha256(path), "format": fmt}
     return model

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Callable, NoReturn
 
 from ..atomic import FULL_DISK
+from ..config import DyTConfig
 from ..errors import UserError
 
 EXIT_INTERNAL, EXIT_BAD_INPUT, EXIT_RUNTIME_FAILURE, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 1, 2, 4, 130, 141
@@ -106,3 +107,12 @@ def checkpoint_overrides(args: argparse.Namespace) -> dict:
     dense = getattr(args, "dispatch", None) == "dense"  # export's other modes read the checkpoint as DyT
     return dict(num_heads=args.num_heads, adapter_scale=args.adapter_scale, img_size=args.img_size,
                 dispatch="dense" if dense else None, trust_checkpoint=args.trust_checkpoint)
+
+
+def merging_summary(cfg: DyTConfig) -> str:
+    """One line on a model's token merging (ToMe): r per block and the tokens after each block,
+    as `dyt-export` and `inspect` print it."""
+    requested = cfg.tome_r or (0,)
+    r = f"{requested[0]} per block" if len(set(requested)) == 1 else ",".join(map(str, requested))
+    tokens = [cfg.num_tokens] + [entering - merged for entering, merged in cfg.merge_schedule]
+    return f"r {r}; tokens {' -> '.join(map(str, tokens))}"

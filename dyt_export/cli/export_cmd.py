@@ -6,11 +6,11 @@ import resource
 from pathlib import Path
 
 from ..atomic import check_output_path
-from ..config import DEFAULT_OPSET, DISPATCH_MODES, INT8_ACTIVATIONS, OPSETS
+from ..config import DEFAULT_OPSET, DISPATCH_MODES, INT8_ACTIVATIONS, OPSETS, parse_tome_r
 from ..errors import UserError
 from ..files import check_input_file
 from ..progress import Steps
-from .common import add_checkpoint_overrides, checkpoint_overrides, onnx_output
+from .common import add_checkpoint_overrides, checkpoint_overrides, merging_summary, onnx_output
 
 DESCRIPTION = "Export a DyT checkpoint to ONNX with data-dependent token dispatch."
 EXAMPLES = """\
@@ -19,6 +19,7 @@ examples:
   dyt-export model.pt -o vit.onnx --with-masks --opset 17
   dyt-export model.pt --dispatch dense        # all tokens active: the baseline to compare speed with
   dyt-export model.pt --external-data         # weights in model.onnx.data: lower peak memory on ONNX Runtime
+  dyt-export model.pt --tome-r 8              # + token merging (ToMe): 8 tokens merged per block
   dyt-export checkpoint.pth --adapter-scale 0.1 --num-heads 12
   dyt-export inspect model.onnx               # what a checkpoint or ONNX file holds
 
@@ -52,6 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calibration-images", type=Path, metavar="NPY",
                         help="with --int8: preprocessed images [N, C, H, W] (.npy) to calibrate on "
                              "(default: 64 seeded image-like inputs)")
+    parser.add_argument("--tome-r", type=parse_tome_r, metavar="R",
+                        help="token merging (ToMe, no training needed): R tokens merged in every block, or a comma "
+                             "list with one R per block; MLP dispatch only (docs/tome.md)")
     add_checkpoint_overrides(parser)
 
 
@@ -82,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
         from ..checkpoint import load_checkpoint
         from ..export import export_onnx, summarize
     with steps.step("load checkpoint"):
-        model = load_checkpoint(args.checkpoint, **checkpoint_overrides(args))
+        model = load_checkpoint(args.checkpoint, **checkpoint_overrides(args), tome_r=args.tome_r)
     cfg = model.dyt_config
     options = dict(opset=args.opset, dispatch=args.dispatch, with_masks=args.with_masks, fp16=args.fp16,
                    fp16_io=args.fp16_io, steps=steps)
@@ -104,6 +108,8 @@ def run(args: argparse.Namespace) -> int:
     precision = f"int8 ({args.int8_activations} activations)" if args.int8 else "fp16" if args.fp16 else "fp32"
     print(f"  {cfg.variant} dispatch, {args.dispatch} mode, {precision}, "
           f"opset {summary.opset}, {len(cfg.dispatcher_names)} dispatchers, dispatch ops: {ops}")
+    if cfg.tome_r is not None:
+        print(f"  token merging (ToMe): {merging_summary(cfg)}")
     print(steps.report())
     print(f"  peak memory {peak_mb:.0f} MB (resident, whole process)")
     return 0

@@ -4,8 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..config import VARIANTS
-from .common import checkpoint_output
+from ..config import VARIANTS, parse_tome_r
+from .common import checkpoint_output, merging_summary
 
 DESCRIPTION = ("Create a DyT checkpoint (toolkit safetensors) from a timm ViT architecture name, with seeded "
                "random or given backbone weights; --activation calibrates the dispatchers (not trained).")
@@ -34,6 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="timm ViT weights (safetensors) for the backbone; the head too if its class count fits")
     parser.add_argument("--activation", type=float, metavar="R",
                         help="calibrate dispatcher biases to activate about R in [0, 1] of the patch tokens")
+    parser.add_argument("--tome-r", type=parse_tome_r, metavar="R",
+                        help="record token merging (ToMe) in the checkpoint: R tokens merged per block, or one R per "
+                             "block; exports then merge without --tome-r (MLP dispatch only; docs/tome.md)")
     parser.add_argument("-o", "--output", type=checkpoint_output, required=True, help="output checkpoint (.safetensors)")
 
 
@@ -53,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     with steps.step("build model" + (" and calibrate dispatchers" if args.activation is not None else "")):
         model = init_model(args.backbone, variant=args.variant, experts=args.experts, bottleneck=args.bottleneck,
                            adapter_scale=args.adapter_scale, num_classes=args.num_classes, seed=args.seed,
-                           weights=args.weights, activation=args.activation)
+                           weights=args.weights, activation=args.activation, tome_r=args.tome_r)
     with steps.step("save"):
         save(model, args.output)
     cfg = model.dyt_config
@@ -63,5 +66,7 @@ def run(args: argparse.Namespace) -> int:
           f"{len(cfg.dispatcher_names)} dispatchers, {cfg.num_classes} classes")
     print(f"  backbone weights: {record['backbone_weights'] if isinstance(record['backbone_weights'], str) else args.weights}")
     print(f"  dispatchers: {record['dispatchers']}")
+    if cfg.tome_r is not None:
+        print(f"  token merging (ToMe): {merging_summary(cfg)}")
     print(steps.report())
     return 0

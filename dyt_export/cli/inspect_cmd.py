@@ -9,7 +9,7 @@ from typing import Any
 from ..config import DyTConfig, unit_module_names
 from ..errors import UserError
 from ..files import check_input_file, file_kind
-from .common import add_checkpoint_overrides, checkpoint_overrides
+from .common import add_checkpoint_overrides, checkpoint_overrides, merging_summary
 
 DESCRIPTION = "Describe a DyT checkpoint or an exported ONNX file (recognised by content, not by name)."
 EXAMPLES = """\
@@ -42,6 +42,8 @@ def _dispatcher_facts(cfg: DyTConfig, biases: dict[str, float]) -> list[dict[str
     for index, name in enumerate(cfg.dispatcher_names):
         _, block, unit = name.split(".")
         entry: dict[str, Any] = {"name": name, "block": int(block), "unit": unit}
+        if cfg.tome_r is not None:  # fewer tokens after merging; its token_masks row is padded
+            entry["tokens"] = cfg.dispatcher_tokens[index]
         if name in biases:
             entry["bias"] = round(biases[name], 6)
         if rates:
@@ -67,6 +69,8 @@ def _config_facts(cfg: DyTConfig, biases: dict[str, float], parameters: dict[str
                     "bottleneck": cfg.bottleneck, "scale": cfg.adapter_scale, "experts": cfg.experts},
         "dispatchers": _dispatcher_facts(cfg, biases),
     }
+    if cfg.tome_r is not None:
+        facts["token_merging"] = f"ToMe, {merging_summary(cfg)}"
     if parameters:
         facts["parameters"] = {**parameters, "trainable_means": TRAINABLE_MEANS}
     if "init" in cfg.extra:  # made by `dyt-export init`: say what is random and what was calibrated

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from ..atomic import check_output_path, staged_outputs
-from ..config import DEFAULT_OPSET, OPSETS, check_dispatch_mode
+from ..config import DEFAULT_OPSET, OPSETS, check_dispatch_mode, check_tome_precision
 from ..errors import UserError
 from ..model import DyTVisionTransformer, to_fp16
 from ..progress import Steps, quiet_logs
@@ -125,6 +125,7 @@ def export_onnx(model: DyTVisionTransformer, path: str | Path, *, opset: int = D
     check_dispatch_mode(dispatch)
     if fp16_io and not fp16:
         raise UserError("--fp16-io needs --fp16")
+    check_tome_precision(model.dyt_config, "fp16" if fp16 else "fp32")
     if with_masks and not model.dyt_config.dispatcher_names:
         raise UserError("--with-masks: this model has no token dispatchers")
     if example_batch < 2:

@@ -12,6 +12,19 @@ from timm.models.vision_transformer import Attention
 
 def attention(attn: Attention, x: torch.Tensor, key_bias: torch.Tensor | None = None) -> torch.Tensor:
     """[B, T, C] -> [B, T, C]; key_bias [B, 1, 1, T] is added to the scores (0 or -inf)."""
+    return _attend(attn, x, key_bias)[0]
+
+
+def attention_and_keys(attn: Attention, x: torch.Tensor,
+                       key_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`attention`, and the keys averaged over heads [B, T, head_dim]: ToMe's merge metric
+    (for ToMe the key bias is log(token size), proportional attention)."""
+    out, k = _attend(attn, x, key_bias)
+    return out, k.mean(dim=1)
+
+
+def _attend(attn: Attention, x: torch.Tensor, key_bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(attention output [B, T, C], keys [B, heads, T, head_dim])."""
     b, t, c = x.shape
     heads = attn.num_heads
     qkv = attn.qkv(x).reshape(b, t, 3, heads, c // heads).permute(2, 0, 3, 1, 4)
@@ -22,4 +35,4 @@ def attention(attn: Attention, x: torch.Tensor, key_bias: torch.Tensor | None = 
         scores = scores.float() + key_bias
     probs = scores.float().softmax(dim=-1).to(v.dtype)
     out = (probs @ v).transpose(1, 2).reshape(b, t, c)
-    return attn.proj(attn.norm(out))
+    return attn.proj(attn.norm(out)), k

@@ -22,6 +22,8 @@ class Trace(NamedTuple):
 
     masks: [B, D, N] bool, one row per dispatcher (`cfg.dispatcher_names`), CLS first.
     dispatch_logits: [B, D, N-1] float32; NaN where dispatchers were bypassed (dense mode).
+    With ToMe a dispatcher sees fewer tokens (`cfg.dispatcher_tokens`): its row holds them in
+    merged order, then False (masks) and NaN (logits) up to N.
     """
 
     logits: torch.Tensor
@@ -85,8 +87,13 @@ class DyTVisionTransformer(VisionTransformer):
     def _run(self, pixel_values: torch.Tensor, mode: str, records: list[DispatchRecord] | None) -> torch.Tensor:
         x = self.patch_embed(pixel_values.to(self.compute_dtype))
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
-        for block in self.blocks:
-            x = block(x, mode, records)
+        if self.dyt_config.tome_r is None:
+            for block in self.blocks:
+                x = block(x, mode, records)
+        else:
+            size = None
+            for block, (_, merged) in zip(self.blocks, self.dyt_config.merge_schedule):
+                x, size = block.forward_merging(x, size, merged, mode, records)
         x = norm32(self.norm, x)
         return self.head(x[:, 0]).to(self.io_dtype)
 
@@ -95,7 +102,7 @@ class DyTVisionTransformer(VisionTransformer):
             return self._run(pixel_values, self._dispatch_mode, None)
         records: list[DispatchRecord] = []
         logits = self._run(pixel_values, self._dispatch_mode, records)
-        return logits, torch.stack([r.mask for r in records], dim=1)
+        return logits, torch.stack([padded(r.mask, self.dyt_config.num_tokens, False) for r in records], dim=1)
 
     @torch.no_grad()
     def trace(self, pixel_values: torch.Tensor, mode: str | None = None) -> Trace:
@@ -110,9 +117,18 @@ class DyTVisionTransformer(VisionTransformer):
         nan = torch.full((b, n - 1), float("nan"))
         return Trace(
             logits,
-            torch.stack([r.mask for r in records], dim=1),
-            torch.stack([nan if r.logits is None else r.logits for r in records], dim=1),
+            torch.stack([padded(r.mask, n, False) for r in records], dim=1),
+            torch.stack([nan if r.logits is None else padded(r.logits, n - 1, float("nan")) for r in records], dim=1),
         )
+
+
+def padded(rows: torch.Tensor, length: int, fill: bool | float) -> torch.Tensor:
+    """[B, T] rows extended with `fill` to [B, length]: a dispatcher after ToMe merges sees
+    fewer tokens than N, and every dispatcher's row of the mask output has length N."""
+    missing = length - rows.shape[1]
+    if not missing:
+        return rows
+    return torch.cat([rows, torch.full((rows.shape[0], missing), fill, dtype=rows.dtype, device=rows.device)], dim=1)
 
 
 def build_model(cfg: DyTConfig, *, seed: int | None = None, init_weights: bool = True) -> DyTVisionTransformer:
