@@ -44,15 +44,14 @@ def _status_kb(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
-def measure_here(runtime: str, model: Path, images: np.ndarray, batch: int, threads: int,
-                 **options: Any) -> dict[str, float]:
+def measure_here(runtime: str, model: Path, images: np.ndarray, batch: int, threads: int) -> dict[str, float]:
     """Resident-set figures (MB) of this process around loading and running `model`."""
     from runtimes import open_backend
     from validation.throughput import batches_of
 
     feeds = [np.ascontiguousarray(images[g]) for g in batches_of(len(images), batch)]
     baseline = _status_kb("VmRSS")
-    backend = open_backend(runtime, model, threads=threads, **options)
+    backend = open_backend(runtime, model, threads=threads)
     loaded = _status_kb("VmRSS")
     name = backend.input_names[0]
     for feed in feeds:
@@ -87,11 +86,10 @@ def external_copy(model: Path, folder: Path) -> Path:
 
 
 def peak_memory(runtime: str, model: Path, images: Path, batch: int, threads: int,
-                allocator: str = "glibc default", options: dict[str, Any] | None = None) -> dict[str, Any]:
+                allocator: str = "glibc default") -> dict[str, Any]:
     """`measure_here` in a fresh interpreter; `images` is a .npy file of pixel values."""
     command = [sys.executable, "-m", "validation.bench_memory", "--runtime", runtime, "--model", str(model),
-               "--images", str(images), "--batch", str(batch), "--threads", str(threads),
-               "--options", json.dumps(options or {})]
+               "--images", str(images), "--batch", str(batch), "--threads", str(threads)]
     env = {**os.environ, **ALLOCATORS[allocator]}
     done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
     if done.returncode != 0:
@@ -107,10 +105,9 @@ def main() -> None:
     parser.add_argument("--images", type=Path, required=True, help=".npy file of pixel values [N, C, H, W]")
     parser.add_argument("--batch", type=int, required=True)
     parser.add_argument("--threads", type=int, required=True)
-    parser.add_argument("--options", type=json.loads, default={}, help="backend options as a JSON object")
     args = parser.parse_args()
     images = np.load(args.images)
-    print(json.dumps(measure_here(args.runtime, args.model, images, args.batch, args.threads, **args.options)))
+    print(json.dumps(measure_here(args.runtime, args.model, images, args.batch, args.threads)))
 
 
 if __name__ == "__main__":

@@ -33,19 +33,6 @@ BOTTLENECK = 64
 ADAPTER_SCALE = 0.1
 """The public speed script's `ffn_adapter_scalar`."""
 NUM_CLASSES = 1000
-WORK = Path("validation/records/bench/work")
-"""Where `make bench` (default --out) leaves its models and image pool for the experiment
-tools (`validation.roles`, `validation.levers`)."""
-
-
-def require_work_files(work: Path, *names: str) -> None:
-    """Refuse, before any work, a work directory that lacks what an experiment reads: the tools
-    measure `make bench`'s own models rather than build their own."""
-    from dyt_export.errors import UserError
-
-    missing = [name for name in names if not (work / name).is_file()]
-    if missing:
-        raise UserError(f"{work} has no {', '.join(missing)}: run make bench first, or pass --work OUT/work of a run")
 
 
 def meta_model(config: DyTConfig) -> DyTVisionTransformer:
