@@ -14,13 +14,13 @@ from conftest import force_dispatcher, image_batch, small_config
 from dyt_export import build_model
 from dyt_export.export import export_onnx
 from runtimes import open_backend
-from validation import bench
-from validation.bench_memory import external_copy, measure_here
-from validation.bench_models import trained_like
-from validation.bench_report import (DOCS_BEGIN, DOCS_END, Result, memory_table, results_from_record, target_checks,
+from validation.bench import cli as bench
+from validation.bench.memory import external_copy, measure_here
+from validation.bench.models import trained_like
+from validation.bench.report import (DOCS_BEGIN, DOCS_END, Result, memory_table, results_from_record, target_checks,
                                      targets_table, write_docs)
-from validation.gemm import LIBRARIES, matmul_runner
-from validation.public_eager import PublicEagerDyT
+from validation.bench.gemm import LIBRARIES, matmul_runner
+from validation.bench.public_eager import PublicEagerDyT
 from validation.turns import paired_ratio, row, take_turns
 
 
@@ -142,7 +142,7 @@ def test_int8_rows_and_targets_cover_both_activation_forms():
     """Each --int8-activations form is timed against the same fp32 calls and gets targets of
     its own; a record from before the dynamic form (no activations key, the demo's runtimes
     at its top level) still reads as the static form."""
-    from validation.bench_int8 import int8_checks, int8_rows, int8_table
+    from validation.bench.int8 import int8_checks, int8_rows, int8_table
 
     timed = {("ort-cpu", 2, 1): {"dyt@0.5": [0.2] * 3, "int8@0.5": [0.1] * 3, "int8-dynamic@0.5": [0.125] * 3}}
     rows = int8_rows(timed, 0.5)

@@ -20,7 +20,7 @@ from onnx import TensorProto, helper
 from packaging.version import Version
 
 import runtimes.ort_cuda
-import validation.gpu_check as gpu_check
+import validation.bench.gpu_check as gpu_check
 from conftest import image_batch, small_config
 from dyt_export import build_model, export_onnx, load_checkpoint, save
 from runtimes import Availability, BackendError, get_backend, open_backend
@@ -385,7 +385,7 @@ def test_gpu_check_without_a_gpu_exits_2_at_once_and_installs_nothing(monkeypatc
 @no_gpu_here
 def test_gpu_check_command_refuses_within_seconds():
     began = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "validation.gpu_check"], capture_output=True, text=True, timeout=60,
+    done = subprocess.run([sys.executable, "-m", "validation.bench.gpu_check"], capture_output=True, text=True, timeout=60,
                           cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.startswith("gpu-check: no GPU to check here: ") and len(done.stderr.splitlines()) == 1

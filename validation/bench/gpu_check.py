@@ -7,7 +7,7 @@ BUDGET_S seconds.
    CUDA version; then ort-cuda must start a session (asked with torch imported).
 3. The demo DyT (trained on first use) validated on ort-cuda, parity only: its fp32 export
    and an fp16 export made here.
-4. ViT-B/16 DyT as `make bench` builds it (validation.bench_models: seeded, public checkpoint
+4. ViT-B/16 DyT as `make bench` builds it (validation.bench.models: seeded, public checkpoint
    layout, dispatchers calibrated to activation VIT_RATE), exported with its token masks and
    validated on VIT_IMAGES digits images at 224 px, with throughput: DyT against its dense
    export at batch 1, 8 and 32, the paper's GPU figures beside them.
@@ -40,7 +40,7 @@ validation computes its own reference masks)."""
 SEED = 0
 """`make bench`'s default seed: the same weights and calibration."""
 BACKBONE = "vit_base_patch16_224"
-"""`make bench`'s backbone (validation.bench_models.BACKBONE)."""
+"""`make bench`'s backbone (validation.bench.models.BACKBONE)."""
 BATCHES = (1, 8, 32)
 PAPER_GPU = (("V100", 806.0, 912.0), ("T4", 435.0, 525.0))
 """The DyT paper's GPU throughput, img/s: (GPU, ViT-B/16 dense, DyT)."""
@@ -121,7 +121,7 @@ def _placement(record: dict[str, Any]) -> str:
 
 
 def _validate(run: Run, model: Path, out: Path, **options: Any) -> tuple[bool, str]:
-    from .harness import Options, validate
+    from ..harness import Options, validate
 
     outcome = validate(Options(runtime=RUNTIME, model=model, out=out, ref_threads=os.cpu_count() or 1, **options),
                        log=lambda line: run.log(f"  {line}"))
@@ -134,7 +134,7 @@ def _demo_fp16(checkpoint: Path, out: Path) -> Path:
     """The demo checkpoint exported in fp16 (`dyt-export --fp16`), into `out`."""
     from dyt_export import export_onnx, load_checkpoint
 
-    from .train import Recipe
+    from ..demo.train import Recipe
 
     out.mkdir(parents=True, exist_ok=True)
     path = out / "dyt_digits_fp16.onnx"
@@ -145,7 +145,7 @@ def _demo_fp16(checkpoint: Path, out: Path) -> Path:
 def _vit(out: Path) -> Path:
     from dyt_export.calibrate import image_like
 
-    from .bench_models import base_model, calibrated
+    from .models import base_model, calibrated
 
     out.mkdir(parents=True, exist_ok=True)
     base = base_model(SEED, BACKBONE)
@@ -217,7 +217,7 @@ def check(run: Run) -> int:
     if not run.step(f"{RUNTIME} starts", starts):
         return EXIT_NO_GPU
     run.out.mkdir(parents=True, exist_ok=True)
-    from .demo import ensure_demo_model
+    from ..demo import ensure_demo_model
 
     demo = None
 
@@ -244,7 +244,7 @@ def check(run: Run) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m validation.gpu_check", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m validation.bench.gpu_check", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("validation/records/gpu-check"), help="records directory")
     args = parser.parse_args(argv)
     problem = gpu_problem()

@@ -1,13 +1,13 @@
 """`make demo`: train (or reuse) the demo DyT, export it, validate it on ORT-CPU and
 OpenVINO, and print one table.
 
-The demo model is a small DyT trained here on scikit-learn's digits (validation/train.py),
+The demo model is a small DyT trained here on scikit-learn's digits (validation/demo/train.py),
 saved in the public DyT training code's checkpoint layout (full training checkpoint with
 `args`) and cached with its ONNX export under `.cache/demo/` (override with DYT_CACHE_DIR).
 The cache is keyed by the training recipe (the ONNX file also by the checkpoint's hash and the
 exporter's graph form); `--retrain` ignores it.
 
-Geometry (validation/train.py `Recipe`): 32x32 inputs (8x8 digits upscaled 4x), patch 4,
+Geometry (validation/demo/train.py `Recipe`): 32x32 inputs (8x8 digits upscaled 4x), patch 4,
 so each token is one digit pixel and the 64 patch tokens split cleanly into strokes and
 empty background, which is what a token dispatcher should learn to tell apart; width 96,
 4 blocks, 3 heads, MLP 384, adapter bottleneck 16: the largest model whose two training
@@ -39,7 +39,7 @@ ONNX_NAME = "dyt_digits.onnx"
 
 
 def cache_dir() -> Path:
-    default = Path(__file__).resolve().parents[1] / ".cache"
+    default = Path(__file__).resolve().parents[2] / ".cache"
     return Path(os.environ.get("DYT_CACHE_DIR", default)) / "demo"
 
 
@@ -125,7 +125,7 @@ def _runtimes(text: str) -> list[str]:
     here, not when the parser is built, so that --help stays instant)."""
     from runtimes import ONNX_RUNTIMES
 
-    from .cli import names_from
+    from ..cli import names_from
 
     return names_from(ONNX_RUNTIMES, "runtime")(text)
 
@@ -134,7 +134,7 @@ def _table(results: list[tuple[str, dict[str, Any] | None, str]]) -> str:
     from rich.console import Console
     from rich.table import Table
 
-    from .compare import fmt
+    from ..compare import fmt
 
     table = Table(title="DyT demo: sklearn digits test split, PyTorch reference vs runtime")
     for column in ("runtime", "acc torch", "acc runtime", "max rel", "on logits", "top-1 agree", "mask agree", "flips",
@@ -164,7 +164,7 @@ def _table(results: list[tuple[str, dict[str, Any] | None, str]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     from dyt_export.cli.common import EXIT_BAD_INPUT, EXIT_RUNTIME_FAILURE, Parser
 
-    from .cli import EXIT_OK, EXIT_PARITY, run_command
+    from ..cli import EXIT_OK, EXIT_PARITY, run_command
 
     p = Parser(prog="python -m validation.demo", description=__doc__.splitlines()[0])
     p.add_argument("--runtimes", type=_runtimes, default="ort-cpu,openvino",
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         from dyt_export.errors import UserError
         from runtimes import BackendError, get_backend
 
-        from .harness import Options, check_output_dir, validate
+        from ..harness import Options, check_output_dir, validate
 
         def log(line: str) -> None:
             print(line, file=sys.stderr)

@@ -2,7 +2,7 @@
 
 Runtimes keep arenas and caches for the life of a process, so memory read in the process
 that times ten models says nothing about any one of them. Each measurement is a fresh
-`python -m validation.bench_memory` process that imports the runtime, loads the images,
+`python -m validation.bench.memory` process that imports the runtime, loads the images,
 records its resident set (the baseline), loads the model, runs one pass over the image pool
 at the given batch size, and reports the kernel's high-water mark of its resident set
 (`VmHWM`, the same figure as `ru_maxrss`). Baseline and peak are both reported: the peak is
@@ -88,7 +88,7 @@ def external_copy(model: Path, folder: Path) -> Path:
 def peak_memory(runtime: str, model: Path, images: Path, batch: int, threads: int,
                 allocator: str = "glibc default") -> dict[str, Any]:
     """`measure_here` in a fresh interpreter; `images` is a .npy file of pixel values."""
-    command = [sys.executable, "-m", "validation.bench_memory", "--runtime", runtime, "--model", str(model),
+    command = [sys.executable, "-m", "validation.bench.memory", "--runtime", runtime, "--model", str(model),
                "--images", str(images), "--batch", str(batch), "--threads", str(threads)]
     env = {**os.environ, **ALLOCATORS[allocator]}
     done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)

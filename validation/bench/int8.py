@@ -40,7 +40,7 @@ def demo_agreement(work: Path, runtimes: list[str], threads: int) -> dict[str, A
     from runtimes import open_backend
     from validation.data import digits
     from validation.demo import ensure_demo_model
-    from validation.train import Recipe
+    from validation.demo.train import Recipe
 
     demo = ensure_demo_model()
     size = Recipe().img_size

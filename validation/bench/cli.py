@@ -7,13 +7,13 @@ to each activation rate, saved in the public DyT checkpoint layout, loaded back 
 * per runtime (ORT-CPU, OpenVINO) and batch size, in turns call by call
   (`validation.turns`): the DyT exports, the `dense` export, the `masked` export (its cost
   does not depend on the rate, so one rate suffices), the two int8 exports (static and
-  dynamic activations, `validation.bench_int8`) and the runtime's own large GEMM;
-* eager PyTorch DyT along the public code's gather/scatter path (`validation.public_eager`),
+  dynamic activations, `validation.bench.int8`) and the runtime's own large GEMM;
+* eager PyTorch DyT along the public code's gather/scatter path (`validation.bench.public_eager`),
   in turns with `torch.mm`;
 * the machine's fp32 GEMM rate, best of numpy, torch, ONNX Runtime and OpenVINO
-  (`validation.gemm`);
+  (`validation.bench.gemm`);
 * peak memory of the dense and DyT exports, one process per measurement
-  (`validation.bench_memory`).
+  (`validation.bench.memory`).
 
 It prints the tables, writes `OUT/bench.json` and replaces the marked section of
 `docs/performance.md`. Everything is seeded: calibration images (seed S), timed images
@@ -66,7 +66,7 @@ class Exports:
     """Everything timed: calibrated DyT models (one per rate) and the middle rate's twins."""
 
     models: list[Any]
-    """`validation.bench_models.CalibratedModel` per rate."""
+    """`validation.bench.models.CalibratedModel` per rate."""
     dense: Path
     masked: Path
     int8: dict[str, Path]
@@ -78,7 +78,7 @@ class Exports:
         return self.models[len(self.models) // 2]
 
     def onnx_files(self) -> dict[str, Path]:
-        from validation.bench_int8 import contender
+        from validation.bench.int8 import contender
 
         return {"dense": self.dense, "masked": self.masked, **{f"dyt@{m.rate:g}": m.dynamic for m in self.models},
                 **{contender(a, self.middle.rate): path for a, path in self.int8.items()}}
@@ -88,9 +88,9 @@ def build_exports(args: argparse.Namespace, work: Path) -> Exports:
     """Seeded model, calibrated per rate, public layout, exported; dense, masked and int8 twins
     at the middle rate (dense ignores the dispatchers, masked costs the same at every rate)."""
     from dyt_export.calibrate import image_like
-    from validation.bench_int8 import int8_exports
-    from validation.bench_models import base_model, calibrated, export_twin
-    from validation.public_eager import PublicEagerDyT
+    from validation.bench.int8 import int8_exports
+    from validation.bench.models import base_model, calibrated, export_twin
+    from validation.bench.public_eager import PublicEagerDyT
 
     base = base_model(args.seed, args.backbone)
     pool = image_like(args.images, size=base.dyt_config.img_size, seed=args.seed + 1)
@@ -111,8 +111,8 @@ def time_all(args: argparse.Namespace, ex: Exports, threads: list[int]) -> tuple
     import torch
 
     from runtimes import open_backend
-    from validation.gemm import matmul_runner, square
-    from validation.public_eager import PublicEagerDyT
+    from validation.bench.gemm import matmul_runner, square
+    from validation.bench.public_eager import PublicEagerDyT
 
     timed: dict[tuple[str, int, int], dict[str, list[float]]] = {}
     group_gemm: dict[tuple[str, int, int], float] = {}
@@ -146,9 +146,9 @@ def time_all(args: argparse.Namespace, ex: Exports, threads: list[int]) -> tuple
 
 
 def measure_memory(args: argparse.Namespace, ex: Exports, work: Path, threads: int) -> list[dict[str, Any]]:
-    """Peak memory of the dense and DyT exports, one process each (`validation.bench_memory`),
+    """Peak memory of the dense and DyT exports, one process each (`validation.bench.memory`),
     per allocator setting and weights layout."""
-    from validation.bench_memory import EXTERNAL_DATA, SETUPS, external_copy, peak_memory
+    from validation.bench.memory import EXTERNAL_DATA, SETUPS, external_copy, peak_memory
 
     models = [("dense", ex.dense), *[(f"dyt@{m.rate:g}", m.dynamic) for m in ex.models]]
     memory = []
@@ -170,7 +170,7 @@ def measure_memory(args: argparse.Namespace, ex: Exports, work: Path, threads: i
 def results_of(ex: Exports, timed: dict, group_gemm: dict, gemm_best: float) -> list[Any]:
     """One `Result` per runtime, threads, batch and rate, with its baselines from the same turns."""
     from dyt_export.flops import macs_per_image
-    from validation.bench_report import Result
+    from validation.bench.report import Result
     from validation.costs import active_counts
     from validation.throughput import batches_of
 
@@ -198,8 +198,8 @@ def results_of(ex: Exports, timed: dict, group_gemm: dict, gemm_best: float) -> 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from validation.bench_int8 import demo_agreement, int8_rows
-    from validation.gemm import DEFAULT_SIZE, machine_gemm_rates
+    from validation.bench.int8 import demo_agreement, int8_rows
+    from validation.bench.gemm import DEFAULT_SIZE, machine_gemm_rates
     from validation.machine import machine_info
 
     start = time.perf_counter()
@@ -304,7 +304,7 @@ def parser() -> Parser:
 def report_only(path: Path, docs: str) -> int:
     """Tables and docs section from a bench.json, e.g. after the report's wording changed."""
     from dyt_export.files import check_input_file
-    from validation.bench_report import markdown, results_from_record, write_docs
+    from validation.bench.report import markdown, results_from_record, write_docs
 
     check_input_file(path, "--report")
     try:
@@ -323,7 +323,7 @@ def _refuse_before_work(args: argparse.Namespace) -> None:
     from dyt_export.init_model import backbone_config
     from dyt_export.export import weights_need_external_data
     from dyt_export.quantize import INT8_SINGLE_FILE_ONLY
-    from validation.bench_models import ADAPTER_SCALE, BOTTLENECK, NUM_CLASSES, meta_model, require_work_space
+    from validation.bench.models import ADAPTER_SCALE, BOTTLENECK, NUM_CLASSES, meta_model, require_work_space
     from validation.harness import check_output_dir, check_output_file
 
     model = meta_model(backbone_config(args.backbone, bottleneck=BOTTLENECK, adapter_scale=ADAPTER_SCALE,
@@ -340,8 +340,8 @@ def _refuse_before_work(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     def body(args: argparse.Namespace) -> int:
-        from validation.bench_int8 import int8_checks, int8_table
-        from validation.bench_report import markdown, memory_table, results_table, target_checks, targets_table, write_docs
+        from validation.bench.int8 import int8_checks, int8_table
+        from validation.bench.report import markdown, memory_table, results_table, target_checks, targets_table, write_docs
         from validation.harness import write_json
 
         if args.report:
