@@ -395,7 +395,7 @@ def test_gpu_check_command_refuses_within_seconds():
 def test_gpu_check_refuses_a_driver_older_than_torchs_cuda(monkeypatch):
     import torch
 
-    monkeypatch.setattr(runtimes.cuda_driver, "query_driver", lambda: Driver((12, 4), ("Tesla T4",)))
+    monkeypatch.setattr(gpu_check, "query_driver", lambda: Driver((12, 4), ("Tesla T4",)))
     monkeypatch.setattr(torch.version, "cuda", "13.0")
     assert gpu_check.gpu_problem() == (f"the NVIDIA driver supports CUDA 12.4; torch {torch.__version__} and the "
                                        "onnxruntime-gpu matched to it need CUDA 13: update the driver")
@@ -425,7 +425,7 @@ def test_gpu_check_runs_its_steps_end_to_end_on_the_cpu(small, monkeypatch, tmp_
     monkeypatch.setattr(gpu_check, "RUNTIME", "ort-cpu")
     monkeypatch.setattr(gpu_check, "gpu_problem", lambda: "")
     monkeypatch.setattr(gpu_check, "_setup", lambda: (True, "skipped"))
-    monkeypatch.setattr("validation.demo.ensure_demo_model", lambda **_: DemoModel(checkpoint, small, {}))
+    monkeypatch.setattr("validation.demo.model.ensure_demo_model", lambda **_: DemoModel(checkpoint, small, {}))
     monkeypatch.setattr(gpu_check, "_vit", lambda out: small)
     monkeypatch.setattr(gpu_check, "VIT_IMAGES", 16)
     monkeypatch.setattr(gpu_check, "BATCHES", (1, 4))

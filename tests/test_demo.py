@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+import validation.demo.cli
 import validation.demo.model
 from dyt_export import export_onnx, load_checkpoint
 from dyt_export.quantize import calibration_images, quantize_int8
@@ -66,7 +67,7 @@ def test_demo_refuses_unknown_or_unavailable_runtimes_before_training(runtimes, 
     if runtimes == "ort-cuda" and get_backend("ort-cuda").availability():
         pytest.skip("CUDA is available here")
     monkeypatch.setattr(validation.demo.model, "ensure_demo_model", lambda **_: pytest.fail("training started"))
-    assert validation.demo.model.main(["--runtimes", runtimes]) == 2  # bad input, like `python -m validation`; 3 is parity
+    assert validation.demo.cli.main(["--runtimes", runtimes]) == 2  # bad input, like `python -m validation`; 3 is parity
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
 

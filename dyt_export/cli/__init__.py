@@ -1,5 +1,10 @@
 """The `dyt-export` command. `dyt-export CKPT ...` exports; `dyt-export <command> ...` runs a
-subcommand. Bad input exits 2 with one line on stderr, a bug exits 1; --debug shows tracebacks."""
+subcommand. Bad input exits 2 with one line on stderr, a bug exits 1; --debug shows tracebacks.
+
+Owns the command line and, in `common`, what every command of the toolkit shares: the exit
+codes, one-line errors (`run_guarded`) and the argparse `Parser` (validation's commands take
+them from here too). May import everything in `dyt_export`; never `runtimes` or `validation`.
+"""
 from __future__ import annotations
 
 import argparse

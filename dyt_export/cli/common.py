@@ -13,11 +13,14 @@ from ..atomic import FULL_DISK
 from ..config import DyTConfig
 from ..errors import UserError
 
-EXIT_INTERNAL, EXIT_BAD_INPUT, EXIT_RUNTIME_FAILURE, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 1, 2, 4, 130, 141
-"""1 a bug, 2 bad input or a full disk (both the user's to change), 4 a runtime that failed
+EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT, EXIT_PARITY, EXIT_RUNTIME_FAILURE = 0, 1, 2, 3, 4
+EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 130, 141
+"""The exit codes of every command of the toolkit, defined here only: 0 success, 1 a bug, 2 bad
+input or a full disk (both the user's to change), 3 a parity failure (validation: the
+runtime's answers are not PyTorch's; the exporter never returns it), 4 a runtime that failed
 while running a model (the runtime's fault: neither the input's nor a bug here; only the
 commands that run runtimes raise it); 130 and 141 as a shell reports SIGINT and SIGPIPE
-(128 + signal). 3 is left to validation's parity failure."""
+(128 + signal)."""
 
 
 def run_guarded(body: Callable[[], int], *, debug: bool, prog: str,

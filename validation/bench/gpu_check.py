@@ -15,7 +15,9 @@ BUDGET_S seconds.
 Step lines go to stderr as the steps run, one summary to stdout at the end. Records land
 under OUT (default validation/records/gpu-check/). Exit codes: 0 every step passed; 2 no
 usable GPU, or ort-cuda did not start after the setup; 3 a parity failure; 1 anything else,
-the time budget included (a watchdog ends the run).
+the time budget included (a watchdog ends the run). What imports torch (the harness, the
+exporter, the models) is imported in the step that needs it, so that a machine without a
+GPU is told so at once.
 """
 from __future__ import annotations
 
@@ -26,8 +28,14 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
+
+from dyt_export.cli.common import EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_OK, EXIT_PARITY
+from runtimes import get_backend
+from runtimes.base import first_line
+from runtimes.cuda_driver import query_driver
 
 BUDGET_S = 8 * 60
 SETUP_TIMEOUT_S = 4 * 60
@@ -44,7 +52,9 @@ BACKBONE = "vit_base_patch16_224"
 BATCHES = (1, 8, 32)
 PAPER_GPU = (("V100", 806.0, 912.0), ("T4", 435.0, 525.0))
 """The DyT paper's GPU throughput, img/s: (GPU, ViT-B/16 dense, DyT)."""
-EXIT_OK, EXIT_FAILED, EXIT_NO_GPU, EXIT_PARITY = 0, 1, 2, 3
+EXIT_FAILED, EXIT_NO_GPU = EXIT_INTERNAL, EXIT_BAD_INPUT
+"""gpu-check's 1 is any step that failed for a reason other than parity; its 2 a machine
+without a usable GPU, as an unavailable runtime is bad input to `python -m validation`."""
 
 
 @dataclass
@@ -70,8 +80,6 @@ class Run:
 
     def step(self, name: str, body: Callable[[], tuple[bool, str]], *, parity: bool = False) -> bool:
         """Run one step; a failure is recorded with its one-line cause, never raised."""
-        from runtimes.base import first_line
-
         self.current = name
         self.log(f"{name} ...")
         began = time.monotonic()
@@ -87,8 +95,6 @@ class Run:
 def gpu_problem() -> str:
     """Why this machine cannot run the check ('' when it can): no driver, no GPU, or a driver
     older than torch's CUDA major version (onnxruntime-gpu is picked to match torch)."""
-    from runtimes.cuda_driver import query_driver
-
     driver = query_driver()
     if driver.problem:
         return driver.problem
@@ -106,8 +112,6 @@ def _setup() -> tuple[bool, str]:
                           stdin=subprocess.DEVNULL, stdout=sys.stderr)  # stdout is the summary's
     if done.returncode != 0:
         return False, f"python -m runtimes.cuda_setup exited {done.returncode}"
-    from importlib import metadata
-
     return True, f"onnxruntime-gpu {metadata.version('onnxruntime-gpu')}"
 
 
@@ -205,8 +209,6 @@ def _watchdog(run: Run) -> threading.Timer:
 
 def check(run: Run) -> int:
     """Steps 2-4 (the GPU is known to be there)."""
-    from runtimes import get_backend
-
     if not run.step("setup-cuda", _setup):
         return EXIT_FAILED
 
@@ -217,7 +219,7 @@ def check(run: Run) -> int:
     if not run.step(f"{RUNTIME} starts", starts):
         return EXIT_NO_GPU
     run.out.mkdir(parents=True, exist_ok=True)
-    from ..demo import ensure_demo_model
+    from ..demo.model import ensure_demo_model
 
     demo = None
 

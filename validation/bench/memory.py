@@ -36,6 +36,9 @@ from typing import Any
 
 import numpy as np
 
+from runtimes import open_backend
+from validation.throughput import batches_of
+
 
 def _status_kb(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -46,9 +49,6 @@ def _status_kb(field: str) -> int:
 
 def measure_here(runtime: str, model: Path, images: np.ndarray, batch: int, threads: int) -> dict[str, float]:
     """Resident-set figures (MB) of this process around loading and running `model`."""
-    from runtimes import open_backend
-    from validation.throughput import batches_of
-
     feeds = [np.ascontiguousarray(images[g]) for g in batches_of(len(images), batch)]
     baseline = _status_kb("VmRSS")
     backend = open_backend(runtime, model, threads=threads)
@@ -76,7 +76,7 @@ def external_copy(model: Path, folder: Path) -> Path:
     writes them (the graph is the same; exporting ViT-B/16 again would take a minute)."""
     from onnxscript import ir
 
-    from dyt_export.export import save_onnx
+    from dyt_export.export import save_onnx  # imports torch: only when a copy is made
 
     folder.mkdir(parents=True, exist_ok=True)
     out = folder / model.name

@@ -14,6 +14,7 @@ the public code would hand to `dyt-export`.
 from __future__ import annotations
 
 import copy
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import torch
 from dyt_export import load_checkpoint, write_public_checkpoint
 from dyt_export.calibrate import calibrate_dispatchers, image_like
 from dyt_export.config import DyTConfig
+from dyt_export.errors import UserError
 from dyt_export.export import export_onnx, parameter_bytes
 from dyt_export.init_model import CALIBRATION_IMAGES, init_model
 from dyt_export.model import DyTVisionTransformer
@@ -49,10 +51,6 @@ def require_work_space(work: Path, model: DyTVisionTransformer, rates: int) -> N
     external-data copy; the dense export and its copy; the masked export; the int8 export (a
     quarter); one more while an export is staged. Files of an earlier run are replaced, so
     their space counts as free."""
-    import shutil
-
-    from dyt_export.errors import UserError
-
     needed = parameter_bytes(model) * (3 * rates + 4.25)
     existing = next(p for p in [work, *work.parents] if p.exists())
     replaced = sum(f.stat().st_size for f in work.rglob("*") if f.is_file()) if work.is_dir() else 0

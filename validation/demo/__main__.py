@@ -1,6 +1,6 @@
-"""`python -m validation.demo`: see validation/demo/model.py."""
+"""`python -m validation.demo`: see validation/demo/cli.py."""
 import sys
 
-from .model import main
+from .cli import main
 
 sys.exit(main())
