@@ -11,7 +11,7 @@ OUT     ?=
 CKPT    ?=
 ARGS    ?=
 
-.PHONY: setup test demo export validate pictures bench cpp setup-cuda clean
+.PHONY: setup test demo serve export validate pictures bench cpp setup-cuda clean
 
 setup: $(STAMP)
 
@@ -25,6 +25,13 @@ test: setup
 
 demo: setup
 	$(BIN)/python -m validation.demo $(ARGS)
+
+# Serve MODEL (default: the demo model `make demo` made) on RUNTIME over HTTP, on a local Ray
+# instance: the Open Inference Protocol and an image route (docs/serving.md); Ctrl-C stops.
+DEMO_ONNX := $(or $(DYT_CACHE_DIR),.cache)/demo/dyt_digits.onnx
+serve: setup
+	@test -n "$(MODEL)" -o -f "$(DEMO_ONNX)" || { echo "no demo model in $(DEMO_ONNX): run make demo first, or pass MODEL=model.onnx"; exit 2; }
+	$(BIN)/dyt-export serve $(or $(MODEL),$(DEMO_ONNX)) --runtime $(RUNTIME) $(ARGS)
 
 export: setup
 	@test -n "$(CKPT)" || { echo "usage: make export CKPT=model.pt [ARGS='--opset 18 --with-masks']"; exit 2; }
