@@ -314,33 +314,41 @@ def test_the_image_route_gives_the_demo_accuracy_on_the_digits_test_split(server
 
 @pytest.mark.slow
 def test_a_killed_replica_fails_its_requests_and_is_replaced(server, tmp_path):
-    """A second application (one replica, batches held 2 s so that requests are in flight) whose
-    replica process is killed: the requests it held get an error within seconds, not a hang;
-    Ray starts a new replica and later requests are answered."""
+    """A second application (one replica, batches held 2 s). A large request finds the model
+    idle and runs at once, without waiting for company; three requests sent while it runs wait
+    in the next batch, and the replica process is killed under them: they get an error within
+    seconds, not a hang. Ray starts a new replica and later requests are answered."""
     import ray._private.state as ray_state
 
     config = ServeConfig(models=(ModelSource("small", str(server.small)),), runtime="ort-cpu", replicas=1, threads=1,
-                         max_batch=64, batch_wait_s=2.0)
+                         max_batch=1024, batch_wait_s=2.0)
     serve.run(build_app(config), name="kill", route_prefix="/kill")
 
     def replica_pids() -> set[int]:
         return {actor["Pid"] for actor in ray_state.actors().values()
                 if actor["State"] == "ALIVE" and actor["ActorClassName"].startswith("ServeReplica:kill:")}
 
+    path = "/kill/v2/models/small/infer"
+    large, large_headers = _infer_body(image_batch(512, seed=6))
     body, headers = _infer_body(image_batch(1, seed=6))
     (victim,) = replica_pids()
     try:
         with ThreadPoolExecutor(4) as pool:
-            in_flight = [pool.submit(request, server.port, "POST", "/kill/v2/models/small/infer", body, headers, 60)
-                         for _ in range(4)]
+            started = time.monotonic()
+            alone = pool.submit(lambda: (request(server.port, "POST", path, large, large_headers, 60)[0],
+                                         time.monotonic() - started))
+            time.sleep(0.1)
+            held = [pool.submit(request, server.port, "POST", path, body, headers, 60) for _ in range(3)]
             time.sleep(1.0)
             os.kill(victim, signal.SIGKILL)
-            started = time.monotonic()
-            statuses = [future.result()[0] for future in in_flight]
-        assert time.monotonic() - started < 30 and all(status >= 500 for status in statuses), statuses
+            killed = time.monotonic()
+            statuses = [future.result()[0] for future in held]
+            assert time.monotonic() - killed < 30 and all(status >= 500 for status in statuses), statuses
+        status, seconds = alone.result()
+        assert status == 200 and seconds < 1.5  # ran at once: the 2 s batch wait is for requests that overlap
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
-            status, _, _ = request(server.port, "POST", "/kill/v2/models/small/infer", body, headers, 60)
+            status, _, _ = request(server.port, "POST", path, body, headers, 60)
             if status == 200:
                 break
             time.sleep(1)

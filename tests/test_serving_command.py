@@ -41,7 +41,7 @@ def test_help_names_every_runtime():
 
 
 @pytest.mark.parametrize("case", ["missing", "not-onnx", "not-dyt", "same-name", "bad-name", "runtime", "labels",
-                                  "port", "wait", "replicas", "cpus"])
+                                  "port", "wait", "replicas", "cpus", "ingress-on-a-cluster"])
 def test_bad_arguments_are_refused_in_one_line_before_ray_starts(case, model, run_cli, tmp_path):
     text = tmp_path / "notes.onnx"
     text.write_text("not a model")
@@ -62,6 +62,8 @@ def test_bad_arguments_are_refused_in_one_line_before_ray_starts(case, model, ru
         "wait": ([model, "--batch-wait-ms", "-1"], "'-1' is not a number of milliseconds"),
         "replicas": ([model, "--replicas", "0"], "'0' is not a positive integer"),
         "cpus": ([model, "--replicas", "64", "--threads", "2"], "64 replica(s) x 2 thread(s) need 128 CPUs"),
+        "ingress-on-a-cluster": ([model, "--address", "127.0.0.2:6379", "--ingress", "haproxy"],
+                                 "--ingress applies to the local Ray instance"),
     }[case]
     started = time.monotonic()
     assert_refused(run_cli("serve", *args), message)
@@ -113,16 +115,19 @@ def _binary_infer(port: int, x: np.ndarray) -> tuple[int, np.ndarray | None]:
 
 
 @pytest.mark.slow
-def test_serve_starts_ray_itself_and_sigterm_lets_requests_in_flight_finish(model, tmp_path):
-    """The command alone: it starts a local Ray instance and prints its URL; SIGTERM while
-    three requests wait in a batch (held 2 s) lets them finish with their answers, then it
-    exits 0 and nothing listens on its port any more."""
+@pytest.mark.parametrize("ingress", ["proxy", "haproxy"])
+def test_serve_starts_ray_itself_and_sigterm_lets_requests_in_flight_finish(model, tmp_path, ingress):
+    """The command alone, with either front door: it starts a local Ray instance and prints its
+    URL; SIGTERM while requests wait in a batch (held 2 s) lets them finish with their answers,
+    then it exits 0 and nothing listens on its port any more."""
     port = free_port()
     stderr = tmp_path / "stderr.txt"
-    process = _start([model, "--port", port, "--threads", "1", "--max-batch", "64", "--batch-wait-ms", "2000"], stderr)
+    process = _start([model, "--port", port, "--threads", "1", "--max-batch", "64", "--batch-wait-ms", "2000",
+                      "--ingress", ingress], stderr)
     try:
         lines, later = _wait_ready(process, stderr)
-        assert lines[0].startswith(f"serving 1 model(s) with ort-cpu on http://127.0.0.1:{port} (a local Ray instance")
+        assert lines[0].startswith(f"serving 1 model(s) with ort-cpu on http://127.0.0.1:{port} "
+                                   f"(a local Ray instance, {ingress} ingress")
         assert any(f"POST http://127.0.0.1:{port}/v2/models/small/infer" in line for line in lines)
         x = image_batch(3, seed=8)
         expected = open_backend("ort-cpu", model, threads=1).run({"pixel_values": x})["logits"]

@@ -68,6 +68,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
     parser.add_argument("--address", metavar="RAY_ADDRESS",
                         help="deploy onto this existing Ray cluster (default: start a local Ray instance)")
+    parser.add_argument("--ingress", choices=("proxy", "haproxy"),
+                        help="front door of the local Ray instance: proxy (default, Ray Serve's HTTP proxy) or "
+                             "haproxy (Ray Serve's high-throughput mode; replicas then listen on all interfaces: "
+                             "docs/serving.md); a cluster keeps the one it was started with")
     parser.add_argument("--max-body", type=_positive, default=64, metavar="MIB",
                         help="largest request body in MiB; larger ones get 413 (default 64)")
     parser.add_argument("--labels", type=Path, metavar="FILE",
@@ -101,6 +105,9 @@ def run(args: argparse.Namespace) -> int:
     if args.address is None and args.replicas * threads > cores:  # Ray would wait for CPUs that never come
         raise UserError(f"{args.replicas} replica(s) x {threads} thread(s) need {args.replicas * threads} CPUs; "
                         f"this machine has {cores} (lower --replicas or --threads, or deploy onto a cluster with --address)")
+    if args.ingress and args.address:
+        raise UserError("--ingress applies to the local Ray instance; a cluster's front door is set where it starts "
+                        "(RAY_SERVE_ENABLE_HA_PROXY=1 in its environment: docs/serving.md)")
     if importlib.util.find_spec("ray") is None:
         raise UserError("dyt-export serve needs Ray Serve: pip install 'dyt-export[serve]' (make setup installs it)")
 
@@ -130,4 +137,4 @@ def run(args: argparse.Namespace) -> int:
     from runtimes.serving.launch import serve_models
 
     return serve_models(config, facts, address=args.address, host=args.host, port=args.port,
-                        out=lambda line: print(line, flush=True))
+                        ingress=args.ingress or "proxy", out=lambda line: print(line, flush=True))

@@ -32,6 +32,8 @@ from .models import VERSION, ServeConfig, ServedModel
 from .protocol import HEADER_LENGTH, JSON_TYPE, RequestError, decode_infer, encode_infer, error_body
 
 APP_NAME = "dyt"
+QUIET = {"log_level": "WARNING", "enable_access_log": False}
+"""Serve's logging: warnings and errors reach the terminal, one line per request does not."""
 logger = logging.getLogger("ray.serve")
 
 
@@ -44,6 +46,7 @@ def deployment_options(config: ServeConfig) -> dict[str, Any]:
         ray_actor_options={"num_cpus": config.threads, "num_gpus": 1 if config.runtime == "ort-cuda" else 0},
         max_constructor_retry_count=2,  # a file every replica refuses will not load on a third try
         graceful_shutdown_timeout_s=30,
+        logging_config=QUIET,
     )
 
 

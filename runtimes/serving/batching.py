@@ -42,12 +42,28 @@ class Done:
 
 
 class Batcher:
+    """`submit(work)` -> its `Done`. A request that finds the model idle (nothing queued or
+    running) does not wait for company: Ray's queue waits the full timeout after a batch's
+    first request even when no other is coming, which at one client is pure added latency.
+    Once requests overlap, batches wait as configured."""
+
     def __init__(self, model: ServedModel, max_batch: int, wait_s: float) -> None:
         self.model = model
         self.max_batch = max_batch
+        self.wait_s = wait_s
+        self._pending = 0
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"dyt-{model.name}")
-        self.submit = serve.batch(max_batch_size=max_batch, batch_wait_timeout_s=wait_s,
+        self._queue = serve.batch(max_batch_size=max_batch, batch_wait_timeout_s=wait_s,
                                   batch_size_fn=self.cost)(self._run)
+
+    async def submit(self, work: Work) -> Done:
+        # read by the queue when this request starts a batch, so set before it is queued
+        self._queue.set_batch_wait_timeout_s(0.0 if self._pending == 0 else self.wait_s)
+        self._pending += 1
+        try:
+            return await self._queue(work)
+        finally:
+            self._pending -= 1
 
     def cost(self, items: list[Work]) -> int:
         """What a batch of `items` counts against max_batch: its images (a request over the cap

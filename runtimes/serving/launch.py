@@ -9,11 +9,15 @@ controller and proxies, is shut down if this process started it.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import signal
 import socket
+import tempfile
 import threading
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any, Callable, Iterator
 
 import ray
 from ray import serve
@@ -21,12 +25,9 @@ from ray import serve
 from dyt_export.errors import UserError
 
 from ..base import first_line
-from .app import APP_NAME, build_app
+from .app import APP_NAME, QUIET, build_app
+from .ingress import ingress_environment
 from .models import ModelFacts, ServeConfig
-
-QUIET = {"log_level": "WARNING", "enable_access_log": False}
-"""Serve's logging for the replicas and the controller: warnings and errors reach the terminal,
-one line per request does not."""
 
 
 class StopSignal:
@@ -82,48 +83,71 @@ def _check_http(host: str, port: int) -> None:
                         f"pass --host {http.host} --port {http.port}")
 
 
+@contextlib.contextmanager
+def local_ray(ingress: str) -> Iterator[None]:
+    """A Ray instance of this process with `ingress` in front, shut down at the end."""
+    with tempfile.TemporaryDirectory(prefix="dyt-serve-") as workdir:
+        environment = ingress_environment(ingress, Path(workdir))
+        saved = {key: os.environ.get(key) for key in environment}
+        os.environ.update(environment)  # read by the processes Ray starts
+        try:
+            ray.init(include_dashboard=False, logging_level=logging.WARNING)
+            yield
+        finally:
+            ray.shutdown()
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+
+
+@contextlib.contextmanager
+def cluster_ray(address: str) -> Iterator[None]:
+    """This process connected to the Ray cluster at `address`, disconnected at the end."""
+    ray.init(address=address, logging_level=logging.WARNING)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
 def serve_models(config: ServeConfig, facts: list[ModelFacts], *, address: str | None, host: str, port: int,
-                 out: Callable[[str], None] = print) -> int:
+                 ingress: str = "proxy", out: Callable[[str], None] = print) -> int:
     """Serve until SIGINT or SIGTERM; 0 after a clean stop."""
     local = address is None
     if local:
         check_port(host, port)
-    deployed = False
-    stop: StopSignal | None = None
-    try:
-        if local:
-            ray.init(include_dashboard=False, logging_level=logging.WARNING)
-        else:
-            ray.init(address=address, logging_level=logging.WARNING)
+    with local_ray(ingress) if local else cluster_ray(address):
         logging.getLogger("ray.serve").setLevel(logging.WARNING)
         stop = StopSignal()  # after ray.init, which installs a SIGTERM handler of its own
-        check_resources(config)
-        serve.start(http_options={"host": host, "port": port}, logging_config=QUIET)
-        _check_http(host, port)
-        deployed = True
+        deployed = False
         try:
-            serve.run(build_app(config), name=APP_NAME, route_prefix="/", logging_config=QUIET)
-        except RuntimeError as e:  # a replica that could not start: Ray's message holds the replica's traceback
-            raise UserError(f"the models could not be deployed: {first_line(e)}") from None
-        url = f"http://{host}:{port}"
-        where = "a local Ray instance" if local else f"the Ray cluster at {address}"
-        out(f"serving {len(facts)} model(s) with {config.runtime} on {url} ({where}; {config.replicas} replica(s) x "
-            f"{config.threads} thread(s), batches of up to {config.max_batch} images, wait {config.batch_wait_s * 1e3:g} ms)")
-        for fact in facts:
-            out(f"  {fact.describe()}")
-            out(f"    POST {url}/v2/models/{fact.name}/infer     (Open Inference Protocol, JSON or binary tensors)")
-            out(f"    POST {url}/v1/models/{fact.name}/classify  (an image file; ?top_k=K)")
-        out("Ctrl-C or SIGTERM stops the server.")
-        while not stop.event.wait(0.5):
-            pass
-        out("stopping: finishing the requests in flight...")
-        return 0
-    finally:
-        try:
-            if deployed:
-                serve.delete(APP_NAME)  # waits while the replicas finish what they hold
+            check_resources(config)
+            serve.start(http_options={"host": host, "port": port}, logging_config=QUIET)
+            _check_http(host, port)
+            deployed = True
+            try:
+                serve.run(build_app(config), name=APP_NAME, route_prefix="/")
+            except RuntimeError as e:  # a replica that could not start: Ray's message holds the replica's traceback
+                raise UserError(f"the models could not be deployed: {first_line(e)}") from None
+            url = f"http://{host}:{port}"
+            where = f"a local Ray instance, {ingress} ingress" if local else f"the Ray cluster at {address}"
+            out(f"serving {len(facts)} model(s) with {config.runtime} on {url} ({where}; {config.replicas} replica(s) x "
+                f"{config.threads} thread(s), batches of up to {config.max_batch} images, "
+                f"wait {config.batch_wait_s * 1e3:g} ms)")
+            for fact in facts:
+                out(f"  {fact.describe()}")
+                out(f"    POST {url}/v2/models/{fact.name}/infer     (Open Inference Protocol, JSON or binary tensors)")
+                out(f"    POST {url}/v1/models/{fact.name}/classify  (an image file; ?top_k=K)")
+            out("Ctrl-C or SIGTERM stops the server.")
+            while not stop.event.wait(0.5):
+                pass
+            out("stopping: finishing the requests in flight...")
+            return 0
         finally:
-            if ray.is_initialized():
-                ray.shutdown()
-            if stop is not None:
+            try:
+                if deployed:
+                    serve.delete(APP_NAME)  # waits while the replicas finish what they hold
+            finally:
                 stop.restore()
