@@ -11,7 +11,7 @@ OUT     ?=
 CKPT    ?=
 ARGS    ?=
 
-.PHONY: setup test demo serve export validate pictures bench cpp setup-cuda clean
+.PHONY: setup test demo serve export validate pictures bench loadtest cpp setup-cuda clean
 
 setup: $(STAMP)
 
@@ -48,6 +48,13 @@ validate: setup
 # and the table in docs/performance.md. Run it alone: on shared cores, flock -x /tmp/dyt-bench.lock make bench
 bench: setup
 	DYT_BENCH_FROM_MAKE=1 $(BIN)/python -m validation.bench $(ARGS)
+
+# Served throughput and latency (docs/serving.md): the demo model and ViT-B/16 DyT at activation
+# 0.5 behind `dyt-export serve`'s deployment on ORT-CPU and OpenVINO, closed-loop clients at 1, 8
+# and 32 on localhost, beside the in-process backend; writes validation/records/loadtest/.
+# About 35 minutes on 2 quiet cores. Run it alone: flock -x /tmp/dyt-bench.lock make loadtest
+loadtest: setup
+	$(BIN)/python -m loadtest $(ARGS)
 
 # Activation-rate chart and token overlays of MODEL (default: the demo model, as the README
 # shows it: docs/img/demo-digits-*.png) into docs/img.
