@@ -115,22 +115,22 @@ def _binary_infer(port: int, x: np.ndarray) -> tuple[int, np.ndarray | None]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("ingress", ["proxy", "haproxy"])
-def test_serve_starts_ray_itself_and_sigterm_lets_requests_in_flight_finish(model, tmp_path, ingress):
-    """The command alone, with either front door: it starts a local Ray instance and prints its
-    URL; SIGTERM while requests wait in a batch (held 2 s) lets them finish with their answers,
-    then it exits 0 and nothing listens on its port any more."""
+@pytest.mark.parametrize("ingress, runtime", [("proxy", "ort-cpu"), ("haproxy", "openvino")])
+def test_serve_starts_ray_itself_and_sigterm_lets_requests_in_flight_finish(model, tmp_path, ingress, runtime):
+    """The command alone, with either front door (and either CPU runtime): it starts a local
+    Ray instance and prints its URL; SIGTERM while requests wait in a batch (held 2 s) lets
+    them finish with their answers, then it exits 0 and nothing listens on its port any more."""
     port = free_port()
     stderr = tmp_path / "stderr.txt"
     process = _start([model, "--port", port, "--threads", "1", "--max-batch", "64", "--batch-wait-ms", "2000",
-                      "--ingress", ingress], stderr)
+                      "--ingress", ingress, "--runtime", runtime], stderr)
     try:
         lines, later = _wait_ready(process, stderr)
-        assert lines[0].startswith(f"serving 1 model(s) with ort-cpu on http://127.0.0.1:{port} "
+        assert lines[0].startswith(f"serving 1 model(s) with {runtime} on http://127.0.0.1:{port} "
                                    f"(a local Ray instance, {ingress} ingress")
         assert any(f"POST http://127.0.0.1:{port}/v2/models/small/infer" in line for line in lines)
         x = image_batch(3, seed=8)
-        expected = open_backend("ort-cpu", model, threads=1).run({"pixel_values": x})["logits"]
+        expected = open_backend(runtime, model, threads=1).run({"pixel_values": x})["logits"]
         with ThreadPoolExecutor(3) as pool:
             in_flight = [pool.submit(_binary_infer, port, x[i:i + 1]) for i in range(3)]
             time.sleep(1.0)

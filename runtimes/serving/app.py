@@ -63,8 +63,8 @@ def replica_threads(configured: int) -> int:
     return max(1, int(assigned)) if assigned else configured
 
 
-def _json(payload: Any, status: int = 200) -> Response:
-    return Response(json.dumps(payload).encode(), status_code=status, media_type=JSON_TYPE)
+def _json(payload: Any) -> Response:
+    return Response(json.dumps(payload).encode(), media_type=JSON_TYPE)
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
