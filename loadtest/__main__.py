@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
                            for point in served(w, rt, threads, rows[w.name, rt], port, ingress)]
                 serve.shutdown()
         in_process_rows = [row for key in rows for row in rows[key]]
-        record = {"command": "python -m loadtest " + shlex.join(argv), "machine": machine_info(), "threads": threads,
+        record = {"command": shlex.join(["python", "-m", "loadtest", *argv]), "machine": machine_info(), "threads": threads,
                   "minutes": (time.perf_counter() - started) / 60, "in_process": in_process_rows,
                   "served": [point.to_dict() for point in points], "checks": checks(in_process_rows, points)}
         text = markdown(record, points)
