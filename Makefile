@@ -11,13 +11,13 @@ OUT     ?=
 CKPT    ?=
 ARGS    ?=
 
-.PHONY: setup test demo export validate pictures bench cpp setup-cuda gpu-check clean
+.PHONY: setup test demo serve export validate pictures bench loadtest cpp setup-cuda gpu-check clean
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test,serve]'
 	@touch $(STAMP)
 
 test: setup
@@ -25,6 +25,13 @@ test: setup
 
 demo: setup
 	$(BIN)/python -m validation.demo $(ARGS)
+
+# Serve MODEL (default: the demo model `make demo` made) on RUNTIME over HTTP, on a local Ray
+# instance: the Open Inference Protocol and an image route (docs/serving.md); Ctrl-C stops.
+DEMO_ONNX := $(or $(DYT_CACHE_DIR),.cache)/demo/dyt_digits.onnx
+serve: setup
+	@test -n "$(MODEL)" -o -f "$(DEMO_ONNX)" || { echo "no demo model in $(DEMO_ONNX): run make demo first, or pass MODEL=model.onnx"; exit 2; }
+	$(BIN)/dyt-export serve $(or $(MODEL),$(DEMO_ONNX)) --runtime $(RUNTIME) $(ARGS)
 
 export: setup
 	@test -n "$(CKPT)" || { echo "usage: make export CKPT=model.pt [ARGS='--opset 18 --with-masks']"; exit 2; }
@@ -41,6 +48,13 @@ validate: setup
 # and the table in docs/performance.md. Run it alone: on shared cores, flock -x /tmp/dyt-bench.lock make bench
 bench: setup
 	DYT_BENCH_FROM_MAKE=1 $(BIN)/python -m validation.bench $(ARGS)
+
+# Served throughput and latency (docs/serving.md): the demo model and ViT-B/16 DyT at activation
+# 0.5 behind `dyt-export serve`'s deployment on ORT-CPU and OpenVINO, closed-loop clients at 1, 8
+# and 32 on localhost, beside the in-process backend; writes validation/records/loadtest/.
+# About 35 minutes on 2 quiet cores. Run it alone: flock -x /tmp/dyt-bench.lock make loadtest
+loadtest: setup
+	$(BIN)/python -m loadtest $(ARGS)
 
 # Activation-rate chart and token overlays of MODEL (default: the demo model, as the README
 # shows it: docs/img/demo-digits-*.png) into docs/img.

@@ -10,7 +10,8 @@ Three sources, all deterministic and shipped or generated locally (nothing downl
 * `scenes`: procedural natural-image-like pictures: a colour gradient, low-frequency
   "cloud" texture and a few soft-edged shapes, i.e. the smooth regions and edges that
   dominate photographs.
-* a folder of image files (PNG, JPEG, BMP, WebP), resized and centre-cropped.
+* a folder of image files (PNG, JPEG, BMP, WebP), prepared as the model's `dyt.preprocess`
+  says (`dyt_export.preprocess`, the server's image route too).
 
 Pixels are mapped from [0, 1] with mean 0.5 and std 0.5 (to [-1, 1]), the normalisation
 of timm's augreg ViTs and of the demo model.
@@ -23,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from dyt_export.errors import UserError
+from dyt_export.preprocess import PreprocessSpec, preprocess, read_image
 
 MEAN = 0.5
 STD = 0.5
@@ -136,41 +138,37 @@ def scenes(count: int, img_size: int, in_chans: int = 3, seed: int = 0) -> Image
     return ImageSet(normalize(pictures, img_size, in_chans), None, "scenes", [f"scene-{i}" for i in range(count)])
 
 
-def folder(path: Path, img_size: int, in_chans: int = 3) -> ImageSet:
-    """Every image file in `path` (sorted by name), resized on its short side and centre-cropped."""
-    from PIL import Image, UnidentifiedImageError
-
+def folder(path: Path, img_size: int, in_chans: int = 3, spec: PreprocessSpec | None = None) -> ImageSet:
+    """Every image file in `path` (sorted by name), prepared as `spec` says (default: short side
+    resized bicubically to img_size, centre crop, mean/std 0.5), by the function the server's
+    image route uses."""
     path = Path(path)
     if not path.is_dir():
         raise UserError(f"image folder {path} does not exist or is not a directory")
     files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise UserError(f"image folder {path} holds no {'/'.join(IMAGE_SUFFIXES)} files")
+    spec = spec or PreprocessSpec(img_size, mean=(MEAN,) * in_chans, std=(STD,) * in_chans)
     pictures = []
     for file in files:
         try:
-            with Image.open(file) as im:
-                im = im.convert("RGB")
-                scale = img_size / min(im.size)
-                im = im.resize((max(img_size, round(im.width * scale)), max(img_size, round(im.height * scale))),
-                               Image.Resampling.BICUBIC)
-                left, top = (im.width - img_size) // 2, (im.height - img_size) // 2
-                im = im.crop((left, top, left + img_size, top + img_size))
-                pictures.append(np.asarray(im, dtype=np.float32) / 255.0)
-        except (UnidentifiedImageError, OSError) as e:
+            pictures.append(preprocess(read_image(file), spec))
+        except UserError as e:
             raise UserError(f"cannot read image {file}: {e}") from None
-    return ImageSet(normalize(np.stack(pictures), img_size, in_chans), None, f"folder:{path}", [p.name for p in files])
+    return ImageSet(np.stack(pictures), None, f"folder:{path}", [p.name for p in files])
 
 
 def load_inputs(source: str, img_size: int, in_chans: int = 3, *, limit: int | None = None,
-                images_dir: Path | None = None, scene_count: int = 64) -> ImageSet:
-    """The validation inputs: the folder's images first (when given), then `source` (one of
-    SOURCES; 'digits+scenes' splits a limit half and half), cut to `limit` images."""
+                images_dir: Path | None = None, scene_count: int = 64,
+                spec: PreprocessSpec | None = None) -> ImageSet:
+    """The validation inputs: the folder's images first (when given, prepared as `spec`
+    says), then `source` (one of SOURCES; 'digits+scenes' splits a limit half and half), cut to
+    `limit` images."""
     if source not in SOURCES:
         raise UserError(f"unknown input source {source!r}; choose one of {', '.join(SOURCES)}")
     if limit is not None and limit < 1:
         raise UserError(f"--limit must be >= 1, got {limit}")
-    parts = [folder(images_dir, img_size, in_chans)] if images_dir is not None else []
+    parts = [folder(images_dir, img_size, in_chans, spec)] if images_dir is not None else []
     room = None if limit is None else max(0, limit - sum(len(p) for p in parts))
     if source == "digits":
         parts.append(digits(img_size, in_chans))

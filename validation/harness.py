@@ -27,6 +27,7 @@ import numpy as np
 
 from dyt_export.atomic import probe_writable
 from dyt_export.errors import UserError
+from dyt_export.preprocess import spec_from_metadata
 from dyt_export.progress import Steps
 from runtimes import ONNX_RUNTIMES, Backend, BackendError, RuntimeFailure, get_backend, open_backend
 from runtimes.base import check_fixed_batch
@@ -237,7 +238,8 @@ def validate(opts: Options, log: Callable[[str], None] = lambda _: None) -> Outc
     cfg, layers = model.cfg, model.cfg.dispatcher_names
 
     with steps.step("prepare inputs"):
-        images = load_inputs(opts.data, cfg.img_size, cfg.in_chans, limit=opts.limit, images_dir=opts.images)
+        images = load_inputs(opts.data, cfg.img_size, cfg.in_chans, limit=opts.limit, images_dir=opts.images,
+                             spec=spec_from_metadata(model.props, cfg, model.path))
     with steps.step("reference (torch)"):
         ref = run_all(reference, images.pixel_values, ("logits", "token_masks", "dispatch_logits"))
 

@@ -20,6 +20,7 @@ from ..config import DyTConfig
 from ..errors import CheckpointError
 from ..files import check_input_file, file_kind
 from ..model import DyTVisionTransformer, build_model
+from ..preprocess import training_preprocess
 from . import native
 from .layout import Overrides, infer_config, strip_prefix
 from .safe_pickle import load_pickle
@@ -119,6 +120,7 @@ def load_checkpoint(path: str | Path, *, num_heads: int | None = None, adapter_s
     check_input_file(path)
     overrides = Overrides(num_heads, adapter_scale, img_size, dispatch, trust_checkpoint)
     kind = file_kind(path)
+    args = None
 
     if kind == "safetensors":
         header = native.read_header(path)
@@ -143,4 +145,7 @@ def load_checkpoint(path: str | Path, *, num_heads: int | None = None, adapter_s
         cfg = cfg.replace(tome_r=tome_r)
     model = build_from_state(state, cfg)
     model.provenance = {"path": str(path.resolve()), "sha256": file_sha256(path), "format": fmt}
+    said = training_preprocess(args)  # what the training args say about evaluation images, for dyt.preprocess
+    if said:
+        model.provenance["preprocess"] = said
     return model

@@ -12,10 +12,10 @@ import sys
 from types import ModuleType
 
 from .. import __version__
-from . import export_cmd, init_cmd, inspect_cmd
+from . import export_cmd, init_cmd, inspect_cmd, serve_cmd
 from .common import Parser, run_guarded
 
-SUBCOMMANDS: dict[str, ModuleType] = {"init": init_cmd, "inspect": inspect_cmd}
+SUBCOMMANDS: dict[str, ModuleType] = {"init": init_cmd, "inspect": inspect_cmd, "serve": serve_cmd}
 """Each module has DESCRIPTION, add_arguments(parser) and run(args) -> exit code."""
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import resource
 from pathlib import Path
 
@@ -9,6 +10,7 @@ from ..atomic import check_output_path
 from ..config import DEFAULT_OPSET, DISPATCH_MODES, INT8_ACTIVATIONS, OPSETS, parse_tome_r
 from ..errors import UserError
 from ..files import check_input_file
+from ..preprocess import INTERPOLATIONS, read_labels, resolve_spec
 from ..progress import Steps
 from .common import add_checkpoint_overrides, checkpoint_overrides, merging_summary, onnx_output
 
@@ -21,9 +23,10 @@ examples:
   dyt-export model.pt --external-data         # weights in model.onnx.data: lower peak memory on ONNX Runtime
   dyt-export model.pt --tome-r 8              # + token merging (ToMe): 8 tokens merged per block
   dyt-export checkpoint.pth --adapter-scale 0.1 --num-heads 12
+  dyt-export model.pt --mean 0.485,0.456,0.406 --std 0.229,0.224,0.225 --crop-pct 0.875 --labels classes.txt
   dyt-export inspect model.onnx               # what a checkpoint or ONNX file holds
 
-other commands: inspect FILE, init (see dyt-export <command> --help)
+other commands: inspect FILE, init, serve MODEL.onnx (see dyt-export <command> --help)
 exit status: 0 success, 2 bad input (one line on stderr; --debug shows the traceback), 1 internal error
 """
 
@@ -57,6 +60,43 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="token merging (ToMe, no training needed): R tokens merged in every block, or a comma "
                              "list with one R per block; MLP dispatch only (docs/tome.md)")
     add_checkpoint_overrides(parser)
+    add_preprocess_flags(parser)
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number or comma-separated numbers") from None
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number in (0, 1]")
+    return value
+
+
+def add_preprocess_flags(parser: argparse.ArgumentParser) -> None:
+    """How images become inputs, recorded as dyt.preprocess for `dyt-export serve` and
+    validation's image folders; the checkpoint's training args win where they say."""
+    group = parser.add_argument_group("image preprocessing (recorded in the ONNX file as dyt.preprocess)")
+    group.add_argument("--mean", type=_floats, metavar="M[,M,M]",
+                       help="per-channel mean of [0,1] pixels (default: the checkpoint's training args, else 0.5)")
+    group.add_argument("--std", type=_floats, metavar="S[,S,S]",
+                       help="per-channel std (default: the checkpoint's training args, else 0.5)")
+    group.add_argument("--crop-pct", type=_fraction, metavar="F",
+                       help="resize the short side to size/F, then crop the centre (default: training args, else 1.0)")
+    group.add_argument("--interpolation", choices=INTERPOLATIONS,
+                       help="resize filter (default: training args, else bicubic)")
+    group.add_argument("--labels", type=Path, metavar="FILE", help="class names, one per line (dyt.labels)")
+
+
+def preprocess_flags(args: argparse.Namespace) -> dict:
+    return dict(mean=args.mean, std=args.std, crop_pct=args.crop_pct, interpolation=args.interpolation)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -74,6 +114,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--calibration-images has no use with --int8-activations dynamic (it takes no calibration)")
     # Everything checkable without torch first: importing it takes seconds.
     check_input_file(args.checkpoint)
+    if args.labels:
+        check_input_file(args.labels, "--labels")
     out: Path = args.output or args.checkpoint.with_suffix(".onnx")
     check_output_path(out, args.checkpoint)
     calibration = None
@@ -88,8 +130,10 @@ def run(args: argparse.Namespace) -> int:
     with steps.step("load checkpoint"):
         model = load_checkpoint(args.checkpoint, **checkpoint_overrides(args), tome_r=args.tome_r)
     cfg = model.dyt_config
+    preprocess = resolve_spec(cfg, model.provenance.get("preprocess"), preprocess_flags(args))
+    labels = read_labels(args.labels, cfg.num_classes) if args.labels else None
     options = dict(opset=args.opset, dispatch=args.dispatch, with_masks=args.with_masks, fp16=args.fp16,
-                   fp16_io=args.fp16_io, steps=steps)
+                   fp16_io=args.fp16_io, preprocess=preprocess, labels=labels, steps=steps)
     external = None
     if args.int8:
         from ..quantize import calibration_images, check_calibration_shape, export_int8
@@ -110,6 +154,7 @@ def run(args: argparse.Namespace) -> int:
           f"opset {summary.opset}, {len(cfg.dispatcher_names)} dispatchers, dispatch ops: {ops}")
     if cfg.tome_r is not None:
         print(f"  token merging (ToMe): {merging_summary(cfg)}")
+    print(f"  images: {preprocess.describe()}{f'; {len(labels)} class names' if labels else ''}")
     print(steps.report())
     print(f"  peak memory {peak_mb:.0f} MB (resident, whole process)")
     return 0

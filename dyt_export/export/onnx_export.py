@@ -16,7 +16,7 @@ import io
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -24,6 +24,7 @@ from ..atomic import check_output_path, staged_outputs
 from ..config import DEFAULT_OPSET, OPSETS, check_dispatch_mode, check_tome_precision
 from ..errors import UserError
 from ..model import DyTVisionTransformer, to_fp16
+from ..preprocess import PreprocessSpec, check_labels, metadata_props, resolve_spec
 from ..progress import Steps, quiet_logs
 from .graph import summarize
 from .metadata import build_metadata
@@ -108,6 +109,7 @@ def _convert_down(model: Any, opset: int) -> None:
 def export_onnx(model: DyTVisionTransformer, path: str | Path, *, opset: int = DEFAULT_OPSET,
                 dispatch: str = "dynamic", with_masks: bool = False, fp16: bool = False,
                 fp16_io: bool = False, example_batch: int = 2, external_data: bool = False,
+                preprocess: PreprocessSpec | None = None, labels: Sequence[str] | None = None,
                 steps: Steps | None = None) -> ExportResult:
     """Write `model` to `path` as ONNX: input `pixel_values` [batch, 3, H, W], output `logits`
     [batch, classes] and, with masks, `token_masks` [batch, dispatchers, tokens] (bool).
@@ -116,7 +118,9 @@ def export_onnx(model: DyTVisionTransformer, path: str | Path, *, opset: int = D
     sizes 0 and 1. The model itself is not modified. The file imports exactly `opset`, or
     nothing is written. With `external_data` (forced above EXTERNAL_DATA_BYTES) the weights go
     to `<name>.data` beside the model; a single-file export removes a `.data` file an earlier
-    export to the same path left, so no stale weights sit beside the model.
+    export to the same path left, so no stale weights sit beside the model. `preprocess`
+    (default: what the checkpoint's training args say, else the default spec) and `labels`
+    (class names) are recorded for the serving side (`dyt.preprocess`, `dyt.labels`).
     """
     if not isinstance(model, DyTVisionTransformer):
         raise UserError(f"expected a DyT model from dyt_export, got {type(model).__name__}")
@@ -136,6 +140,11 @@ def export_onnx(model: DyTVisionTransformer, path: str | Path, *, opset: int = D
     check_output_path(path, *([source] if source else []))
     steps = steps or Steps()
     cfg = model.dyt_config
+    preprocess = preprocess or resolve_spec(cfg, provenance.get("preprocess"))
+    if preprocess.img_size != cfg.img_size:
+        raise UserError(f"the preprocess spec crops {preprocess.img_size}px; the model takes {cfg.img_size}px")
+    if labels is not None:
+        labels = check_labels(labels, cfg.num_classes, "labels")
 
     with steps.step("prepare model"):
         prepared = _prepare(model, dispatch, with_masks, fp16, fp16_io)
@@ -161,6 +170,7 @@ def export_onnx(model: DyTVisionTransformer, path: str | Path, *, opset: int = D
         program.model.metadata_props.update(build_metadata(
             cfg, dispatch=dispatch, precision="fp16" if fp16 else "fp32", opset=opset,
             with_masks=with_masks, provenance=provenance, parameters=model.parameter_counts(), rewrites=rewrites))
+        program.model.metadata_props.update(metadata_props(preprocess, labels))
 
     external = external_data or weights_need_external_data(prepared)
     import onnx  # heavy import, only needed here

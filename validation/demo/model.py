@@ -6,7 +6,9 @@ The demo model is a small DyT trained here on scikit-learn's digits (validation/
 saved in the public DyT training code's checkpoint layout (full training checkpoint with
 `args`) and cached with its ONNX export under `.cache/demo/` (override with DYT_CACHE_DIR).
 The cache is keyed by the training recipe (the ONNX file also by the checkpoint's hash and the
-exporter's graph form); `--retrain` ignores it.
+exporter's graph form); `--retrain` ignores it. The export carries its token masks, the digit
+names and how its images were prepared (bilinear upscaling), so `make serve` serves it with
+activation rates on its image route, and validation compares its own masks (no mask twin).
 
 Geometry (validation/demo/train.py `Recipe`): 32x32 inputs (8x8 digits upscaled 4x), patch 4,
 so each token is one digit pixel and the 64 patch tokens split cleanly into strokes and
@@ -25,10 +27,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+from dyt_export.preprocess import PreprocessSpec
+
 from .train import Recipe
 
 CHECKPOINT_NAME = "dyt_digits.pth"
 ONNX_NAME = "dyt_digits.onnx"
+DIGIT_LABELS = [str(digit) for digit in range(10)]
+
+
+def demo_preprocess(recipe: Recipe) -> PreprocessSpec:
+    """How the demo saw its images in training (`data.normalize`: the 8x8 digits upscaled
+    bilinearly, mean and std 0.5), recorded in its export for the image route."""
+    return PreprocessSpec(recipe.img_size, interpolation="bilinear", source="demo training: digits upscaled bilinearly")
 
 
 def cache_dir() -> Path:
@@ -108,6 +119,7 @@ def ensure_demo_model(recipe: Recipe = Recipe(), *, retrain: bool = False, show_
             steps = Steps(show=show_steps)
             with steps.step("load checkpoint"):
                 model = load_checkpoint(checkpoint, num_heads=recipe.num_heads, tome_r=tome_r)
-            export_onnx(model, onnx_path, dispatch="dynamic", steps=steps)
+            export_onnx(model, onnx_path, dispatch="dynamic", with_masks=True, preprocess=demo_preprocess(recipe),
+                        labels=DIGIT_LABELS, steps=steps)
             timings = dict(steps.timings)
         return DemoModel(checkpoint, onnx_path, timings)

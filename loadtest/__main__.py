@@ -1,0 +1,169 @@
+"""`make loadtest`: serve the demo model and ViT-B/16 DyT on ORT-CPU and OpenVINO and load
+them with bounded closed-loop clients on localhost, beside the in-process backend at the
+same threads; prints the tables and writes OUT/loadtest.json and .md.
+
+Per model and runtime: the in-process backend at each batch (no server running); then one
+replica with all the machine's cores as runtime threads and its batch cap at the backend's
+best batch, behind each of Ray Serve's front doors (`runtimes.serving.ingress`): its HTTP
+proxy, loaded at 1, 8 and 32 clients on the binary protocol and the image route, and at 32
+with batching off; HAProxy, the same on the binary route, and at 32 clients with a token
+budget instead of the image cap (`loadtest.token_budget`). A benchmark, not a test: run it
+alone, `flock -x /tmp/dyt-bench.lock make loadtest` on shared cores. About 35 minutes on 2
+cores (a few more the first time, to build ViT-B/16).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import socket
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from dyt_export.atomic import staged_outputs
+from dyt_export.cli.common import Parser, run_guarded
+from dyt_export.errors import UserError
+
+from .clients import Point, closed_loop
+from .report import CAP, OFF, TOKENS, checks, markdown
+from .workloads import Workload, demo, vitb16
+
+RUNTIMES = ("ort-cpu", "openvino")
+MODELS = ("demo", "vitb16")
+CLIENTS = (1, 8, 32)
+DEFAULT_OUT = Path("validation/records/loadtest")
+
+
+def _names(allowed: tuple[str, ...]):
+    def parse(text: str) -> list[str]:
+        names = [n for n in text.split(",") if n]
+        unknown = [n for n in names if n not in allowed]
+        if unknown or not names:
+            raise argparse.ArgumentTypeError(f"choose from {', '.join(allowed)}")
+        return names
+    return parse
+
+
+def in_process(workload: Workload, runtime: str, threads: int) -> list[dict[str, Any]]:
+    """The backend alone at each batch, over the tensors the binary route sends."""
+    from runtimes import open_backend
+    from validation.throughput import measure
+
+    backend = open_backend(runtime, workload.onnx, threads=threads)
+    rows = []
+    for batch in workload.batches:
+        row = measure(backend, workload.pixels, batch, iters=max(3, 64 // batch), min_seconds=8.0)
+        rows.append({"model": workload.name, "runtime": runtime, **row.to_dict()})
+        print(f"  in-process {workload.name} {runtime} batch {batch}: {row.img_per_s:.1f} img/s, p50 {row.p50_ms:.1f} ms",
+              flush=True)
+    return rows
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def served(workload: Workload, runtime: str, threads: int, rows: list[dict[str, Any]], port: int,
+           ingress: str) -> list[Point]:
+    """Every served point of one model on one runtime behind `ingress` (Ray Serve is running):
+    Ray's proxy with both routes and batching on or off; HAProxy on the binary route, also with
+    the token budget."""
+    from ray import serve
+
+    from runtimes.serving.app import APP_NAME, build_app, deployment_options
+    from runtimes.serving.models import ModelSource, ServeConfig, read_facts
+
+    from .token_budget import TokenBudgetServer
+
+    best = max(rows, key=lambda r: r["img_per_s"])["batch"]
+    one = next(r for r in rows if r["batch"] == 1)
+    one_call = one["p50_ms"] / 1e3
+    window = max(10.0, 150 * one_call)
+    source = ModelSource(workload.name, str(workload.onnx))
+    cfg = read_facts(source).cfg
+    dispatchers = len(cfg.dispatcher_names)  # active MLP rows per image: the class token, and the rate of the rest
+    tokens = dispatchers * (1 + one["activation_rate"] * (cfg.num_tokens - 1))
+    config = ServeConfig(models=(source,), runtime=runtime, replicas=1, threads=threads, max_batch=best)
+    binary, images = workload.binary_requests(), workload.image_requests()
+    routes = (("binary", binary), ("image", images)) if ingress == "proxy" else (("binary", binary),)
+    plans = [
+        (CAP, f"{best} images", build_app(config),
+         [(route, requests, clients) for route, requests in routes for clients in CLIENTS]),
+        (OFF, "1 image", build_app(replace(config, max_batch=1)), [("binary", binary, 32)]),
+    ]
+    if ingress == "haproxy":
+        plans.append((TOKENS, f"{best} x {tokens:.0f} tokens", serve.deployment(
+            TokenBudgetServer, **deployment_options(config)).bind(config, tokens), [("binary", binary, 32)]))
+    points = []
+    for batching, cap, app, loads in plans:
+        serve.run(app, name=APP_NAME, route_prefix="/")
+        for route, requests, clients in loads:
+            # warm-up: every image seen once (OpenVINO prepares kernels per new shape), and the queue in steady state
+            warmup = max(3.0, 1.5 * clients * one_call, len(requests) * one_call / threads)
+            point = Point(workload.name, runtime, ingress, route, batching, cap, clients,
+                          **closed_loop("127.0.0.1", port, requests, clients, warmup_s=warmup, seconds=window))
+            points.append(point)
+            print(f"  served {workload.name} {runtime} {ingress} {route} {cap}, {clients} clients: "
+                  f"{point.img_per_s:.1f} img/s, p50 {point.p50_ms:.1f} p99 {point.p99_ms:.1f} ms, {point.errors} errors, "
+                  f"mean batch {point.mean_batch or 0:.2f}", flush=True)
+        serve.delete(APP_NAME)
+    return points
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = Parser(prog="python -m loadtest", description=__doc__.splitlines()[0])
+    p.add_argument("--runtimes", type=_names(RUNTIMES), default=list(RUNTIMES), help="comma-separated (default both)")
+    p.add_argument("--models", type=_names(MODELS), default=list(MODELS), help="comma-separated (default both)")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"record directory (default {DEFAULT_OUT})")
+    p.add_argument("--debug", action="store_true")
+
+    def body() -> int:
+        from ray import serve
+
+        from runtimes import get_backend
+        from runtimes.serving.app import QUIET
+        from runtimes.serving.ingress import INGRESSES
+        from runtimes.serving.launch import local_ray
+        from validation.machine import machine_info
+
+        args = p.parse_args(argv)
+        for runtime in args.runtimes:
+            if not get_backend(runtime).availability():
+                raise UserError(f"{runtime} is not available here")
+        args.out.mkdir(parents=True, exist_ok=True)
+        started = time.perf_counter()
+        threads = len(os.sched_getaffinity(0))
+        workloads = [demo() if name == "demo" else vitb16(args.out / "work") for name in args.models]
+        rows = {(w.name, rt): in_process(w, rt, threads) for w in workloads for rt in args.runtimes}
+        points = []
+        for ingress in INGRESSES:
+            port = _free_port()
+            with local_ray(ingress):
+                serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config=QUIET)
+                points += [point for w in workloads for rt in args.runtimes
+                           for point in served(w, rt, threads, rows[w.name, rt], port, ingress)]
+                serve.shutdown()
+        in_process_rows = [row for key in rows for row in rows[key]]
+        record = {"command": shlex.join(["python", "-m", "loadtest", *argv]), "machine": machine_info(), "threads": threads,
+                  "minutes": (time.perf_counter() - started) / 60, "in_process": in_process_rows,
+                  "served": [point.to_dict() for point in points], "checks": checks(in_process_rows, points)}
+        text = markdown(record, points)
+        with staged_outputs(args.out / "loadtest.json") as stage:
+            (stage / "loadtest.json").write_text(json.dumps(record, indent=1, default=float))
+            (stage / "loadtest.md").write_text(text + "\n")
+        print(text)
+        print(f"wrote {args.out / 'loadtest.json'} and loadtest.md")
+        return 0
+
+    return run_guarded(body, debug="--debug" in argv, prog="python -m loadtest")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
