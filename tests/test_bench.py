@@ -21,7 +21,7 @@ from validation.bench.report import (DOCS_BEGIN, DOCS_END, Result, memory_table,
                                      targets_table, write_docs)
 from validation.bench.gemm import LIBRARIES, matmul_runner
 from validation.bench.public_eager import PublicEagerDyT
-from validation.turns import paired_ratio, row, take_turns
+from validation.bench.turns import paired_ratio, row, take_turns
 
 
 @pytest.fixture(scope="module")

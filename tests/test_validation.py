@@ -242,9 +242,8 @@ def test_the_demo_exits_4_when_a_runtime_fails_and_the_others_still_run(exported
 
 
 def test_commands_on_run_command_exit_4_on_a_runtime_failure(capsys):
-    from dyt_export.cli.common import Parser
+    from dyt_export.cli.common import Parser, run_command
     from runtimes import RuntimeFailure
-    from validation.cli_common import run_command
 
     def body(_):
         raise RuntimeFailure("openvino failed to run m.onnx: out of memory")

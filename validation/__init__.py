@@ -1,8 +1,8 @@
 """Validation: does every runtime give PyTorch's answers, and how fast? (`python -m validation`,
 `make validate`), with the pictures of what the dispatchers do (`python -m validation.pictures`).
 
-The product at this package's top: the command (`cli`) and what its commands share
-(`cli_common`), the orchestration (`harness`), the comparator (`compare`), records
+The product at this package's top: the command (`cli`; the helpers every command shares
+are `dyt_export.cli.common`'s), the orchestration (`harness`), the comparator (`compare`), records
 (`record`, schema in `record.schema.json`), the timer (`throughput`), inputs (`data`), the
 files a validation needs beside the model (`models`: twins), activation and MACs (`costs`),
 the machine a record was measured on (`machine`) and the pictures (`pictures`). Two

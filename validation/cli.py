@@ -7,7 +7,7 @@ unreadable model, unavailable runtime, bad option or output directory, all check
 any work); 1 internal error. Errors are one line on stderr, bad arguments
 included (the package's own argparse `Parser`, shared with `dyt-export`, and with
 `python -m validation.pictures`, `validation.demo` and `validation.bench` through
-`validation.cli_common.run_command`); --debug shows the traceback.
+`dyt_export.cli.common.run_command`); --debug shows the traceback.
 """
 from __future__ import annotations
 
@@ -18,11 +18,10 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from dyt_export.cli.common import EXIT_OK, EXIT_PARITY, EXIT_RUNTIME_FAILURE, Parser
+from dyt_export.cli.common import EXIT_OK, EXIT_PARITY, EXIT_RUNTIME_FAILURE, Parser, number, positive_ints, run_command
 from dyt_export.config import parse_tome_r
 from dyt_export.errors import UserError
 
-from .cli_common import number, positive_ints, run_command
 from .compare import LIMITS, TOLERANCES, check_tolerance
 from .data import SOURCES
 

@@ -22,11 +22,10 @@ from typing import Callable
 import numpy as np
 
 from dyt_export.atomic import staged_outputs
-from dyt_export.cli.common import Parser
+from dyt_export.cli.common import Parser, number, run_command
 from dyt_export.errors import UserError
 from runtimes.torch_ref import TorchReference
 
-from .cli_common import number, run_command
 from .costs import activation_rates
 from .data import SOURCES, ImageSet, load_inputs
 

@@ -34,17 +34,16 @@ from typing import Any
 
 import numpy as np
 
-from dyt_export.cli.common import Parser
+from dyt_export.cli.common import Parser, names_from, number, positive_ints, run_command
 from dyt_export.errors import UserError
 from dyt_export.files import check_input_file
 from dyt_export.flops import macs_per_image
 from runtimes import CPU_RUNTIMES, open_backend
-from validation.cli_common import names_from, number, positive_ints, run_command
 from validation.compare import max_rel
 from validation.costs import active_counts
 from validation.machine import machine_info
 from validation.throughput import batches_of
-from validation.turns import SETTLED_RUNTIMES, Runner, paired_ratio, row, take_turns
+from validation.bench.turns import SETTLED_RUNTIMES, Runner, paired_ratio, row, take_turns
 
 from .gemm import DEFAULT_SIZE, machine_gemm_rates, matmul_runner, square
 from .int8 import contender, demo_agreement, int8_checks, int8_exports, int8_rows, int8_table

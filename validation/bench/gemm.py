@@ -19,7 +19,8 @@ from typing import Callable
 
 import numpy as np
 
-from validation.turns import ort_options_in_turns
+from runtimes.ort_session import session_options
+from validation.bench.turns import ORT_IN_TURNS
 
 LIBRARIES: tuple[str, ...] = ("numpy", "torch", "onnxruntime", "openvino")
 DEFAULT_SIZE = 4096
@@ -84,7 +85,7 @@ def matmul_runner(library: str, shape: Shape, threads: int) -> Callable[[], np.n
         import onnxruntime as ort
 
         # also the load sensor timed in turns with ORT models
-        session = ort.InferenceSession(_matmul_model(a, b), ort_options_in_turns(threads), providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(_matmul_model(a, b), session_options(threads, session_config=ORT_IN_TURNS), providers=["CPUExecutionProvider"])
         binding = session.io_binding()
         binding.bind_cpu_input("A", a)
         binding.bind_output("C", "cpu", 0, np.float32, product.shape, product.ctypes.data)

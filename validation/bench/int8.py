@@ -15,7 +15,7 @@ from dyt_export.config import INT8_ACTIVATIONS, int8_label
 from dyt_export.quantize import quantize_int8
 from runtimes import open_backend
 from validation.data import digits
-from validation.turns import paired_ratio, row
+from validation.bench.turns import paired_ratio, row
 
 CALIBRATION_IMAGES = 64
 """Seeded image-like calibration inputs for the ViT-B/16 int8 export (as `dyt-export --int8`)."""

@@ -19,11 +19,10 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from dyt_export.cli.common import EXIT_BAD_INPUT, EXIT_OK, EXIT_PARITY, EXIT_RUNTIME_FAILURE, Parser
+from dyt_export.cli.common import EXIT_BAD_INPUT, EXIT_OK, EXIT_PARITY, EXIT_RUNTIME_FAILURE, Parser, names_from, run_command
 from dyt_export.errors import UserError
 from runtimes import ONNX_RUNTIMES, BackendError, get_backend
 
-from ..cli_common import names_from, run_command
 from ..compare import fmt
 
 
