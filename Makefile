@@ -54,7 +54,7 @@ bench: setup
 # and 32 on localhost, beside the in-process backend; writes validation/records/loadtest/.
 # About 35 minutes on 2 quiet cores. Run it alone: flock -x /tmp/dyt-bench.lock make loadtest
 loadtest: setup
-	$(BIN)/python -m loadtest $(ARGS)
+	$(BIN)/python -m validation.bench.loadtest $(ARGS)
 
 # Activation-rate chart and token overlays of MODEL (default: the demo model, as the README
 # shows it: docs/img/demo-digits-*.png) into docs/img.
