@@ -2,8 +2,8 @@
 subcommand. Bad input exits 2 with one line on stderr, a bug exits 1; --debug shows tracebacks.
 
 Owns the command line and, in `common`, what every command of the toolkit shares: the exit
-codes, one-line errors (`run_guarded`) and the argparse `Parser` (validation's commands take
-them from here too). May import everything in `dyt_export`; never `runtimes` or `validation`.
+codes, one-line errors (`run_guarded`, `run_command`), the argparse `Parser` and the number
+and name argument types (validation's and the benchmarks' commands take them from here too). May import everything in `dyt_export`; never `runtimes` or `validation`.
 """
 from __future__ import annotations
 

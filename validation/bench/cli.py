@@ -5,7 +5,7 @@ to each activation rate, saved in the public DyT checkpoint layout, loaded back 
 (`dynamic`, what `dyt-export` ships). Then, all in one run and at the same thread count:
 
 * per runtime (ORT-CPU, OpenVINO) and batch size, in turns call by call
-  (`validation.turns`): the DyT exports, the `dense` export, the `masked` export (its cost
+  (`validation.bench.turns`): the DyT exports, the `dense` export, the `masked` export (its cost
   does not depend on the rate, so one rate suffices), the two int8 exports (static and
   dynamic activations, `validation.bench.int8`) and the runtime's own large GEMM;
 * eager PyTorch DyT along the public code's gather/scatter path (`validation.bench.public_eager`),

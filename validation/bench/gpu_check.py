@@ -43,7 +43,7 @@ RUNTIME = "ort-cuda"
 VIT_RATE = 0.5
 VIT_IMAGES = 64
 VIT_POOL = 8
-"""Images the calibrated model is traced on when built (bench_models needs a pool; the
+"""Images the calibrated model is traced on when built (validation.bench.models needs a pool; the
 validation computes its own reference masks)."""
 SEED = 0
 """`make bench`'s default seed: the same weights and calibration."""

@@ -50,7 +50,7 @@ class Result:
     group_gemm_gmac_s: float | None
     """The runtime's own GEMM, timed in the same turns: tells how busy the machine was."""
     paired_speedup: float | None = None
-    """Median over turns of dense call time / DyT call time (`validation.turns.paired_ratio`)."""
+    """Median over turns of dense call time / DyT call time (`validation.bench.turns.paired_ratio`)."""
 
     @property
     def speedup(self) -> float:
