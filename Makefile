@@ -54,7 +54,7 @@ bench: setup
 # and 32 on localhost, beside the in-process backend; writes validation/records/loadtest/.
 # About 35 minutes on 2 quiet cores. Run it alone: flock -x /tmp/dyt-bench.lock make loadtest
 loadtest: setup
-	$(BIN)/python -m loadtest $(ARGS)
+	$(BIN)/python -m validation.bench.loadtest $(ARGS)
 
 # Activation-rate chart and token overlays of MODEL (default: the demo model, as the README
 # shows it: docs/img/demo-digits-*.png) into docs/img.
@@ -74,7 +74,7 @@ setup-cuda: setup
 # (fp32, fp16) and ViT-B/16 DyT validated on ort-cuda, DyT vs dense img/s beside the paper's
 # GPU figures. Exits 2 at once, installing nothing, where there is no GPU (docs/gpu.md).
 gpu-check: setup
-	$(BIN)/python -m validation.gpu_check $(ARGS)
+	$(BIN)/python -m validation.bench.gpu_check $(ARGS)
 
 # C++ library dyt::model and dyt_infer (runtimes/cpp): ONNX Runtime and OpenVINO libraries
 # from the wheels in .venv, ONNX Runtime headers fetched once into the build tree.

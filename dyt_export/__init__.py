@@ -4,6 +4,16 @@ The Python API mirrors the command line: `load_checkpoint` reads any checkpoint 
 toolkit recognises, `export_onnx` writes the ONNX graph, `save` writes the toolkit's
 self-describing safetensors format. Names resolve on first use, so `dyt-export --help`
 does not pay for importing torch.
+
+Owns the first half of the one-way flow, checkpoint -> model -> ONNX: the configuration
+(`config`), the model on timm blocks (`model`), checkpoint readers and writers
+(`checkpoint`), the exporter and facts about exported graphs (`export`), int8
+(`quantize`), analytic MACs (`flops`), calibration and `init` (`calibrate`, `init_model`)
+and the `dyt-export` command (`cli`). May import torch, timm, onnx, onnxscript, safetensors,
+numpy, and ONNX Runtime's quantization tools (`quantize` only); never `runtimes` or
+`validation`: the exporter knows nothing about the runtimes that run its graphs. The one
+exception is the command line's `serve` (`cli.serve_cmd`), the front door to the server in
+`runtimes.serving`, which imports it when it runs.
 """
 from __future__ import annotations
 

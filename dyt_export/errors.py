@@ -1,7 +1,7 @@
 """Errors the user can act on.
 
-The command line turns a `UserError` into one line on stderr and exit code 2; anything
-else is a bug in the toolkit (exit 1). Raising UserError is a promise that the message
+The command line turns a `UserError` into one line on stderr and exit code 2, a
+`RuntimeFailed` into exit 4; anything else is a bug in the toolkit (exit 1). Raising UserError is a promise that the message
 alone tells the user what to change.
 """
 
@@ -12,3 +12,9 @@ class UserError(Exception):
 
 class CheckpointError(UserError):
     """A checkpoint that cannot be read or does not describe a model the toolkit can build."""
+
+
+class RuntimeFailed(Exception):
+    """A runtime failed while running valid inputs: neither the user's input nor a bug here
+    (exit 4). `runtimes` raises it (as its `RuntimeFailure`); it is defined here so that every
+    command maps it alike without the exporter importing the runtimes."""

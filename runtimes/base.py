@@ -18,14 +18,16 @@ from typing import Any, ClassVar, Mapping
 
 import numpy as np
 
+from dyt_export.errors import RuntimeFailed, UserError
 from dyt_export.files import external_data_problem
 
 
-class BackendError(Exception):
-    """The runtime cannot do what was asked (unavailable, cannot load, bad input): one line."""
+class BackendError(UserError):
+    """The runtime cannot do what was asked (unavailable, cannot load, bad input): one line,
+    exit 2 from any command."""
 
 
-class RuntimeFailure(BackendError):
+class RuntimeFailure(BackendError, RuntimeFailed):
     """The runtime failed while running valid inputs on a loaded model (a kernel error, an
     exception from its own call): the runtime's fault, not the caller's. A BackendError, so
     callers that handle every backend problem alike keep doing so; callers that tell them

@@ -29,6 +29,35 @@ OPTIMIZATION_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC"
                        "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
 
 
+def session_options(threads: int | None, *, graph_optimization: str = "all", session_config: dict[str, str] | None = None,
+                    optimized_model_path: str | Path | None = None, fixed_batch: int | None = None,
+                    memory_arena: bool = True, record_placement: bool = False) -> Any:
+    """The one builder of `onnxruntime.SessionOptions` (the backends' and the benchmark's bare
+    sessions): `threads` intra-op threads (None: ORT's default), inter-op parallelism off and
+    sequential execution, ORT's logger silenced but for fatal messages (every error reaches
+    the caller as an exception, reported in one line; ORT's logger would also print some of
+    them on stderr, multi-line and coloured). The other options are `OrtBackend`'s."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OPTIMIZATION_LEVELS[graph_optimization])
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.inter_op_num_threads = 1
+    options.enable_cpu_mem_arena = bool(memory_arena)
+    options.log_severity_level = 4
+    if threads is not None:
+        options.intra_op_num_threads = threads
+    if optimized_model_path is not None:
+        options.optimized_model_filepath = str(optimized_model_path)
+    if fixed_batch is not None:
+        options.add_free_dimension_override_by_name(BATCH_AXIS, fixed_batch)
+    for key, value in (session_config or {}).items():
+        options.add_session_config_entry(key, str(value))
+    if record_placement:
+        options.add_session_config_entry(RECORD_KEY, "1")
+    return options
+
+
 class OrtBackend(Backend):
     """An `InferenceSession` on one execution provider.
 
@@ -64,25 +93,11 @@ class OrtBackend(Backend):
         self.path = require_file(model, self.name)
         if graph_optimization not in OPTIMIZATION_LEVELS:
             raise BackendError(f"{self.name}: graph_optimization must be one of {', '.join(OPTIMIZATION_LEVELS)}")
-        options = ort.SessionOptions()
-        options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OPTIMIZATION_LEVELS[graph_optimization])
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.inter_op_num_threads = 1
-        options.enable_cpu_mem_arena = bool(memory_arena)
+        options = session_options(threads, graph_optimization=graph_optimization, session_config=session_config,
+                                  optimized_model_path=optimized_model_path,
+                                  fixed_batch=check_fixed_batch(fixed_batch, self.name),
+                                  memory_arena=memory_arena, record_placement=self.provider != CPU)
         self.memory_arena = bool(memory_arena)
-        # Fatal messages only: every error reaches the caller as an exception, reported in one
-        # line; ORT's logger would also print some of them on stderr, multi-line and coloured.
-        options.log_severity_level = 4
-        if threads is not None:
-            options.intra_op_num_threads = threads
-        if optimized_model_path is not None:
-            options.optimized_model_filepath = str(optimized_model_path)
-        if check_fixed_batch(fixed_batch, self.name) is not None:
-            options.add_free_dimension_override_by_name(BATCH_AXIS, fixed_batch)
-        for key, value in (session_config or {}).items():
-            options.add_session_config_entry(key, str(value))
-        if self.provider != CPU:
-            options.add_session_config_entry(RECORD_KEY, "1")
         self.graph_optimization = graph_optimization
         self.session_config = dict(session_config or {})
         self.fixed_batch = fixed_batch

@@ -1,9 +1,8 @@
 """make bench's parts: the public eager path, the turn-taking timer, the ratios and targets, the
-docs section, the GEMM runners, the graph forms the levers experiment measures, peak memory.
+docs section, the GEMM runners, peak memory.
 Nothing here times anything for a claim: speed comes from `make bench` only."""
 from __future__ import annotations
 
-import functools
 import time
 
 import numpy as np
@@ -14,18 +13,15 @@ import torch
 from conftest import force_dispatcher, image_batch, small_config
 from dyt_export import build_model
 from dyt_export.export import export_onnx
-from runtimes import CPU_RUNTIMES, open_backend
-from validation import bench
-from validation.bench_memory import external_copy, measure_here
-from validation.bench_models import trained_like
-from validation.bench_report import (DOCS_BEGIN, DOCS_END, Result, memory_table, results_from_record, target_checks,
+from runtimes import open_backend
+from validation.bench import cli as bench
+from validation.bench.memory import external_copy, measure_here
+from validation.bench.models import trained_like
+from validation.bench.report import (DOCS_BEGIN, DOCS_END, Result, memory_table, results_from_record, target_checks,
                                      targets_table, write_docs)
-from validation.gemm import LIBRARIES, Chain, macs, matmul_runner, steps
-from validation.graph_forms import FORMS
-from validation.public_eager import PublicEagerDyT
-from validation.ort_profile import kernel_events, profiling
-from validation.roles import MLP_ROLES, Widths, bounds, by_role, openvino_times, ort_times
-from validation.turns import paired_ratio, row, take_turns
+from validation.bench.gemm import LIBRARIES, matmul_runner
+from validation.bench.public_eager import PublicEagerDyT
+from validation.bench.turns import paired_ratio, row, take_turns
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +142,7 @@ def test_int8_rows_and_targets_cover_both_activation_forms():
     """Each --int8-activations form is timed against the same fp32 calls and gets targets of
     its own; a record from before the dynamic form (no activations key, the demo's runtimes
     at its top level) still reads as the static form."""
-    from validation.bench_int8 import int8_checks, int8_rows, int8_table
+    from validation.bench.int8 import int8_checks, int8_rows, int8_table
 
     timed = {("ort-cpu", 2, 1): {"dyt@0.5": [0.2] * 3, "int8@0.5": [0.1] * 3, "int8-dynamic@0.5": [0.125] * 3}}
     rows = int8_rows(timed, 0.5)
@@ -185,58 +181,12 @@ def test_docs_section_is_replaced_between_markers_only(tmp_path):
 
 
 @pytest.mark.parametrize("library", LIBRARIES)
-@pytest.mark.parametrize("job", [(48, 64, 32), Chain(((48, 64, 32), (48, 32, 64)), layers=3)], ids=["shape", "chain"])
-def test_gemm_runners_compute_the_product(library, job):
-    product = matmul_runner(library, job, threads=1)()
-    products = steps(job)
+def test_gemm_runners_compute_the_product(library):
+    product = matmul_runner(library, (48, 64, 32), threads=1)()
     rng = np.random.default_rng(0)
-    want = rng.standard_normal(products[0][:2], dtype=np.float32)
-    for _, k, n in products:
-        want = want @ (rng.standard_normal((k, n), dtype=np.float32) / np.float32(np.sqrt(k)))
-    assert product.shape == (48, products[-1][2]) and macs(job) == sum(m * k * n for m, k, n in products)
+    want = rng.standard_normal((48, 64), dtype=np.float32) @ (rng.standard_normal((64, 32), dtype=np.float32) / np.float32(8))
+    assert product.shape == (48, 32)
     np.testing.assert_allclose(product, want, rtol=1e-4, atol=1e-4)
-
-
-def test_chain_shapes_must_compose():
-    assert Chain(((4, 8, 16), (4, 16, 8)), layers=2).steps == ((4, 8, 16), (4, 16, 8)) * 2
-    for shapes, layers in [(((4, 8, 16), (4, 8, 16)), 1), (((4, 8, 16),), 2), (((4, 8, 16), (5, 16, 8)), 1)]:
-        with pytest.raises(ValueError, match="each shape's N must be the next one's K"):
-            Chain(shapes, layers)
-
-
-@pytest.mark.parametrize("form", sorted(FORMS))
-def test_graph_forms_keep_the_outputs(trained_small, tmp_path, form):
-    _, path = trained_small
-    before = [node.op_type for node in onnx.load(str(path)).graph.node]
-    model = FORMS[form](onnx.load(str(path)))
-    onnx.checker.check_model(model, full_check=True)
-    assert [node.op_type for node in model.graph.node] != before, "the form rewrote nothing"
-    if "qkv" in form:  # both head splits leave no 5-D transpose
-        assert all(len(a.ints) < 5 for node in model.graph.node if node.op_type == "Transpose" for a in node.attribute)
-    rewritten = tmp_path / f"{form}.onnx"
-    onnx.save(model, str(rewritten))
-    x = image_batch(3, seed=1)
-    want = open_backend("ort-cpu", path).run({"pixel_values": x})["logits"]
-    for runtime in ("ort-cpu", "openvino"):
-        got = open_backend(runtime, rewritten).run({"pixel_values": x})["logits"]
-        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
-
-
-@pytest.mark.parametrize("active", ["random", "cls only", "all"])
-def test_gather_back_form_is_bit_identical_to_the_shipped_scatter(active):
-    """The levers' MLP put-back by one Gather from [0; rows]: the same numbers as ScatterND into zeros."""
-    from dyt_export.model.gather import rowwise_added
-    from validation.levers import _gather_back_rowwise
-
-    gen = torch.Generator().manual_seed(3)
-    x = torch.randn(3, 7, 16, generator=gen)
-    mask = {"random": torch.rand(3, 7, generator=gen) > 0.5, "cls only": torch.zeros(3, 7, dtype=torch.bool),
-            "all": torch.ones(3, 7, dtype=torch.bool)}[active]
-    mask[:, 0] = True
-    branch = torch.nn.Linear(16, 16)
-    got = _gather_back_rowwise(x, mask, branch)
-    assert torch.equal(got, rowwise_added(x, mask, branch))
-    assert torch.equal(got[~mask], x[~mask]), "a skipped token keeps its residual alone"
 
 
 def test_peak_memory_figures_are_ordered(trained_small):
@@ -255,54 +205,6 @@ def test_external_copy_is_the_same_graph_with_its_weights_beside_it(trained_smal
     np.testing.assert_array_equal(open_backend("ort-cpu", copy).run({"pixel_values": x})["logits"], want)
     assert {p.key: p.value for p in onnx.load(str(copy), load_external_data=False).metadata_props} == \
         {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-
-
-@pytest.mark.parametrize("runtime", [*CPU_RUNTIMES, "ort-cpu without spinning"])
-def test_roles_name_every_gemm_of_both_exports(trained_small, tmp_path, runtime):
-    model, path = trained_small
-    dense = export_onnx(model, tmp_path / "dense.onnx", dispatch="dense").path
-    cfg = model.dyt_config
-    measure = openvino_times if runtime == "openvino" else functools.partial(ort_times, spinning=runtime == "ort-cpu")
-    times = measure({"dense": dense, "dyt": path}, image_batch(4), batch=2, threads=1,
-                    widths=Widths(cfg.embed_dim, cfg.mlp_hidden_dim), passes=1)
-    roles = {name: by_role(t) for name, t in times.items()}
-    for name in ("dense", "dyt"):
-        assert {"qkv", "attention proj", *MLP_ROLES, "adapters, head"} <= set(roles[name]), (name, roles[name])
-        assert all(ms >= 0 for ms in roles[name].values()) and roles[name]["mlp fc1"] > 0
-    assert "dispatcher" in roles["dyt"] and "dispatcher" not in roles["dense"]
-    gemm_op = "FullyConnected" if runtime == "openvino" else "MatMul"
-    assert {op for role, op in times["dense"] if role == "mlp fc1"} == {gemm_op}, times["dense"]
-    assert any(op == "NonZero" for _, op in times["dyt"]) and not any(op == "NonZero" for _, op in times["dense"])
-
-
-@pytest.mark.parametrize("every, batches", [(1, {2, 3, 4, 5}), (2, {3, 5})])
-def test_kernel_events_keep_every_nth_call_after_the_first(tmp_path, every, batches):
-    import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
-
-    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"]), helper.make_node("Relu", ["y"], ["z"])], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8])],
-                              [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["n", 4])],
-                              [numpy_helper.from_array(np.ones((8, 4), np.float32), "w")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    session = ort.InferenceSession(model.SerializeToString(), profiling(ort.SessionOptions(), str(tmp_path / "p")),
-                                   providers=["CPUExecutionProvider"])
-    for n in range(1, 6):  # call i feeds i + 1 rows, so each event says which call it came from
-        session.run(None, {"x": np.ones((n, 8), np.float32)})
-    events = kernel_events(session, every=every)
-    assert sorted(e["args"]["op_name"] for e in events) == sorted(["MatMul", "Relu"] * len(batches))
-    assert {e["args"]["output_type_shape"][0]["float"][0] for e in events} == batches
-
-
-def test_role_bounds():
-    fc1, gelu, fc2 = MLP_ROLES
-    times = {"dense": {fc1: 35.0, gelu: 10.0, fc2: 35.0, "qkv": 20.0},
-             "dyt": {fc1: 14.0, gelu: 4.0, fc2: 14.0, "qkv": 20.0, "dispatcher": 1.0}}
-    b = bounds(times, token_share=0.3, ideal=2.0)
-    assert b["speedup"] == pytest.approx(100 / 53) and b["efficiency"] == pytest.approx(100 / 53 / 2)
-    assert b["structure_bound"] == pytest.approx(100 / (20 + 80 * 0.3) / 2)
-    assert b["mlp_gemm_efficiency"] == pytest.approx(80 * 0.3 / 32)
-    assert b["untouched_share_of_dense"] == pytest.approx(0.2)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -351,33 +253,3 @@ def test_bench_refuses_a_disk_its_models_do_not_fit_on(tmp_path, capsys, monkeyp
     monkeypatch.setattr(bench, "run", lambda args: started.append(args.out) or 1 / 0)
     bench.main(argv)
     assert started == [tmp_path], capsys.readouterr().err
-
-
-@pytest.mark.parametrize("tool, args, message", [
-    ("roles", ["--batch", "0"], "--batch: expected a finite integer >= 1"),
-    ("roles", ["--runtimes", "torch"], "--runtimes: unknown runtime(s) torch; choose from ort-cpu, openvino"),
-    ("roles", ["--work", "EMPTY"], "has no pool.npy, dyt-r0.3.pth, dyt-r0.3.onnx, dyt-r0.5-dense.onnx: run make bench first"),
-    ("levers", ["--only", "gelu-ov", "turbo"], "--only: invalid choice: 'turbo'"),
-    ("levers", ["--work", "EMPTY"], "has no pool.npy, dyt-r0.5.pth, dyt-r0.5.onnx, dyt-r0.5-dense.onnx: run make bench first"),
-    ("attention_forms", ["--out", "EMPTY", "--forms", "sort,bogus"], "--forms: unknown form(s) bogus; choose from sort, add"),
-    ("attention_forms", ["--variants", "attn"], "the following arguments are required: --out"),
-    ("attention_forms", ["--out", "EMPTY", "--memory-only"], "--memory-only needs --memory B[,B]"),
-    ("bench_variants", ["--out", "EMPTY", "--activation", "1.5"], "--activation: expected a finite number from 0 to 1"),
-    ("bench_variants", ["--out", "EMPTY", "--batches", "1,0"], "--batches: expected positive integers"),
-    ("gemm_ceiling", ["--rate", "1.5"], "--rate: expected a finite number from 0 to 1"),
-    ("gemm", ["--shapes", "60x768"], "--shapes: expected MxKxN with positive integers, got '60x768'"),
-    ("gemm", ["--shapes", "8x8x8", "--rounds", "0"], "--rounds: expected a finite integer >= 1"),
-    ("gemm", ["--shapes", "8x8x16", "--chain", "2"], "--chain: chain 2 x (8x8x16): each shape's N must be the next one's K"),
-    ("gemm_ceiling", ["--libraries", "mkl"], "--libraries: unknown library(s) mkl; choose from numpy, torch"),
-    ("gemm_ceiling", ["--out", "/dev/null/ceiling.json"], "output directory /dev/null exists and is not a directory"),
-])
-def test_experiment_tools_refuse_bad_requests_in_one_line(tool, args, message, tmp_path, capsys):
-    """The experiment tools (validation.roles, .levers, .attention_forms, .bench_variants,
-    .gemm_ceiling, .gemm) build, read or time ViT-B/16 models or layers for minutes: without make bench's models, or asked for something
-    they do not have, they say so at once instead of failing in numpy or ORT."""
-    import importlib
-
-    module = importlib.import_module(f"validation.{tool}")
-    code = module.main([a.replace("EMPTY", str(tmp_path)) for a in args])
-    err = capsys.readouterr().err
-    assert code == 2 and len(err.splitlines()) == 1 and message in err, err

@@ -20,7 +20,7 @@ from onnx import TensorProto, helper
 from packaging.version import Version
 
 import runtimes.ort_cuda
-import validation.gpu_check as gpu_check
+import validation.bench.gpu_check as gpu_check
 from conftest import image_batch, small_config
 from dyt_export import build_model, export_onnx, load_checkpoint, save
 from runtimes import Availability, BackendError, get_backend, open_backend
@@ -385,7 +385,7 @@ def test_gpu_check_without_a_gpu_exits_2_at_once_and_installs_nothing(monkeypatc
 @no_gpu_here
 def test_gpu_check_command_refuses_within_seconds():
     began = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "validation.gpu_check"], capture_output=True, text=True, timeout=60,
+    done = subprocess.run([sys.executable, "-m", "validation.bench.gpu_check"], capture_output=True, text=True, timeout=60,
                           cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.startswith("gpu-check: no GPU to check here: ") and len(done.stderr.splitlines()) == 1
@@ -395,7 +395,7 @@ def test_gpu_check_command_refuses_within_seconds():
 def test_gpu_check_refuses_a_driver_older_than_torchs_cuda(monkeypatch):
     import torch
 
-    monkeypatch.setattr(runtimes.cuda_driver, "query_driver", lambda: Driver((12, 4), ("Tesla T4",)))
+    monkeypatch.setattr(gpu_check, "query_driver", lambda: Driver((12, 4), ("Tesla T4",)))
     monkeypatch.setattr(torch.version, "cuda", "13.0")
     assert gpu_check.gpu_problem() == (f"the NVIDIA driver supports CUDA 12.4; torch {torch.__version__} and the "
                                        "onnxruntime-gpu matched to it need CUDA 13: update the driver")
@@ -425,7 +425,7 @@ def test_gpu_check_runs_its_steps_end_to_end_on_the_cpu(small, monkeypatch, tmp_
     monkeypatch.setattr(gpu_check, "RUNTIME", "ort-cpu")
     monkeypatch.setattr(gpu_check, "gpu_problem", lambda: "")
     monkeypatch.setattr(gpu_check, "_setup", lambda: (True, "skipped"))
-    monkeypatch.setattr("validation.demo.ensure_demo_model", lambda **_: DemoModel(checkpoint, small, {}))
+    monkeypatch.setattr("validation.demo.model.ensure_demo_model", lambda **_: DemoModel(checkpoint, small, {}))
     monkeypatch.setattr(gpu_check, "_vit", lambda out: small)
     monkeypatch.setattr(gpu_check, "VIT_IMAGES", 16)
     monkeypatch.setattr(gpu_check, "BATCHES", (1, 4))

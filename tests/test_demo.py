@@ -7,14 +7,15 @@ import numpy as np
 import pytest
 import torch
 
-import validation.demo
+import validation.demo.cli
+import validation.demo.model
 from dyt_export import export_onnx, load_checkpoint
 from dyt_export.quantize import calibration_images, quantize_int8
 from runtimes import get_backend
 from validation.compare import TOLERANCES
 from validation.demo import ensure_demo_model
 from validation.harness import Options, validate
-from validation.train import Recipe, activation_loss, gumbel_sigmoid_hard
+from validation.demo.train import Recipe, activation_loss, gumbel_sigmoid_hard
 
 
 @pytest.mark.slow
@@ -65,8 +66,8 @@ def test_demo_int8_export_passes_the_documented_int8_tolerances(tmp_path):
 def test_demo_refuses_unknown_or_unavailable_runtimes_before_training(runtimes, message, monkeypatch, capsys):
     if runtimes == "ort-cuda" and get_backend("ort-cuda").availability():
         pytest.skip("CUDA is available here")
-    monkeypatch.setattr(validation.demo, "ensure_demo_model", lambda **_: pytest.fail("training started"))
-    assert validation.demo.main(["--runtimes", runtimes]) == 2  # bad input, like `python -m validation`; 3 is parity
+    monkeypatch.setattr(validation.demo.model, "ensure_demo_model", lambda **_: pytest.fail("training started"))
+    assert validation.demo.cli.main(["--runtimes", runtimes]) == 2  # bad input, like `python -m validation`; 3 is parity
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
 

@@ -176,7 +176,7 @@ def test_demo_model_int8_keeps_top1_on_the_digits_test_set(tmp_path, activations
     activations calibrated on its training split (the user's images)."""
     from validation.data import digits
     from validation.demo import ensure_demo_model
-    from validation.train import Recipe
+    from validation.demo.train import Recipe
 
     demo = ensure_demo_model()
     recipe = Recipe()

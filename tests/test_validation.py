@@ -226,13 +226,14 @@ def test_a_runtime_failure_mid_run_exits_4_with_one_line_and_a_record_holding_it
 
 
 def test_the_demo_exits_4_when_a_runtime_fails_and_the_others_still_run(exported, monkeypatch, capsys):
-    import validation.demo
+    import validation.demo.cli
+    import validation.demo.model
 
     root, model, _ = exported
-    monkeypatch.setattr(validation.demo, "ensure_demo_model",
-                        lambda **_: validation.demo.DemoModel(root / "tiny.safetensors", model, {}))
+    monkeypatch.setattr(validation.demo.model, "ensure_demo_model",
+                        lambda **_: validation.demo.model.DemoModel(root / "tiny.safetensors", model, {}))
     _fail_runtime_call(monkeypatch, "ort-cpu", 1)
-    code = validation.demo.main(["--runtimes", "ort-cpu,openvino", "--out", str(root / "demo"), "--no-throughput"])
+    code = validation.demo.cli.main(["--runtimes", "ort-cpu,openvino", "--out", str(root / "demo"), "--no-throughput"])
     out = capsys.readouterr().out
     assert code == 4, out
     assert "ort-cpu: runtime failure: ort-cpu failed to run tiny.onnx" in out and "ERROR" in out
@@ -241,9 +242,8 @@ def test_the_demo_exits_4_when_a_runtime_fails_and_the_others_still_run(exported
 
 
 def test_commands_on_run_command_exit_4_on_a_runtime_failure(capsys):
-    from dyt_export.cli.common import Parser
+    from dyt_export.cli.common import Parser, run_command
     from runtimes import RuntimeFailure
-    from validation.cli import run_command
 
     def body(_):
         raise RuntimeFailure("openvino failed to run m.onnx: out of memory")

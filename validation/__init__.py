@@ -1,8 +1,15 @@
-"""Validation harness: parity against PyTorch, accuracy, activation, FLOPs and throughput
-of exported DyT models on each runtime (`python -m validation`), the demo
-(`python -m validation.demo`) and the pictures (`python -m validation.pictures`).
+"""Validation: does every runtime give PyTorch's answers, and how fast? (`python -m validation`,
+`make validate`), with the pictures of what the dispatchers do (`python -m validation.pictures`).
 
-Runners live in `runtimes/`; this package holds the comparator (`compare`), the timer
-(`throughput`), inputs (`data`), records (`record`, schema in `record.schema.json`) and
-the orchestration (`harness`).
+The product at this package's top: the command (`cli`; the helpers every command shares
+are `dyt_export.cli.common`'s), the orchestration (`harness`), the comparator (`compare`), records
+(`record`, schema in `record.schema.json`), the timer (`throughput`), inputs (`data`), the
+files a validation needs beside the model (`models`: twins), activation and MACs (`costs`),
+the machine a record was measured on (`machine`) and the pictures (`pictures`). Two
+subpackages build on it: the demo (`validation.demo`: the demo model, which the product
+uses as its default model, and its command) and the benchmark (`validation.bench`, which
+nothing in the product imports).
+
+May import `dyt_export` (to read and export models, and for the PyTorch reference's
+checkpoints) and `runtimes` (to run them); runners live in `runtimes/`, never here.
 """

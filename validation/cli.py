@@ -6,23 +6,24 @@ is still written, holding the error, and parity did not pass); 2 bad input (miss
 unreadable model, unavailable runtime, bad option or output directory, all checked before
 any work); 1 internal error. Errors are one line on stderr, bad arguments
 included (the package's own argparse `Parser`, shared with `dyt-export`, and with
-`python -m validation.pictures` and `validation.demo` through `run_command`); --debug shows
-the traceback.
+`python -m validation.pictures`, `validation.demo` and `validation.bench` through
+`dyt_export.cli.common.run_command`); --debug shows the traceback.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from dyt_export.cli.common import EXIT_RUNTIME_FAILURE, Parser, run_guarded
+from dyt_export.cli.common import EXIT_OK, EXIT_PARITY, EXIT_RUNTIME_FAILURE, Parser, number, positive_ints, run_command
 from dyt_export.config import parse_tome_r
+from dyt_export.errors import UserError
 
-EXIT_OK, EXIT_PARITY = 0, 3
+from .compare import LIMITS, TOLERANCES, check_tolerance
+from .data import SOURCES
 
 EPILOG = """examples:
   python -m validation --runtime openvino                 # the demo model (trained on first use)
@@ -45,30 +46,8 @@ exit codes: 0 pass, 3 parity failure, 4 the runtime failed while running the mod
 written, with the error), 2 bad input or runtime not available, 1 internal error."""
 
 
-def number(cast: type, low: float = -math.inf, high: float = math.inf) -> Callable[[str], Any]:
-    """An argparse type: `cast(text)`, finite and within [low, high]. float('nan') parses,
-    and a NaN count or duration would switch a check off silently."""
-    kind = "integer" if cast is int else "number"
-
-    def parse(text: str) -> Any:
-        try:
-            value = cast(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'an' if cast is int else 'a'} {kind}, got {text!r}") from None
-        if not math.isfinite(value) or not low <= value <= high:
-            bounds = (f" from {low:g} to {high:g}" if -math.inf < low and high < math.inf
-                      else f" >= {low:g}" if low > -math.inf else f" <= {high:g}" if high < math.inf else "")
-            raise argparse.ArgumentTypeError(f"expected a finite {kind}{bounds}, got {text!r}")
-        return value
-    return parse
-
-
 def tolerance(name: str) -> Callable[[str], float]:
     """An argparse type for tolerance `name`, within the comparator's own LIMITS."""
-    from dyt_export.errors import UserError
-
-    from .compare import check_tolerance
-
     def parse(text: str) -> float:
         try:
             value = float(text)
@@ -79,29 +58,6 @@ def tolerance(name: str) -> Callable[[str], float]:
         except UserError as e:
             raise argparse.ArgumentTypeError(str(e)) from None
     return parse
-
-
-def names_from(allowed: tuple[str, ...], noun: str) -> Callable[[str], list[str]]:
-    """An argparse type: comma-separated names, each one of `allowed` (a `noun`, for the message)."""
-    def parse(text: str) -> list[str]:
-        names = [name.strip() for name in text.split(",") if name.strip()]
-        unknown = [name for name in names if name not in allowed]
-        if not names or unknown:
-            raise argparse.ArgumentTypeError(f"unknown {noun}(s) {', '.join(unknown) or repr(text)}; "
-                                             f"choose from {', '.join(allowed)}")
-        return names
-    return parse
-
-
-def positive_ints(text: str) -> tuple[int, ...]:
-    """An argparse type: comma-separated integers, each >= 1."""
-    try:
-        values = tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
 
 
 def _option(text: str) -> tuple[str, Any]:
@@ -117,9 +73,6 @@ def _option(text: str) -> tuple[str, Any]:
 
 
 def parser() -> Parser:
-    from .compare import TOLERANCES
-    from .data import SOURCES
-
     defaults = "; ".join(f"{name} {t.max_rel:g} / {t.cosine_min:g} / {t.flip_logit:g} / {t.top1_min:g}"
                          for name, t in TOLERANCES.items())
     fp32 = TOLERANCES["fp32"]
@@ -164,21 +117,11 @@ def parser() -> Parser:
     return p
 
 
-def run_command(parser: Parser, argv: list[str] | None, body: Callable[[argparse.Namespace], int]) -> int:
-    """Parse `argv` and run `body(args)`, bad arguments included in the one-line errors."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    from dyt_export.errors import UserError
-    from runtimes.base import BackendError, RuntimeFailure
-
-    return run_guarded(lambda: body(parser.parse_args(argv)), debug="--debug" in argv, prog=parser.prog,
-                       bad_input=(UserError, BackendError), runtime_failure=(RuntimeFailure,))
-
-
 def main(argv: list[str] | None = None) -> int:
     command = parser()
 
     def body(args: argparse.Namespace) -> int:
-        from .compare import LIMITS
+        # imports torch: here, so that --help and a refused argument stay instant
         from .harness import REFERENCE_THREADS, Options, validate
 
         log = (lambda _: None) if args.quiet else (lambda line: print(line, file=sys.stderr))

@@ -17,7 +17,6 @@ images on 2 busy threads against 1.8 s on 1.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -37,6 +36,7 @@ from runtimes.torch_ref import TorchReference
 from .compare import Parity, accuracy, compare, tolerances_for, unmeasured
 from .costs import activation_rates, gmacs
 from .data import ImageSet, load_inputs
+from .demo.model import ensure_demo_model
 from .machine import machine_info
 from .models import ModelUnderTest, read_model, twin
 from .record import MASKS_NOT_COMPARED, build_record, write_record
@@ -127,12 +127,6 @@ def check_output_file(path: Path) -> None:
     """Refuse, before any work, a file output (`--out x.json`) whose directory cannot be made
     or written (`check_output_dir`)."""
     check_output_dir(Path(path).absolute().parent)
-
-
-def write_json(path: Path, data: Any) -> None:
-    """An experiment's record as indented JSON at `path`, its directory made if missing."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=1))
 
 
 def _default_out(model: Path) -> Path:
@@ -229,8 +223,6 @@ def validate(opts: Options, log: Callable[[str], None] = lambda _: None) -> Outc
     if opts.out is not None:
         check_output_dir(opts.out)  # before the demo model may train
     if opts.model is None:
-        from .demo import ensure_demo_model
-
         opts = dataclasses.replace(opts, model=ensure_demo_model(log=log, tome_r=opts.tome_r).onnx)
     model = read_model(opts.model)
     out = Path(opts.out) if opts.out is not None else _default_out(model.path)

@@ -21,9 +21,12 @@ from typing import Callable
 
 import numpy as np
 
-from dyt_export.cli.common import Parser
+from dyt_export.atomic import staged_outputs
+from dyt_export.cli.common import Parser, number, run_command
 from dyt_export.errors import UserError
+from runtimes.torch_ref import TorchReference
 
+from .costs import activation_rates
 from .data import SOURCES, ImageSet, load_inputs
 
 WASH = 0.75
@@ -99,10 +102,8 @@ def draw(model: Path | None, out: Path, *, prefix: str | None = None, data: str 
          log: Callable[[str], None] = lambda _: None) -> list[Path]:
     """Both pictures (the chart alone with ToMe) for `model` (ONNX or checkpoint; None: the demo model, trained on first
     use) on the given images; returns their paths."""
-    from dyt_export.atomic import staged_outputs
-    from runtimes.torch_ref import TorchReference
-
-    from .costs import activation_rates
+    # both import torch: here, so that --help and a refused argument stay instant
+    from .demo.model import ensure_demo_model
     from .harness import REFERENCE_THREADS, check_output_dir, run_all
 
     if not isinstance(count, int) or not 1 <= count <= MAX_COUNT:
@@ -111,8 +112,6 @@ def draw(model: Path | None, out: Path, *, prefix: str | None = None, data: str 
         raise UserError(f"prefix {prefix!r} must be a plain file name prefix, not a path")
     check_output_dir(out)
     if model is None:
-        from .demo import ensure_demo_model
-
         model = ensure_demo_model(log=log).onnx
     prefix = prefix or Path(model).stem
     reference = TorchReference(ref or model, threads=REFERENCE_THREADS,
@@ -139,8 +138,6 @@ def draw(model: Path | None, out: Path, *, prefix: str | None = None, data: str 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .cli import number, run_command
-
     p = Parser(prog="python -m validation.pictures", description=__doc__.splitlines()[0])
     p.add_argument("model", type=Path, nargs="?", help="ONNX file from dyt-export, or a checkpoint (default: the demo model)")
     p.add_argument("--ref", type=Path, help="checkpoint to use instead of the ONNX file's recorded source")

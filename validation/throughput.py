@@ -1,4 +1,6 @@
-"""Throughput of one backend on real (image-like) batches: the timer every benchmark shares.
+"""Throughput of one backend on real (image-like) batches: the img/s and latency of a
+validation record (and of the load test's in-process rows). Timing several contenders
+against each other, for the benchmark's ratios, is `validation.bench.turns`' job.
 
 How it times, and why:
 * The image pool is cut into consecutive batches (`batches_of`). Activation, hence the

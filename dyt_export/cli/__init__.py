@@ -1,5 +1,13 @@
 """The `dyt-export` command. `dyt-export CKPT ...` exports; `dyt-export <command> ...` runs a
-subcommand. Bad input exits 2 with one line on stderr, a bug exits 1; --debug shows tracebacks."""
+subcommand. Bad input exits 2 with one line on stderr, a bug exits 1; --debug shows tracebacks.
+
+Owns the command line and, in `common`, what every command of the toolkit shares: the exit
+codes, one-line errors (`run_guarded`, `run_command`), the argparse `Parser` and the number
+and name argument types (validation's and the benchmarks' commands take them from here too).
+May import everything in `dyt_export`; never `validation`, and `runtimes` only from
+`serve_cmd`, when `dyt-export serve` runs (the server lives in `runtimes.serving`; nothing in
+`runtimes` imports this package, so no circle).
+"""
 from __future__ import annotations
 
 import argparse

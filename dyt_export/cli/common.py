@@ -1,31 +1,37 @@
-"""What every command of the toolkit shares: one-line errors and exit codes, argument
-parsing, checkpoint override flags."""
+"""What every command of the toolkit shares: one-line errors and exit codes, running a
+command (`run_command`), argument parsing and number types, checkpoint override flags.
+
+The one module of command-line helpers: `dyt-export`, `python -m validation` (and its demo,
+pictures and benchmark) and `python -m runtimes` take them from here. It imports nothing of
+any command, so no command imports another to reach them."""
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import traceback
 from pathlib import Path
-from typing import Callable, NoReturn
+from typing import Any, Callable, NoReturn
 
 from ..atomic import FULL_DISK
 from ..config import DyTConfig
-from ..errors import UserError
+from ..errors import RuntimeFailed, UserError
 
-EXIT_INTERNAL, EXIT_BAD_INPUT, EXIT_RUNTIME_FAILURE, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 1, 2, 4, 130, 141
-"""1 a bug, 2 bad input or a full disk (both the user's to change), 4 a runtime that failed
+EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT, EXIT_PARITY, EXIT_RUNTIME_FAILURE = 0, 1, 2, 3, 4
+EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 130, 141
+"""The exit codes of every command of the toolkit, defined here only: 0 success, 1 a bug, 2 bad
+input or a full disk (both the user's to change), 3 a parity failure (validation: the
+runtime's answers are not PyTorch's; the exporter never returns it), 4 a runtime that failed
 while running a model (the runtime's fault: neither the input's nor a bug here; only the
 commands that run runtimes raise it); 130 and 141 as a shell reports SIGINT and SIGPIPE
-(128 + signal). 3 is left to validation's parity failure."""
+(128 + signal)."""
 
 
-def run_guarded(body: Callable[[], int], *, debug: bool, prog: str,
-                bad_input: tuple[type[BaseException], ...] = (UserError,),
-                runtime_failure: tuple[type[BaseException], ...] = ()) -> int:
+def run_guarded(body: Callable[[], int], *, debug: bool, prog: str) -> int:
     """`body()`'s exit code, or one line on stderr and the code for what went wrong; with
-    `debug` the traceback comes first. `runtime_failure` is checked before `bad_input`, so it
-    may subclass one of those. A reader that leaves early (`... | head`) is not an error
+    `debug` the traceback comes first. A `RuntimeFailed` is checked before `UserError`: the
+    runtimes' failure is also one of their `BackendError`s, which are UserErrors. A reader that leaves early (`... | head`) is not an error
     worth a line: the exit code says it, and stdout is pointed at /dev/null so that Python's
     last flush at exit does not fail again."""
     try:
@@ -33,9 +39,9 @@ def run_guarded(body: Callable[[], int], *, debug: bool, prog: str,
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_BROKEN_PIPE
-    except runtime_failure as e:
+    except RuntimeFailed as e:
         error, message, code = e, f"runtime failure: {e}", EXIT_RUNTIME_FAILURE
-    except bad_input as e:
+    except UserError as e:
         error, message, code = e, f"error: {e}", EXIT_BAD_INPUT
     except KeyboardInterrupt as e:
         error, message, code = e, "interrupted", EXIT_INTERRUPTED
@@ -56,6 +62,54 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         raise UserError(f"{message} (see {self.prog} --help)")
+
+
+def run_command(parser: Parser, argv: list[str] | None, body: Callable[[argparse.Namespace], int]) -> int:
+    """Parse `argv` (default: sys.argv) and run `body(args)`, bad arguments included in the
+    one-line errors."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return run_guarded(lambda: body(parser.parse_args(argv)), debug="--debug" in argv, prog=parser.prog)
+
+
+def number(cast: type, low: float = -math.inf, high: float = math.inf) -> Callable[[str], Any]:
+    """An argparse type: `cast(text)`, finite and within [low, high]. float('nan') parses,
+    and a NaN count or duration would switch a check off silently."""
+    kind = "integer" if cast is int else "number"
+
+    def parse(text: str) -> Any:
+        try:
+            value = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an' if cast is int else 'a'} {kind}, got {text!r}") from None
+        if not math.isfinite(value) or not low <= value <= high:
+            bounds = (f" from {low:g} to {high:g}" if -math.inf < low and high < math.inf
+                      else f" >= {low:g}" if low > -math.inf else f" <= {high:g}" if high < math.inf else "")
+            raise argparse.ArgumentTypeError(f"expected a finite {kind}{bounds}, got {text!r}")
+        return value
+    return parse
+
+
+def names_from(allowed: tuple[str, ...], noun: str) -> Callable[[str], list[str]]:
+    """An argparse type: comma-separated names, each one of `allowed` (a `noun`, for the message)."""
+    def parse(text: str) -> list[str]:
+        names = [name.strip() for name in text.split(",") if name.strip()]
+        unknown = [name for name in names if name not in allowed]
+        if not names or unknown:
+            raise argparse.ArgumentTypeError(f"unknown {noun}(s) {', '.join(unknown) or repr(text)}; "
+                                             f"choose from {', '.join(allowed)}")
+        return names
+    return parse
+
+
+def positive_ints(text: str) -> tuple[int, ...]:
+    """An argparse type: comma-separated integers, each >= 1."""
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
 
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".tar", ".bin", ".ckpt", ".safetensors")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..files import check_input_file
+from .common import number
 
 DESCRIPTION = ("Serve exported DyT models over HTTP on Ray Serve: the Open Inference Protocol (KServe v2, "
                "Triton's binary tensors) and an image route, with batching across requests.")
@@ -30,39 +31,20 @@ Inference Protocol, JSON or binary tensors: tritonclient.http works unchanged), 
 docs/serving.md: deploying on a cluster, and how replicas, threads and batches map to machines.
 """
 RUNTIMES_HELP = "ort-cpu (default), openvino, ort-cuda"
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
-    return value
-
-
-def _milliseconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 <= value <= 60_000:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of milliseconds from 0 to 60000")
-    return value
+POSITIVE, MILLISECONDS = number(int, 1), number(float, 0, 60_000)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("models", nargs="+", metavar="[NAME=]MODEL.onnx",
                         help="exported models; a model's name is its file's stem unless given")
     parser.add_argument("--runtime", default="ort-cpu", metavar="NAME", help=f"one of {RUNTIMES_HELP}")
-    parser.add_argument("--replicas", type=_positive, default=1, metavar="N", help="replicas (default 1)")
-    parser.add_argument("--threads", type=_positive, metavar="T",
+    parser.add_argument("--replicas", type=POSITIVE, default=1, metavar="N", help="replicas (default 1)")
+    parser.add_argument("--threads", type=POSITIVE, metavar="T",
                         help="runtime threads per replica, also the CPUs Ray reserves for it "
                              "(default: this machine's cores / replicas)")
-    parser.add_argument("--max-batch", type=_positive, default=8, metavar="B",
+    parser.add_argument("--max-batch", type=POSITIVE, default=8, metavar="B",
                         help="most images one runtime call takes across requests (default 8; 1: no batching)")
-    parser.add_argument("--batch-wait-ms", type=_milliseconds, default=5.0, metavar="W",
+    parser.add_argument("--batch-wait-ms", type=MILLISECONDS, default=5.0, metavar="W",
                         help="how long a batch waits for more requests after its first one (default 5)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0: all)")
     parser.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
@@ -72,7 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="front door of the local Ray instance: proxy (default, Ray Serve's HTTP proxy) or "
                              "haproxy (Ray Serve's high-throughput mode; replicas then listen on all interfaces: "
                              "docs/serving.md); a cluster keeps the one it was started with")
-    parser.add_argument("--max-body", type=_positive, default=64, metavar="MIB",
+    parser.add_argument("--max-body", type=POSITIVE, default=64, metavar="MIB",
                         help="largest request body in MiB; larger ones get 413 (default 64)")
     parser.add_argument("--labels", type=Path, metavar="FILE",
                         help="class names, one per line, for every model served (default: the file's dyt.labels)")

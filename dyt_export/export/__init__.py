@@ -1,5 +1,10 @@
 """ONNX export of DyT models and facts about exported graphs.
 
+Owns the ONNX graph: the export (`onnx_export`), its exact rewrites (`rewrites`), what a
+file records about itself (`metadata`) and what its graph holds (`graph`). May import
+`dyt_export.config`, `.model`, `.files`, `.atomic`, `.progress`, torch, onnx and onnxscript;
+never the checkpoint readers' command line, `runtimes` or `validation`.
+
 Names resolve on first use, as in the top-level package: reading an exported file's metadata
 (`metadata`, `graph`: onnx only) must not import torch, which only the exporter needs; a
 server replica reads the metadata of the model it runs and never exports.

@@ -2,7 +2,7 @@
 
 Each rule replaces a pattern by one that computes bitwise the same values (in IEEE float,
 barring subnormals) but runs faster where a runtime treats the original pattern badly;
-measured in `validation.levers` (docs/performance.md). None may change a result beyond
+measured in docs/levers.md. None may change a result beyond
 that, so none is optional.
 """
 from __future__ import annotations

@@ -32,22 +32,20 @@ def active_index(mask: torch.Tensor) -> torch.Tensor:
     return index
 
 
-def rowwise_added(x: torch.Tensor, mask: torch.Tensor, fn: RowFn, *, add_in_scatter: bool = False) -> torch.Tensor:
+def rowwise_added(x: torch.Tensor, mask: torch.Tensor, fn: RowFn) -> torch.Tensor:
     """x + fn(x) on the active rows of the flattened batch, x elsewhere: [B, N, C].
 
-    The branch output is scattered into zeros and added to the residual. `add_in_scatter`
-    adds it inside the scatter instead (ScatterND reduction "add" into x): bit-identical and
-    1.5-2 % faster on ONNX Runtime (no zeros fill, one Add fewer), but OpenVINO then holds
-    27-56 MB more at batch 32 on ViT-B/16 and ONNX Runtime's arena 18 MB more at activation
-    0.7, which puts DyT's peak memory above the dense export's (`validation.levers`,
-    docs/performance.md); and ONNX Runtime's CPU ScatterND has no fp16 "add" reduction.
+    The branch output is scattered into zeros and added to the residual. Adding it inside
+    the scatter instead (ScatterND reduction "add" into x) is bit-identical and 1.5-2 % faster
+    on ONNX Runtime (no zeros fill, one Add fewer), but OpenVINO then holds 27-56 MB more at
+    batch 32 on ViT-B/16 and ONNX Runtime's arena 18 MB more at activation 0.7, which puts
+    DyT's peak memory above the dense export's; and ONNX Runtime's CPU ScatterND has no fp16
+    "add" reduction (measured and rejected: docs/levers.md).
     """
     b, n, c = x.shape
     flat = x.reshape(b * n, c)
     index = active_index(mask)
     rows = flat.index_select(0, index)
-    if add_in_scatter:
-        return flat.index_put((index,), fn(rows), accumulate=True).reshape(b, n, c)
     return x + torch.zeros_like(flat).index_put((index,), fn(rows)).reshape(b, n, c)
 
 
@@ -77,7 +75,7 @@ def key_padding_bias(valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.where(valid, zero, neg)[:, None, None, :]
 
 
-def sequence_added(x: torch.Tensor, mask: torch.Tensor, fn: SeqFn, *, add_in_scatter: bool = False) -> torch.Tensor:
+def sequence_added(x: torch.Tensor, mask: torch.Tensor, fn: SeqFn) -> torch.Tensor:
     """x + fn on each image's active tokens only (attention never crosses images or reaches an
     inactive token), x elsewhere: [B, N, C].
 
@@ -86,8 +84,8 @@ def sequence_added(x: torch.Tensor, mask: torch.Tensor, fn: SeqFn, *, add_in_sca
     (GatherElements/ScatterElements), which were slower or equal on ORT and OpenVINO
     (docs/variants.md). Padded slots point at inactive tokens of their own image and write
     zeros, so no scatter index repeats and no active result is overwritten. As in
-    `rowwise_added`, the branch is scattered into zeros and added; `add_in_scatter` adds it
-    inside the scatter (bit-identical; measured and rejected in docs/variants.md).
+    `rowwise_added`, the branch is scattered into zeros and added (adding it inside the
+    scatter: bit-identical; measured and rejected in docs/variants.md).
     """
     b, n, c = x.shape
     order, valid = compact_order(mask)
@@ -95,8 +93,6 @@ def sequence_added(x: torch.Tensor, mask: torch.Tensor, fn: SeqFn, *, add_in_sca
     flat = x.reshape(b * n, c)
     out = fn(flat.index_select(0, rows).reshape(b, -1, c), key_padding_bias(valid, torch.float32))
     out = (out * valid.unsqueeze(-1).to(out.dtype)).reshape(-1, c)
-    if add_in_scatter:
-        return flat.index_put((rows,), out, accumulate=True).reshape(b, n, c)
     return x + torch.zeros_like(flat).index_put((rows,), out).reshape(b, n, c)
 
 

@@ -91,12 +91,9 @@ class DytServer:
         threads = replica_threads(config.threads)
         self.config = config
         self.models = {source.name: ServedModel(source, config.runtime, threads) for source in config.models}
-        self.batchers = {name: self._batcher(model) for name, model in self.models.items()}
+        self.batchers = {name: Batcher(model, config.max_batch, config.batch_wait_s) for name, model in self.models.items()}
         for model in self.models.values():  # the first call of a runtime prepares kernels: not a client's wait
             model.backend.run({model.input.name: np.zeros((1, *model.input.shape[1:]), model.input.dtype)})
-
-    def _batcher(self, model: ServedModel) -> Batcher:
-        return Batcher(model, self.config.max_batch, self.config.batch_wait_s)
 
     async def __call__(self, request: Request) -> Response:
         try:

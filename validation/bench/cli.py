@@ -5,15 +5,15 @@ to each activation rate, saved in the public DyT checkpoint layout, loaded back 
 (`dynamic`, what `dyt-export` ships). Then, all in one run and at the same thread count:
 
 * per runtime (ORT-CPU, OpenVINO) and batch size, in turns call by call
-  (`validation.turns`): the DyT exports, the `dense` export, the `masked` export (its cost
+  (`validation.bench.turns`): the DyT exports, the `dense` export, the `masked` export (its cost
   does not depend on the rate, so one rate suffices), the two int8 exports (static and
-  dynamic activations, `validation.bench_int8`) and the runtime's own large GEMM;
-* eager PyTorch DyT along the public code's gather/scatter path (`validation.public_eager`),
+  dynamic activations, `validation.bench.int8`) and the runtime's own large GEMM;
+* eager PyTorch DyT along the public code's gather/scatter path (`validation.bench.public_eager`),
   in turns with `torch.mm`;
 * the machine's fp32 GEMM rate, best of numpy, torch, ONNX Runtime and OpenVINO
-  (`validation.gemm`);
+  (`validation.bench.gemm`);
 * peak memory of the dense and DyT exports, one process per measurement
-  (`validation.bench_memory`).
+  (`validation.bench.memory`).
 
 It prints the tables, writes `OUT/bench.json` and replaces the marked section of
 `docs/performance.md`. Everything is seeded: calibration images (seed S), timed images
@@ -34,18 +34,34 @@ from typing import Any
 
 import numpy as np
 
-from dyt_export.cli.common import Parser
+from dyt_export.cli.common import Parser, names_from, number, positive_ints, run_command
 from dyt_export.errors import UserError
-from validation.cli import names_from, number, positive_ints, run_command
+from dyt_export.files import check_input_file
+from dyt_export.flops import macs_per_image
+from runtimes import CPU_RUNTIMES, open_backend
 from validation.compare import max_rel
-from runtimes import CPU_RUNTIMES
-from validation.turns import SETTLED_RUNTIMES, Runner, paired_ratio, row, take_turns
+from validation.costs import active_counts
+from validation.machine import machine_info
+from validation.throughput import batches_of
+from validation.bench.turns import SETTLED_RUNTIMES, Runner, paired_ratio, row, take_turns
+
+from .gemm import DEFAULT_SIZE, machine_gemm_rates, matmul_runner, square
+from .int8 import contender, demo_agreement, int8_checks, int8_exports, int8_rows, int8_table
+from .memory import EXTERNAL_DATA, SETUPS, external_copy, peak_memory
+from .report import (Result, markdown, memory_table, results_from_record, results_table, target_checks, targets_table,
+                     write_docs)
 
 RUNTIME_GEMM_LIBRARY = {"ort-cpu": "onnxruntime", "openvino": "openvino", "torch": "torch"}
 MEMORY_IMAGES = 8
 """Images per memory measurement at small batches: memory settles within the first calls."""
 GROUP_GEMM_SIZE = 2048
 """The in-turns GEMM: ~0.1 s a call, a load sensor beside each group's models."""
+
+
+def write_json(path: Path, data: Any) -> None:
+    """A record as indented JSON at `path`, its directory made if missing."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1))
 
 
 def _log(message: str) -> None:
@@ -66,7 +82,7 @@ class Exports:
     """Everything timed: calibrated DyT models (one per rate) and the middle rate's twins."""
 
     models: list[Any]
-    """`validation.bench_models.CalibratedModel` per rate."""
+    """`validation.bench.models.CalibratedModel` per rate."""
     dense: Path
     masked: Path
     int8: dict[str, Path]
@@ -78,8 +94,6 @@ class Exports:
         return self.models[len(self.models) // 2]
 
     def onnx_files(self) -> dict[str, Path]:
-        from validation.bench_int8 import contender
-
         return {"dense": self.dense, "masked": self.masked, **{f"dyt@{m.rate:g}": m.dynamic for m in self.models},
                 **{contender(a, self.middle.rate): path for a, path in self.int8.items()}}
 
@@ -87,10 +101,11 @@ class Exports:
 def build_exports(args: argparse.Namespace, work: Path) -> Exports:
     """Seeded model, calibrated per rate, public layout, exported; dense, masked and int8 twins
     at the middle rate (dense ignores the dispatchers, masked costs the same at every rate)."""
+    # these import torch: here, so that --help and a refused argument stay instant
     from dyt_export.calibrate import image_like
-    from validation.bench_int8 import int8_exports
-    from validation.bench_models import base_model, calibrated, export_twin
-    from validation.public_eager import PublicEagerDyT
+
+    from .models import base_model, calibrated, export_twin
+    from .public_eager import PublicEagerDyT
 
     base = base_model(args.seed, args.backbone)
     pool = image_like(args.images, size=base.dyt_config.img_size, seed=args.seed + 1)
@@ -108,11 +123,9 @@ def build_exports(args: argparse.Namespace, work: Path) -> Exports:
 
 def time_all(args: argparse.Namespace, ex: Exports, threads: list[int]) -> tuple[dict, dict]:
     """Call times per (runtime, threads, batch) group and contender, and each group's GEMM rate."""
-    import torch
+    import torch  # not for --help (nor public_eager, which imports it)
 
-    from runtimes import open_backend
-    from validation.gemm import matmul_runner, square
-    from validation.public_eager import PublicEagerDyT
+    from .public_eager import PublicEagerDyT
 
     timed: dict[tuple[str, int, int], dict[str, list[float]]] = {}
     group_gemm: dict[tuple[str, int, int], float] = {}
@@ -146,10 +159,8 @@ def time_all(args: argparse.Namespace, ex: Exports, threads: list[int]) -> tuple
 
 
 def measure_memory(args: argparse.Namespace, ex: Exports, work: Path, threads: int) -> list[dict[str, Any]]:
-    """Peak memory of the dense and DyT exports, one process each (`validation.bench_memory`),
+    """Peak memory of the dense and DyT exports, one process each (`validation.bench.memory`),
     per allocator setting and weights layout."""
-    from validation.bench_memory import EXTERNAL_DATA, SETUPS, external_copy, peak_memory
-
     models = [("dense", ex.dense), *[(f"dyt@{m.rate:g}", m.dynamic) for m in ex.models]]
     memory = []
     for runtime in args.runtimes:
@@ -169,11 +180,6 @@ def measure_memory(args: argparse.Namespace, ex: Exports, work: Path, threads: i
 
 def results_of(ex: Exports, timed: dict, group_gemm: dict, gemm_best: float) -> list[Any]:
     """One `Result` per runtime, threads, batch and rate, with its baselines from the same turns."""
-    from dyt_export.flops import macs_per_image
-    from validation.bench_report import Result
-    from validation.costs import active_counts
-    from validation.throughput import batches_of
-
     cfg = ex.middle.model.dyt_config
     dense_gmacs = float(macs_per_image(cfg, None)[0]) / 1e9
     results = []
@@ -196,11 +202,7 @@ def results_of(ex: Exports, timed: dict, group_gemm: dict, gemm_best: float) -> 
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    import torch
-
-    from validation.bench_int8 import demo_agreement, int8_rows
-    from validation.gemm import DEFAULT_SIZE, machine_gemm_rates
-    from validation.machine import machine_info
+    import torch  # not for --help
 
     start = time.perf_counter()
     load_start = os.getloadavg()
@@ -303,9 +305,6 @@ def parser() -> Parser:
 
 def report_only(path: Path, docs: str) -> int:
     """Tables and docs section from a bench.json, e.g. after the report's wording changed."""
-    from dyt_export.files import check_input_file
-    from validation.bench_report import markdown, results_from_record, write_docs
-
     check_input_file(path, "--report")
     try:
         record = json.loads(path.read_text())
@@ -320,11 +319,13 @@ def report_only(path: Path, docs: str) -> int:
 
 def _refuse_before_work(args: argparse.Namespace) -> None:
     """What would otherwise fail after half an hour of measuring."""
-    from dyt_export.init_model import backbone_config
+    # these import torch: here, so that --help and a refused argument stay instant
     from dyt_export.export import weights_need_external_data
+    from dyt_export.init_model import backbone_config
     from dyt_export.quantize import INT8_SINGLE_FILE_ONLY
-    from validation.bench_models import ADAPTER_SCALE, BOTTLENECK, NUM_CLASSES, meta_model, require_work_space
     from validation.harness import check_output_dir, check_output_file
+
+    from .models import ADAPTER_SCALE, BOTTLENECK, NUM_CLASSES, meta_model, require_work_space
 
     model = meta_model(backbone_config(args.backbone, bottleneck=BOTTLENECK, adapter_scale=ADAPTER_SCALE,
                                        num_classes=NUM_CLASSES))
@@ -340,10 +341,6 @@ def _refuse_before_work(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     def body(args: argparse.Namespace) -> int:
-        from validation.bench_int8 import int8_checks, int8_table
-        from validation.bench_report import markdown, memory_table, results_table, target_checks, targets_table, write_docs
-        from validation.harness import write_json
-
         if args.report:
             return report_only(args.report, args.docs)
         _refuse_before_work(args)

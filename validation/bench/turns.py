@@ -1,20 +1,25 @@
 """Time several contenders call by call, in turns: ratios that survive a shared machine.
 
-`validation.interleave` alternates whole passes and repeats `throughput.measure`'s warm-up
-pass every round; on ViT-B/16 with 2 cores a pass over 32 images takes a minute per model,
-so `make bench` (ten models, three batch sizes, two runtimes) cannot afford either. Here
+Alternating whole passes and repeating `throughput.measure`'s warm-up pass every round (the
+timer of the variant and attention-form experiments, docs/levers.md) is too slow here: on
+ViT-B/16 with 2 cores a pass over 32 images takes a minute per model, so `make bench` (ten
+models, three batch sizes, two runtimes) cannot afford either. Here
 every contender sees each distinct batch once to warm up, then the timed loop goes batch by
 batch and runs *every* contender on that batch before moving on, rotating who goes first.
 A burst of load from another process lands on neighbouring calls of all contenders alike,
 so a ratio of two contenders' times moves far less than either time does.
 
 Rows keep `validation.throughput`'s meaning: whole passes over the pool, img/s is images
-over the total wall time of the timed calls, latency percentiles are per call.
+over the total wall time of the timed calls, latency percentiles are per call. The two timers
+answer different questions: `throughput.measure` times ONE backend for a validation record
+(its img/s and latency); this module times SEVERAL contenders against each other for the
+benchmark's ratios (`paired_ratio`), which only a shared timeline makes honest. Only
+`validation.bench` uses it.
 """
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 
@@ -25,31 +30,17 @@ Runner = Callable[[np.ndarray], object]
 
 ORT_IN_TURNS: dict[str, str] = {"session.intra_op.allow_spinning": "0"}
 """Session config of the bare ONNX Runtime sessions that run in turns with others: the
-benchmark's GEMM load sensor (and `validation.roles --ort-no-spinning`). A session's worker
+benchmark's GEMM load sensor. A session's worker
 threads spin after each call; the next contender's call then shares the two cores with them.
-Measured (2 cores): a chain of 12 MLP GEMM pairs on 60 rows ran at 35-37 GMAC/s in two
+The benchmark's bare sessions get it through `runtimes.ort_session.session_options`. Measured (2 cores): a chain of 12 MLP GEMM pairs on 60 rows ran at 35-37 GMAC/s in two
 spinning sessions taking turns, 67-69 without spinning, 67.5 for one session alone; ViT-B/16
 at batch 1 lost 15-25 % of its speed, the DyT export more than the dense one (its calls are
 shorter). Timing the models themselves keeps ORT's spinning and uses `settle` instead:
 without spinning the dense export at batch 8 ran 15-20 % slower than with it."""
 
 SETTLED_RUNTIMES = ("ort-cpu",)
-"""Runtimes whose models are timed with `take_turns(settle=True)` (`make bench`,
-`validation.levers`; `validation.roles` profiles ORT the same way): ONNX Runtime's spinning threads otherwise take the cores from the next
-contender's call (ORT_IN_TURNS)."""
-
-
-def ort_options_in_turns(threads: int, spinning: bool = False) -> Any:
-    """`onnxruntime.SessionOptions` for a session that runs in turns with others: `threads`
-    intra-op threads, no inter-op parallelism, no spinning (ORT_IN_TURNS) unless `spinning`
-    (then its calls need `settle`)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-    for key, value in ({} if spinning else ORT_IN_TURNS).items():
-        options.add_session_config_entry(key, value)
-    return options
+"""Runtimes whose models `make bench` times with `take_turns(settle=True)`: ONNX Runtime's
+spinning threads otherwise take the cores from the next contender's call (ORT_IN_TURNS)."""
 
 
 def take_turns(runners: dict[str, Runner], images: np.ndarray, batch: int, *, passes: int = 1,

@@ -12,6 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from dyt_export.config import INT8_ACTIVATIONS, int8_label
+from dyt_export.quantize import quantize_int8
+from runtimes import open_backend
+from validation.data import digits
+from validation.bench.turns import paired_ratio, row
 
 CALIBRATION_IMAGES = 64
 """Seeded image-like calibration inputs for the ViT-B/16 int8 export (as `dyt-export --int8`)."""
@@ -25,8 +29,7 @@ def contender(activations: str, rate: float) -> str:
 def int8_exports(fp32: Path, work: Path, img_size: int, seed: int) -> dict[str, Path]:
     """The int8 forms of the fp32 export `fp32` by activations, made like `dyt-export --int8
     [--int8-activations dynamic]` makes them (static: calibrated on seeded image-like inputs)."""
-    from dyt_export.calibrate import image_like
-    from dyt_export.quantize import quantize_int8
+    from dyt_export.calibrate import image_like  # imports torch: not for make bench --help
 
     calibration = image_like(CALIBRATION_IMAGES, size=img_size, seed=seed).numpy()
     return {a: quantize_int8(fp32, work / f"{fp32.stem}-{int8_label(a)}.onnx",
@@ -36,11 +39,9 @@ def int8_exports(fp32: Path, work: Path, img_size: int, seed: int) -> dict[str, 
 def demo_agreement(work: Path, runtimes: list[str], threads: int) -> dict[str, Any]:
     """Top-1 agreement of the demo model's int8 export with its fp32 export on the digits test
     split, per runtime, with both accuracies. Trains the demo model first if it is not cached."""
-    from dyt_export.quantize import quantize_int8
-    from runtimes import open_backend
-    from validation.data import digits
-    from validation.demo import ensure_demo_model
-    from validation.train import Recipe
+    # these import torch: not for make bench --help
+    from validation.demo.model import ensure_demo_model
+    from validation.demo.train import Recipe
 
     demo = ensure_demo_model()
     size = Recipe().img_size
@@ -74,8 +75,6 @@ def demo_forms(demo: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
 def int8_rows(timed: dict[tuple[str, int, int], dict[str, list[float]]], rate: float) -> list[dict[str, Any]]:
     """int8 vs fp32 DyT img/s at `rate` per activations form, runtime, threads and batch, from
     the same turns."""
-    from validation.turns import paired_ratio, row
-
     rows = []
     for activations in INT8_ACTIVATIONS:
         for (runtime, threads, batch), lat in timed.items():

@@ -7,7 +7,7 @@ Definitions (never adjusted to make a number look better):
 * efficiency = speed-up / ideal (also shown with the paired speed-up: the median over turns of
   dense call time / DyT call time on the same batch, the robust figure on a busy machine);
 * roofline = DyT useful MACs per second (img/s x MACs per image) / the machine's fp32 GEMM
-  rate (best library, `validation.gemm`);
+  rate (best library, `validation.bench.gemm`);
 * vs eager = DyT ONNX img/s / eager PyTorch DyT img/s (the public code's path);
 * memory: peak resident set of the DyT export vs the dense export, one process each.
 """
@@ -17,8 +17,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from validation.bench_int8 import int8_table
-from validation.bench_memory import SINGLE_FILE
+from validation.bench.int8 import int8_table
+from validation.bench.memory import SINGLE_FILE
 
 TARGETS: dict[str, dict[int, float]] = {
     "efficiency": {1: 0.95, 8: 0.95, 32: 0.95},
@@ -50,7 +50,7 @@ class Result:
     group_gemm_gmac_s: float | None
     """The runtime's own GEMM, timed in the same turns: tells how busy the machine was."""
     paired_speedup: float | None = None
-    """Median over turns of dense call time / DyT call time (`validation.turns.paired_ratio`)."""
+    """Median over turns of dense call time / DyT call time (`validation.bench.turns.paired_ratio`)."""
 
     @property
     def speedup(self) -> float:

@@ -2,7 +2,7 @@
 
 Runtimes keep arenas and caches for the life of a process, so memory read in the process
 that times ten models says nothing about any one of them. Each measurement is a fresh
-`python -m validation.bench_memory` process that imports the runtime, loads the images,
+`python -m validation.bench.memory` process that imports the runtime, loads the images,
 records its resident set (the baseline), loads the model, runs one pass over the image pool
 at the given batch size, and reports the kernel's high-water mark of its resident set
 (`VmHWM`, the same figure as `ru_maxrss`). Baseline and peak are both reported: the peak is
@@ -36,6 +36,9 @@ from typing import Any
 
 import numpy as np
 
+from runtimes import open_backend
+from validation.throughput import batches_of
+
 
 def _status_kb(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -44,15 +47,11 @@ def _status_kb(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
-def measure_here(runtime: str, model: Path, images: np.ndarray, batch: int, threads: int,
-                 **options: Any) -> dict[str, float]:
+def measure_here(runtime: str, model: Path, images: np.ndarray, batch: int, threads: int) -> dict[str, float]:
     """Resident-set figures (MB) of this process around loading and running `model`."""
-    from runtimes import open_backend
-    from validation.throughput import batches_of
-
     feeds = [np.ascontiguousarray(images[g]) for g in batches_of(len(images), batch)]
     baseline = _status_kb("VmRSS")
-    backend = open_backend(runtime, model, threads=threads, **options)
+    backend = open_backend(runtime, model, threads=threads)
     loaded = _status_kb("VmRSS")
     name = backend.input_names[0]
     for feed in feeds:
@@ -77,7 +76,7 @@ def external_copy(model: Path, folder: Path) -> Path:
     writes them (the graph is the same; exporting ViT-B/16 again would take a minute)."""
     from onnxscript import ir
 
-    from dyt_export.export import save_onnx
+    from dyt_export.export import save_onnx  # imports torch: only when a copy is made
 
     folder.mkdir(parents=True, exist_ok=True)
     out = folder / model.name
@@ -87,11 +86,10 @@ def external_copy(model: Path, folder: Path) -> Path:
 
 
 def peak_memory(runtime: str, model: Path, images: Path, batch: int, threads: int,
-                allocator: str = "glibc default", options: dict[str, Any] | None = None) -> dict[str, Any]:
+                allocator: str = "glibc default") -> dict[str, Any]:
     """`measure_here` in a fresh interpreter; `images` is a .npy file of pixel values."""
-    command = [sys.executable, "-m", "validation.bench_memory", "--runtime", runtime, "--model", str(model),
-               "--images", str(images), "--batch", str(batch), "--threads", str(threads),
-               "--options", json.dumps(options or {})]
+    command = [sys.executable, "-m", "validation.bench.memory", "--runtime", runtime, "--model", str(model),
+               "--images", str(images), "--batch", str(batch), "--threads", str(threads)]
     env = {**os.environ, **ALLOCATORS[allocator]}
     done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
     if done.returncode != 0:
@@ -107,10 +105,9 @@ def main() -> None:
     parser.add_argument("--images", type=Path, required=True, help=".npy file of pixel values [N, C, H, W]")
     parser.add_argument("--batch", type=int, required=True)
     parser.add_argument("--threads", type=int, required=True)
-    parser.add_argument("--options", type=json.loads, default={}, help="backend options as a JSON object")
     args = parser.parse_args()
     images = np.load(args.images)
-    print(json.dumps(measure_here(args.runtime, args.model, images, args.batch, args.threads, **args.options)))
+    print(json.dumps(measure_here(args.runtime, args.model, images, args.batch, args.threads)))
 
 
 if __name__ == "__main__":

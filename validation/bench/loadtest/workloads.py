@@ -82,7 +82,7 @@ def vitb16(work: Path) -> Workload:
     then reused while the exporter that wrote it is the one installed."""
     from dyt_export.calibrate import image_like
     from dyt_export.export import current_graph_form, export_onnx, read_metadata
-    from validation.bench_models import base_model, calibrated
+    from validation.bench.models import base_model, calibrated
     from validation.data import scenes
 
     path = work / f"vitb16-r{VITB_RATE:g}-masks.onnx"

@@ -28,7 +28,7 @@ from dyt_export.config import DyTConfig
 from dyt_export.model import DyTVisionTransformer, build_model
 from dyt_export.model.block import norm32
 
-from .data import digits_split, normalize
+from ..data import digits_split, normalize
 
 
 @dataclass(frozen=True)

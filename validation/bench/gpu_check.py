@@ -7,7 +7,7 @@ BUDGET_S seconds.
    CUDA version; then ort-cuda must start a session (asked with torch imported).
 3. The demo DyT (trained on first use) validated on ort-cuda, parity only: its fp32 export
    and an fp16 export made here.
-4. ViT-B/16 DyT as `make bench` builds it (validation.bench_models: seeded, public checkpoint
+4. ViT-B/16 DyT as `make bench` builds it (validation.bench.models: seeded, public checkpoint
    layout, dispatchers calibrated to activation VIT_RATE), exported with its token masks and
    validated on VIT_IMAGES digits images at 224 px, with throughput: DyT against its dense
    export at batch 1, 8 and 32, the paper's GPU figures beside them.
@@ -15,7 +15,9 @@ BUDGET_S seconds.
 Step lines go to stderr as the steps run, one summary to stdout at the end. Records land
 under OUT (default validation/records/gpu-check/). Exit codes: 0 every step passed; 2 no
 usable GPU, or ort-cuda did not start after the setup; 3 a parity failure; 1 anything else,
-the time budget included (a watchdog ends the run).
+the time budget included (a watchdog ends the run). What imports torch (the harness, the
+exporter, the models) is imported in the step that needs it, so that a machine without a
+GPU is told so at once.
 """
 from __future__ import annotations
 
@@ -26,8 +28,14 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
+
+from dyt_export.cli.common import EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_OK, EXIT_PARITY
+from runtimes import get_backend
+from runtimes.base import first_line
+from runtimes.cuda_driver import query_driver
 
 BUDGET_S = 8 * 60
 SETUP_TIMEOUT_S = 4 * 60
@@ -35,16 +43,18 @@ RUNTIME = "ort-cuda"
 VIT_RATE = 0.5
 VIT_IMAGES = 64
 VIT_POOL = 8
-"""Images the calibrated model is traced on when built (bench_models needs a pool; the
+"""Images the calibrated model is traced on when built (validation.bench.models needs a pool; the
 validation computes its own reference masks)."""
 SEED = 0
 """`make bench`'s default seed: the same weights and calibration."""
 BACKBONE = "vit_base_patch16_224"
-"""`make bench`'s backbone (validation.bench_models.BACKBONE)."""
+"""`make bench`'s backbone (validation.bench.models.BACKBONE)."""
 BATCHES = (1, 8, 32)
 PAPER_GPU = (("V100", 806.0, 912.0), ("T4", 435.0, 525.0))
 """The DyT paper's GPU throughput, img/s: (GPU, ViT-B/16 dense, DyT)."""
-EXIT_OK, EXIT_FAILED, EXIT_NO_GPU, EXIT_PARITY = 0, 1, 2, 3
+EXIT_FAILED, EXIT_NO_GPU = EXIT_INTERNAL, EXIT_BAD_INPUT
+"""gpu-check's 1 is any step that failed for a reason other than parity; its 2 a machine
+without a usable GPU, as an unavailable runtime is bad input to `python -m validation`."""
 
 
 @dataclass
@@ -70,8 +80,6 @@ class Run:
 
     def step(self, name: str, body: Callable[[], tuple[bool, str]], *, parity: bool = False) -> bool:
         """Run one step; a failure is recorded with its one-line cause, never raised."""
-        from runtimes.base import first_line
-
         self.current = name
         self.log(f"{name} ...")
         began = time.monotonic()
@@ -87,8 +95,6 @@ class Run:
 def gpu_problem() -> str:
     """Why this machine cannot run the check ('' when it can): no driver, no GPU, or a driver
     older than torch's CUDA major version (onnxruntime-gpu is picked to match torch)."""
-    from runtimes.cuda_driver import query_driver
-
     driver = query_driver()
     if driver.problem:
         return driver.problem
@@ -106,8 +112,6 @@ def _setup() -> tuple[bool, str]:
                           stdin=subprocess.DEVNULL, stdout=sys.stderr)  # stdout is the summary's
     if done.returncode != 0:
         return False, f"python -m runtimes.cuda_setup exited {done.returncode}"
-    from importlib import metadata
-
     return True, f"onnxruntime-gpu {metadata.version('onnxruntime-gpu')}"
 
 
@@ -121,7 +125,7 @@ def _placement(record: dict[str, Any]) -> str:
 
 
 def _validate(run: Run, model: Path, out: Path, **options: Any) -> tuple[bool, str]:
-    from .harness import Options, validate
+    from ..harness import Options, validate
 
     outcome = validate(Options(runtime=RUNTIME, model=model, out=out, ref_threads=os.cpu_count() or 1, **options),
                        log=lambda line: run.log(f"  {line}"))
@@ -134,7 +138,7 @@ def _demo_fp16(checkpoint: Path, out: Path) -> Path:
     """The demo checkpoint exported in fp16 (`dyt-export --fp16`), into `out`."""
     from dyt_export import export_onnx, load_checkpoint
 
-    from .train import Recipe
+    from ..demo.train import Recipe
 
     out.mkdir(parents=True, exist_ok=True)
     path = out / "dyt_digits_fp16.onnx"
@@ -145,7 +149,7 @@ def _demo_fp16(checkpoint: Path, out: Path) -> Path:
 def _vit(out: Path) -> Path:
     from dyt_export.calibrate import image_like
 
-    from .bench_models import base_model, calibrated
+    from .models import base_model, calibrated
 
     out.mkdir(parents=True, exist_ok=True)
     base = base_model(SEED, BACKBONE)
@@ -205,8 +209,6 @@ def _watchdog(run: Run) -> threading.Timer:
 
 def check(run: Run) -> int:
     """Steps 2-4 (the GPU is known to be there)."""
-    from runtimes import get_backend
-
     if not run.step("setup-cuda", _setup):
         return EXIT_FAILED
 
@@ -217,7 +219,7 @@ def check(run: Run) -> int:
     if not run.step(f"{RUNTIME} starts", starts):
         return EXIT_NO_GPU
     run.out.mkdir(parents=True, exist_ok=True)
-    from .demo import ensure_demo_model
+    from ..demo.model import ensure_demo_model
 
     demo = None
 
@@ -244,7 +246,7 @@ def check(run: Run) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m validation.gpu_check", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m validation.bench.gpu_check", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("validation/records/gpu-check"), help="records directory")
     args = parser.parse_args(argv)
     problem = gpu_problem()

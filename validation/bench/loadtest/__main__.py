@@ -6,14 +6,12 @@ Per model and runtime: the in-process backend at each batch (no server running);
 replica with all the machine's cores as runtime threads and its batch cap at the backend's
 best batch, behind each of Ray Serve's front doors (`runtimes.serving.ingress`): its HTTP
 proxy, loaded at 1, 8 and 32 clients on the binary protocol and the image route, and at 32
-with batching off; HAProxy, the same on the binary route, and at 32 clients with a token
-budget instead of the image cap (`loadtest.token_budget`). A benchmark, not a test: run it
+with batching off; HAProxy, the same on the binary route. A benchmark, not a test: run it
 alone, `flock -x /tmp/dyt-bench.lock make loadtest` on shared cores. About 35 minutes on 2
 cores (a few more the first time, to build ViT-B/16).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shlex
@@ -25,27 +23,17 @@ from pathlib import Path
 from typing import Any
 
 from dyt_export.atomic import staged_outputs
-from dyt_export.cli.common import Parser, run_guarded
+from dyt_export.cli.common import Parser, names_from, run_command
 from dyt_export.errors import UserError
 
 from .clients import Point, closed_loop
-from .report import CAP, OFF, TOKENS, checks, markdown
+from .report import CAP, OFF, checks, markdown
 from .workloads import Workload, demo, vitb16
 
 RUNTIMES = ("ort-cpu", "openvino")
 MODELS = ("demo", "vitb16")
 CLIENTS = (1, 8, 32)
 DEFAULT_OUT = Path("validation/records/loadtest")
-
-
-def _names(allowed: tuple[str, ...]):
-    def parse(text: str) -> list[str]:
-        names = [n for n in text.split(",") if n]
-        unknown = [n for n in names if n not in allowed]
-        if unknown or not names:
-            raise argparse.ArgumentTypeError(f"choose from {', '.join(allowed)}")
-        return names
-    return parse
 
 
 def in_process(workload: Workload, runtime: str, threads: int) -> list[dict[str, Any]]:
@@ -72,23 +60,17 @@ def _free_port() -> int:
 def served(workload: Workload, runtime: str, threads: int, rows: list[dict[str, Any]], port: int,
            ingress: str) -> list[Point]:
     """Every served point of one model on one runtime behind `ingress` (Ray Serve is running):
-    Ray's proxy with both routes and batching on or off; HAProxy on the binary route, also with
-    the token budget."""
+    Ray's proxy with both routes and batching on or off; HAProxy on the binary route."""
     from ray import serve
 
-    from runtimes.serving.app import APP_NAME, build_app, deployment_options
-    from runtimes.serving.models import ModelSource, ServeConfig, read_facts
-
-    from .token_budget import TokenBudgetServer
+    from runtimes.serving.app import APP_NAME, build_app
+    from runtimes.serving.models import ModelSource, ServeConfig
 
     best = max(rows, key=lambda r: r["img_per_s"])["batch"]
     one = next(r for r in rows if r["batch"] == 1)
     one_call = one["p50_ms"] / 1e3
     window = max(10.0, 150 * one_call)
     source = ModelSource(workload.name, str(workload.onnx))
-    cfg = read_facts(source).cfg
-    dispatchers = len(cfg.dispatcher_names)  # active MLP rows per image: the class token, and the rate of the rest
-    tokens = dispatchers * (1 + one["activation_rate"] * (cfg.num_tokens - 1))
     config = ServeConfig(models=(source,), runtime=runtime, replicas=1, threads=threads, max_batch=best)
     binary, images = workload.binary_requests(), workload.image_requests()
     routes = (("binary", binary), ("image", images)) if ingress == "proxy" else (("binary", binary),)
@@ -97,9 +79,6 @@ def served(workload: Workload, runtime: str, threads: int, rows: list[dict[str, 
          [(route, requests, clients) for route, requests in routes for clients in CLIENTS]),
         (OFF, "1 image", build_app(replace(config, max_batch=1)), [("binary", binary, 32)]),
     ]
-    if ingress == "haproxy":
-        plans.append((TOKENS, f"{best} x {tokens:.0f} tokens", serve.deployment(
-            TokenBudgetServer, **deployment_options(config)).bind(config, tokens), [("binary", binary, 32)]))
     points = []
     for batching, cap, app, loads in plans:
         serve.run(app, name=APP_NAME, route_prefix="/")
@@ -116,15 +95,19 @@ def served(workload: Workload, runtime: str, threads: int, rows: list[dict[str, 
     return points
 
 
+PROG = "python -m validation.bench.loadtest"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    p = Parser(prog="python -m loadtest", description=__doc__.splitlines()[0])
-    p.add_argument("--runtimes", type=_names(RUNTIMES), default=list(RUNTIMES), help="comma-separated (default both)")
-    p.add_argument("--models", type=_names(MODELS), default=list(MODELS), help="comma-separated (default both)")
+    p = Parser(prog=PROG, description=__doc__.split("\n\n")[0])
+    p.add_argument("--runtimes", type=names_from(RUNTIMES, "runtime"), default=list(RUNTIMES),
+                   help="comma-separated (default both)")
+    p.add_argument("--models", type=names_from(MODELS, "model"), default=list(MODELS), help="comma-separated (default both)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"record directory (default {DEFAULT_OUT})")
     p.add_argument("--debug", action="store_true")
 
-    def body() -> int:
+    def body(args) -> int:
         from ray import serve
 
         from runtimes import get_backend
@@ -133,7 +116,6 @@ def main(argv: list[str] | None = None) -> int:
         from runtimes.serving.launch import local_ray
         from validation.machine import machine_info
 
-        args = p.parse_args(argv)
         for runtime in args.runtimes:
             if not get_backend(runtime).availability():
                 raise UserError(f"{runtime} is not available here")
@@ -151,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
                            for point in served(w, rt, threads, rows[w.name, rt], port, ingress)]
                 serve.shutdown()
         in_process_rows = [row for key in rows for row in rows[key]]
-        record = {"command": shlex.join(["python", "-m", "loadtest", *argv]), "machine": machine_info(), "threads": threads,
+        record = {"command": shlex.join([*PROG.split(), *argv]), "machine": machine_info(), "threads": threads,
                   "minutes": (time.perf_counter() - started) / 60, "in_process": in_process_rows,
                   "served": [point.to_dict() for point in points], "checks": checks(in_process_rows, points)}
         text = markdown(record, points)
@@ -162,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {args.out / 'loadtest.json'} and loadtest.md")
         return 0
 
-    return run_guarded(body, debug="--debug" in argv, prog="python -m loadtest")
+    return run_command(p, argv, body)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ class Point:
     """Ray Serve's front door: proxy (its HTTP proxy) or haproxy (its high-throughput mode)."""
     route: str
     batching: str
-    """images (the server's cap), off (one image a call) or tokens (the experiment)."""
+    """images (the server's cap) or off (one image a call)."""
     cap: str
     concurrency: int
     requests: int

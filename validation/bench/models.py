@@ -14,6 +14,7 @@ the public code would hand to `dyt-export`.
 from __future__ import annotations
 
 import copy
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import torch
 from dyt_export import load_checkpoint, write_public_checkpoint
 from dyt_export.calibrate import calibrate_dispatchers, image_like
 from dyt_export.config import DyTConfig
+from dyt_export.errors import UserError
 from dyt_export.export import export_onnx, parameter_bytes
 from dyt_export.init_model import CALIBRATION_IMAGES, init_model
 from dyt_export.model import DyTVisionTransformer
@@ -33,19 +35,6 @@ BOTTLENECK = 64
 ADAPTER_SCALE = 0.1
 """The public speed script's `ffn_adapter_scalar`."""
 NUM_CLASSES = 1000
-WORK = Path("validation/records/bench/work")
-"""Where `make bench` (default --out) leaves its models and image pool for the experiment
-tools (`validation.roles`, `validation.levers`)."""
-
-
-def require_work_files(work: Path, *names: str) -> None:
-    """Refuse, before any work, a work directory that lacks what an experiment reads: the tools
-    measure `make bench`'s own models rather than build their own."""
-    from dyt_export.errors import UserError
-
-    missing = [name for name in names if not (work / name).is_file()]
-    if missing:
-        raise UserError(f"{work} has no {', '.join(missing)}: run make bench first, or pass --work OUT/work of a run")
 
 
 def meta_model(config: DyTConfig) -> DyTVisionTransformer:
@@ -62,10 +51,6 @@ def require_work_space(work: Path, model: DyTVisionTransformer, rates: int) -> N
     external-data copy; the dense export and its copy; the masked export; the int8 export (a
     quarter); one more while an export is staged. Files of an earlier run are replaced, so
     their space counts as free."""
-    import shutil
-
-    from dyt_export.errors import UserError
-
     needed = parameter_bytes(model) * (3 * rates + 4.25)
     existing = next(p for p in [work, *work.parents] if p.exists())
     replaced = sum(f.stat().st_size for f in work.rglob("*") if f.is_file()) if work.is_dir() else 0
