@@ -100,7 +100,7 @@ def server(tmp_path_factory) -> Server:
     small = export_onnx(load_checkpoint(checkpoint), work / "small.onnx", with_masks=True).path
     demo = ensure_demo_model().onnx
     port = free_port()
-    ray.init(num_cpus=4, include_dashboard=False, logging_level=logging.WARNING)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level=logging.WARNING)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     config = ServeConfig(models=(ModelSource("small", str(small)), ModelSource("failing", str(failing_model(work / "f.onnx"))),
                                  ModelSource("digits", str(demo))),
@@ -157,8 +157,9 @@ def _spread_images(backend, count: int) -> np.ndarray:
 
 
 def test_a_batch_mixing_activations_gives_each_image_its_single_image_answer(server):
-    """Eight images from the fewest to the most active tokens, batched across eight concurrent
-    requests and within one request: each gets the logits it gets alone (<= 1e-5 of its largest)."""
+    """Eight images from the fewest to the most active tokens, batched within one request and
+    across eight concurrent requests (seven or eight of them in one batch): each gets the
+    logits it gets alone (<= 1e-5 of its largest)."""
     backend = open_backend("ort-cpu", server.small, threads=1)
     images = _spread_images(backend, 8)
     alone = [backend.run({"pixel_values": image[None]}) for image in images]
@@ -171,14 +172,14 @@ def test_a_batch_mixing_activations_gives_each_image_its_single_image_answer(ser
     together = _infer(client, "small", images)
     for i in range(8):
         check(together.as_numpy("logits")[i], together.as_numpy("token_masks")[i], i)
-    for _ in range(5):  # until all eight requests met in one batch (they usually do at once)
-        with ThreadPoolExecutor(8) as pool:
+    for _ in range(5):  # until the requests met in batches: the first to find the model idle runs
+        with ThreadPoolExecutor(8) as pool:  # alone (it does not wait for company), the rest wait for it
             results = list(pool.map(lambda i: _infer(server.client(), "small", images[i:i + 1]), range(8)))
         for i, result in enumerate(results):
             check(result.as_numpy("logits")[0], result.as_numpy("token_masks")[0], i)
-        if all(r.get_response()["parameters"]["batch_images"] == 8 for r in results):
+        if sum(r.get_response()["parameters"]["batch_images"] >= 7 for r in results) >= 7:
             return
-    pytest.fail("eight concurrent requests never ran in one batch")
+    pytest.fail("eight concurrent requests never ran batched (at most one alone)")
 
 
 def _infer_body(x: np.ndarray, datatype: str = "FP32", name: str = "pixel_values") -> tuple[bytes, dict]:

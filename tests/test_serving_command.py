@@ -70,14 +70,14 @@ def test_bad_arguments_are_refused_in_one_line_before_ray_starts(case, model, ru
     assert time.monotonic() - started < 10  # no Ray instance was started
 
 
-def _env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
+def _env(**extra: str) -> dict[str, str]:
+    return {**os.environ, **extra, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
                                                                       os.environ.get("PYTHONPATH")]))}
 
 
-def _start(args: list[str], stderr: Path) -> subprocess.Popen:
+def _start(args: list[str], stderr: Path, **env: str) -> subprocess.Popen:
     with open(stderr, "w") as errors:  # a file, not a pipe nobody reads while the server runs
-        return subprocess.Popen([sys.executable, "-m", "dyt_export", "serve", *map(str, args)], env=_env(),
+        return subprocess.Popen([sys.executable, "-m", "dyt_export", "serve", *map(str, args)], env=_env(**env),
                                 stdout=subprocess.PIPE, stderr=errors, text=True)
 
 
@@ -119,11 +119,14 @@ def _binary_infer(port: int, x: np.ndarray) -> tuple[int, np.ndarray | None]:
 def test_serve_starts_ray_itself_and_sigterm_lets_requests_in_flight_finish(model, tmp_path, ingress, runtime):
     """The command alone, with either front door (and either CPU runtime): it starts a local
     Ray instance and prints its URL; SIGTERM while requests wait in a batch (held 2 s) lets
-    them finish with their answers, then it exits 0 and nothing listens on its port any more."""
+    them finish with their answers, then it exits 0 and nothing listens on its port any more.
+    RAY_ADDRESS names a cluster that is not there: without --address the command starts its
+    own instance all the same (ray.init() alone would try to join it, and so would it join the
+    last `ray start` cluster recorded on the machine, such as another test's)."""
     port = free_port()
     stderr = tmp_path / "stderr.txt"
     process = _start([model, "--port", port, "--threads", "1", "--max-batch", "64", "--batch-wait-ms", "2000",
-                      "--ingress", ingress, "--runtime", runtime], stderr)
+                      "--ingress", ingress, "--runtime", runtime], stderr, RAY_ADDRESS=f"127.0.0.1:{free_port()}")
     try:
         lines, later = _wait_ready(process, stderr)
         assert lines[0].startswith(f"serving 1 model(s) with {runtime} on http://127.0.0.1:{port} "

@@ -49,7 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0: all)")
     parser.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
     parser.add_argument("--address", metavar="RAY_ADDRESS",
-                        help="deploy onto this existing Ray cluster (default: start a local Ray instance)")
+                        help="deploy onto this existing Ray cluster ('auto': the one in RAY_ADDRESS or the last `ray start` "
+                             "here; default: start a new local Ray instance, whatever RAY_ADDRESS says)")
     parser.add_argument("--ingress", choices=("proxy", "haproxy"),
                         help="front door of the local Ray instance: proxy (default, Ray Serve's HTTP proxy) or "
                              "haproxy (Ray Serve's high-throughput mode; replicas then listen on all interfaces: "

@@ -91,7 +91,9 @@ def local_ray(ingress: str) -> Iterator[None]:
         saved = {key: os.environ.get(key) for key in environment}
         os.environ.update(environment)  # read by the processes Ray starts
         try:
-            ray.init(include_dashboard=False, logging_level=logging.WARNING)
+            # "local": a new instance even when RAY_ADDRESS is set or a `ray start` cluster (alive or
+            # dead) is recorded on this machine, which address=None would join
+            ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
             yield
         finally:
             ray.shutdown()
