@@ -135,7 +135,7 @@ def test_memory_targets_are_one_per_allocator_and_weights_layout():
     for m in memory:
         m.update(baseline_mb=30.0, peak_over_baseline_mb=m["peak_mb"] - 30.0)
     assert "| ort-cpu | glibc default | external data | 1 | dyt@0.5 | 89 | 30 | 59 |" in memory_table(memory)
-    assert memory_table([]) == "Peak memory: not measured (`--memory-batches ''`)."  # no header without rows
+    assert memory_table([]) == "Peak memory: not measured (`--memory-batches ''`, or `--only` without `memory`)."  # no header without rows
 
 
 def test_int8_rows_and_targets_cover_both_activation_forms():
