@@ -51,9 +51,9 @@ def require_work_space(work: Path, model: DyTVisionTransformer, rates: int, sect
     Every file is about the size of the fp32 weights: per rate a checkpoint and an export,
     the dense export, one more while an export is staged; with `sections` (`--only`) `memory`
     per rate and for dense an external-data copy, `masked` its export, `int8` one a quarter
-    the size, `tome` per rate a ToMe export and the dense ToMe export. Files of an earlier run
-    are replaced, so their space counts as free."""
-    extra = {"memory": rates + 1, "masked": 1, "int8": 0.25, "tome": rates + 1}
+    the size, `tome` per rate a ToMe export and the dense ToMe export (`eager` writes none).
+    Files of an earlier run are replaced, so their space counts as free."""
+    extra = {"memory": rates + 1, "masked": 1, "int8": 0.25, "eager": 0, "tome": rates + 1}
     needed = parameter_bytes(model) * (2 * rates + 2 + sum(extra[s] for s in sections))
     existing = next(p for p in [work, *work.parents] if p.exists())
     replaced = sum(f.stat().st_size for f in work.rglob("*") if f.is_file()) if work.is_dir() else 0
