@@ -43,9 +43,10 @@ validate: setup
 	$(BIN)/python -m validation --runtime $(RUNTIME) $(if $(MODEL),--model $(MODEL)) $(if $(REF),--ref $(REF)) $(if $(OUT),--out $(OUT)) $(ARGS)
 
 # Does the token dispatch pay? ViT-B/16 DyT at activation 0.3/0.5/0.7 vs its dense and masked
-# exports, eager PyTorch and the machine's GEMM rate, on ORT-CPU and OpenVINO (issue 5).
-# About 31 minutes on 2 quiet cores and 4.6 GB of disk; writes validation/records/bench/bench.json
-# and the table in docs/performance.md. Run it alone: on shared cores, flock -x /tmp/dyt-bench.lock make bench
+# exports, eager PyTorch, DyT + ToMe (issue 23) and the machine's GEMM rate, on ORT-CPU and OpenVINO
+# (issue 5). 31 minutes on 2 quiet cores before the ToMe rows (not timed whole since; ARGS='--only
+# tome --min-calls 6' took 21) and 6 GB of disk; writes validation/records/bench/bench.json and the
+# tables in docs/performance.md. Run it alone: on shared cores, flock -x /tmp/dyt-bench.lock make bench
 bench: setup
 	DYT_BENCH_FROM_MAKE=1 $(BIN)/python -m validation.bench $(ARGS)
 

@@ -1,5 +1,5 @@
 """make bench's parts: the public eager path, the turn-taking timer, the ratios and targets, the
-docs section, the GEMM runners, peak memory.
+docs section, the GEMM runners, peak memory, the ToMe rows.
 Nothing here times anything for a claim: speed comes from `make bench` only."""
 from __future__ import annotations
 
@@ -11,17 +11,22 @@ import pytest
 import torch
 
 from conftest import force_dispatcher, image_batch, small_config
-from dyt_export import build_model
-from dyt_export.export import export_onnx
+from dyt_export import build_model, load_checkpoint, write_public_checkpoint
+from dyt_export.calibrate import calibrate_dispatchers
+from dyt_export.config import DyTConfig
+from dyt_export.export import export_onnx, read_metadata
+from dyt_export.flops import macs_per_image
 from runtimes import open_backend
 from validation.bench import cli as bench
 from validation.bench.memory import external_copy, measure_here
 from validation.bench.models import trained_like
-from validation.bench.report import (DOCS_BEGIN, DOCS_END, Result, memory_table, results_from_record, target_checks,
-                                     targets_table, write_docs)
+from validation.bench.report import (DOCS_BEGIN, DOCS_END, Result, memory_table, results_from_record, section_tables,
+                                     target_checks, targets_table, write_docs)
+from validation.bench.tome import DENSE_TOME, TOME_R, ToMeModel, contender, tome_checks, tome_exports, tome_rows, tome_table
 from validation.bench.gemm import LIBRARIES, matmul_runner
 from validation.bench.public_eager import PublicEagerDyT
 from validation.bench.turns import paired_ratio, row, take_turns
+from validation.costs import active_counts
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +140,7 @@ def test_memory_targets_are_one_per_allocator_and_weights_layout():
     for m in memory:
         m.update(baseline_mb=30.0, peak_over_baseline_mb=m["peak_mb"] - 30.0)
     assert "| ort-cpu | glibc default | external data | 1 | dyt@0.5 | 89 | 30 | 59 |" in memory_table(memory)
-    assert memory_table([]) == "Peak memory: not measured (`--memory-batches ''`)."  # no header without rows
+    assert memory_table([]) == "Peak memory: not measured (`--memory-batches ''`, or `--only` without `memory`)."  # no header without rows
 
 
 def test_int8_rows_and_targets_cover_both_activation_forms():
@@ -213,6 +218,7 @@ def test_external_copy_is_the_same_graph_with_its_weights_beside_it(trained_smal
     (["--rates", "0.5,1"], "--rates: expected activation rates between 0 and 1"),
     (["--threads", "2,x"], "--threads: expected thread counts or 'all'"),
     (["--runtimes", "ort-cuda"], "--runtimes: unknown runtime(s) ort-cuda; choose from ort-cpu, openvino"),
+    (["--only", "tome,gpu"], "--only: unknown section(s) gpu; choose from masked, int8, eager, memory, tome"),
     (["--batches", "8,0"], "--batches: expected positive integers"),
     (["--pin-ort-batch", "--images", "30"], "--images 30 must be a multiple of every batch size"),
     (["--backbone", "vit_base_patch16_2244"], "vit_base_patch16_2244"),
@@ -234,8 +240,9 @@ def test_bad_requests_exit_2_with_one_line_before_any_work(args, message, tmp_pa
 
 
 def test_bench_refuses_a_disk_its_models_do_not_fit_on(tmp_path, capsys, monkeypatch):
-    """ViT-Ti's 23 MB of weights make 3 rates need ~0.3 GB; with 0.1 GB free the run stops
-    before measuring, and an earlier run's files, which it would replace, count as free."""
+    """ViT-Ti's 23 MB of weights make 3 rates need ~0.4 GB, ~0.2 GB for DyT and dense alone
+    (`--only ''`); with 0.1 GB free the run stops before measuring, and an earlier run's files,
+    which it would replace, count as free."""
     import collections
     import shutil
 
@@ -245,11 +252,94 @@ def test_bench_refuses_a_disk_its_models_do_not_fit_on(tmp_path, capsys, monkeyp
     argv = ["--backbone", "vit_tiny_patch16_224", "--rates", "0.3,0.5,0.7", "--out", str(tmp_path), "--docs", ""]
     assert bench.main(argv) == 2
     err = capsys.readouterr().err
-    assert len(err.splitlines()) == 1 and "needs about 0.3 GB" in err and "0.1 GB are free" in err, err
+    assert len(err.splitlines()) == 1 and "needs about 0.4 GB" in err and "0.1 GB are free" in err, err
+    assert bench.main([*argv, "--only", ""]) == 2 and "needs about 0.2 GB" in capsys.readouterr().err
     (tmp_path / "work").mkdir()
     with open(tmp_path / "work" / "dyt-r0.5.onnx", "wb") as earlier:
-        earlier.truncate(3 * 10**8)
+        earlier.truncate(4 * 10**8)
     started = []
     monkeypatch.setattr(bench, "run", lambda args: started.append(args.out) or 1 / 0)
     bench.main(argv)
     assert started == [tmp_path], capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def tome_exports_small(tmp_path_factory):
+    """The bench's ToMe exports (no timing) of a small model calibrated to 0.7 and saved in the
+    public layout as the bench saves its checkpoints, with the DyT masks on the pool; a second
+    rate, 0.3, is loaded with ToMe and traced but not exported (rows never open the files,
+    and each export takes seconds)."""
+
+    work = tmp_path_factory.mktemp("tome-bench")
+    pool = torch.from_numpy(image_batch(8, seed=1))
+    checkpoints, dyt = {}, {}
+    for rate in (0.3, 0.7):
+        model = trained_like(build_model(small_config(), seed=0), seed=0)
+        calibrate_dispatchers(model, rate, torch.from_numpy(image_batch(16, seed=0)))
+        checkpoints[rate] = write_public_checkpoint(model, work / f"dyt-r{rate:g}.pth", args={"token_target_ratio": rate})
+        dyt[rate] = model.trace(pool).masks.numpy()
+    ex = tome_exports({0.7: checkpoints[0.7]}, 0.7, work, pool)
+    low = load_checkpoint(checkpoints[0.3], tome_r=TOME_R)
+    ex.models.insert(0, ToMeModel(0.3, low.dyt_config, work / "not-exported.onnx", low.trace(pool).masks.numpy()))
+    return dyt, model.dyt_config, ex
+
+
+def test_tome_rows_pair_each_tome_export_with_its_dyt_and_dense_calls(tome_exports_small):
+    """ToMe over DyT, over dense and dense + ToMe over dense: paired ratios of the same turns'
+    calls, against MAC ratios of the merged config at each model's own masks."""
+
+    dyt_masks, cfg, ex = tome_exports_small
+    assert [m.config.tome_r for m in ex.models] == [(8, 8, 8)] * 2  # 17 tokens -> 9 -> 5 -> 3 (capped)
+    assert ex.models[0].masks.shape == dyt_masks[0.3].shape  # padded to the unmerged token count
+    assert set(ex.onnx_files()) == {"dyt+tome@0.3", "dyt+tome@0.7", DENSE_TOME}
+    assert ex.onnx_files()["dyt+tome@0.7"].exists() and ex.onnx_files()[DENSE_TOME].exists()
+    merged = DyTConfig.from_json(read_metadata(ex.onnx_files()[DENSE_TOME])["dyt.config"])
+    assert merged.tome_r == (8, 8, 8) and merged == ex.models[1].config  # the export merges as the model does
+    calls = {"dense": [4.0, 4.0, 40.0], DENSE_TOME: [2.0, 3.2, 20.0]}  # a burst in turn 3 hits every contender
+    for rate, dyt, tome in [(0.3, [2.0, 2.0, 20.0], [1.6, 1.6, 17.0]), (0.7, [3.0, 3.0, 30.0], [2.5, 2.5, 20.0])]:
+        calls |= {f"dyt@{rate:g}": dyt, contender(rate): tome}
+    timed = {("ort-cpu", 2, 8): calls, ("torch", 2, 8): {"dyt@0.3": [1.0] * 3}}
+    rows = tome_rows(timed, ex, dyt_masks, cfg, middle=0.7)
+    assert [(r["runtime"], r["rate"]) for r in rows] == [("ort-cpu", 0.3), ("ort-cpu", 0.7)]  # no eager row
+    low, middle = rows
+
+    def gmacs(cfg, masks):
+        return float(macs_per_image(cfg, None if masks is None else active_counts(masks)).mean()) / 1e9
+    dyt_gmacs, tome_gmacs = gmacs(cfg, dyt_masks[0.3]), gmacs(ex.models[0].config, ex.models[0].masks)
+    assert tome_gmacs < dyt_gmacs
+    assert low["gmacs"] == pytest.approx({"dyt": dyt_gmacs, "dyt_tome": tome_gmacs, "dense": gmacs(cfg, None)})
+    assert low["over_dyt"] == pytest.approx({"speedup": 1.25, "ideal": dyt_gmacs / tome_gmacs,
+                                             "efficiency": 1.25 / (dyt_gmacs / tome_gmacs)})
+    assert low["over_dense"]["speedup"] == pytest.approx(2.5)
+    assert "dense_tome_over_dense" not in low and low["img_s"].keys() == {"dyt", "dyt_tome", "dense"}
+    assert middle["dense_tome_over_dense"]["speedup"] == pytest.approx(2.0)  # median of 2, 1.25, 2
+    assert middle["dense_tome_over_dense"]["ideal"] == pytest.approx(
+        gmacs(cfg, None) / gmacs(ex.models[1].config, None))
+    assert middle["over_dyt"]["speedup"] == pytest.approx(1.2)
+    assert middle["img_s"]["dyt_tome"] == pytest.approx(8 * 3 / 25.0)
+
+    checks = tome_checks(rows + [{**low, "batch": 1}], threads=2)  # no target at batch 1
+    worst = min(r["over_dyt"]["efficiency"] for r in rows)
+    assert checks == [{"target": "ToMe r=8 efficiency over DyT", "runtime": "ort-cpu", "batch": 8,
+                       "measured": pytest.approx(worst), "needed": 0.9, "met": worst >= 0.9}]
+    table = tome_table(rows)
+    assert (f"| ort-cpu | 2 | 8 | 0.3 | {low['activation_dyt']:.3f} / {low['activation_dyt_tome']:.3f} | "
+            f"{dyt_gmacs:.2f} / {tome_gmacs:.2f} | {low['img_s']['dyt']:.2f} / {low['img_s']['dyt_tome']:.2f} / "
+            f"{low['img_s']['dense']:.2f} / - | 1.25x ({dyt_gmacs / tome_gmacs:.2f}) | "
+            f"{low['over_dyt']['efficiency']:.3f} | 2.50x (") in table
+    assert f"| 2.00x ({middle['dense_tome_over_dense']['ideal']:.2f}) | " in table.splitlines()[3]
+
+
+def test_the_report_shows_the_sections_a_record_measured():
+    """A --only run's docs hold no empty int8 or ToMe table; records from before ToMe still render."""
+
+    int8 = {"rows": [], "demo": None}
+    assert section_tables({"int8": int8}) == {} == section_tables({"int8": int8, "tome": {"rows": []}})
+    row = {"runtime": "openvino", "threads": 2, "batch": 32, "rate": 0.5, "activation_dyt": 0.5, "activation_dyt_tome": 0.49,
+           "gmacs": {"dyt": 12.2, "dyt_tome": 9.1}, "img_s": {"dyt": 10.0, "dyt_tome": 12.5, "dense": 6.0},
+           "over_dyt": {"speedup": 1.25, "ideal": 1.34, "efficiency": 0.933},
+           "over_dense": {"speedup": 2.0, "ideal": 1.95, "efficiency": 1.026}}
+    tables = section_tables({"int8": int8, "tome": {"rows": [row]}})
+    assert list(tables) == ["DyT + ToMe (`dyt-export --tome-r 8`, docs/tome.md)"]
+    assert "| openvino | 2 | 32 | 0.5 | 0.500 / 0.490 | 12.20 / 9.10 | 10.00 / 12.50 / 6.00 / - | 1.25x (1.34) | 0.933 | " \
+           "2.00x (1.95) | 1.026 | - | - |" in tables["DyT + ToMe (`dyt-export --tome-r 8`, docs/tome.md)"]

@@ -7,7 +7,8 @@ to each activation rate, saved in the public DyT checkpoint layout, loaded back 
 * per runtime (ORT-CPU, OpenVINO) and batch size, in turns call by call
   (`validation.bench.turns`): the DyT exports, the `dense` export, the `masked` export (its cost
   does not depend on the rate, so one rate suffices), the two int8 exports (static and
-  dynamic activations, `validation.bench.int8`) and the runtime's own large GEMM;
+  dynamic activations, `validation.bench.int8`), the DyT + ToMe exports and dense + ToMe
+  (`validation.bench.tome`) and the runtime's own large GEMM;
 * eager PyTorch DyT along the public code's gather/scatter path (`validation.bench.public_eager`),
   in turns with `torch.mm`;
 * the machine's fp32 GEMM rate, best of numpy, torch, ONNX Runtime and OpenVINO
@@ -19,6 +20,8 @@ It prints the tables, writes `OUT/bench.json` and replaces the marked section of
 `docs/performance.md`. Everything is seeded: calibration images (seed S), timed images
 (seed S+1, so the activation on them is measured, not assumed), weights (seed S).
 Run it alone on the machine; on shared cores wrap it in `flock -x /tmp/dyt-bench.lock`.
+`--only` measures some sections alone (e.g. `--only tome`: the ToMe rows with the DyT and
+dense exports they are paired with, a third of the full run).
 """
 from __future__ import annotations
 
@@ -34,22 +37,24 @@ from typing import Any
 
 import numpy as np
 
-from dyt_export.cli.common import Parser, names_from, number, positive_ints, run_command
+from dyt_export.cli.common import run_command
 from dyt_export.errors import UserError
 from dyt_export.files import check_input_file
 from dyt_export.flops import macs_per_image
-from runtimes import CPU_RUNTIMES, open_backend
+from runtimes import open_backend
 from validation.compare import max_rel
 from validation.costs import active_counts
 from validation.machine import machine_info
 from validation.throughput import batches_of
 from validation.bench.turns import SETTLED_RUNTIMES, Runner, paired_ratio, row, take_turns
 
+from .args import parser
 from .gemm import DEFAULT_SIZE, machine_gemm_rates, matmul_runner, square
-from .int8 import contender, demo_agreement, int8_checks, int8_exports, int8_rows, int8_table
+from .int8 import contender, demo_agreement, int8_checks, int8_exports, int8_rows
 from .memory import EXTERNAL_DATA, SETUPS, external_copy, peak_memory
-from .report import (Result, markdown, memory_table, results_from_record, results_table, target_checks, targets_table,
-                     write_docs)
+from .report import (Result, markdown, memory_table, results_from_record, results_table, section_tables, target_checks,
+                     targets_table, write_docs)
+from .tome import ToMeExports, tome_checks, tome_exports, tome_rows
 
 RUNTIME_GEMM_LIBRARY = {"ort-cpu": "onnxruntime", "openvino": "openvino", "torch": "torch"}
 MEMORY_IMAGES = 8
@@ -84,9 +89,10 @@ class Exports:
     models: list[Any]
     """`validation.bench.models.CalibratedModel` per rate."""
     dense: Path
-    masked: Path
+    masked: Path | None
     int8: dict[str, Path]
     """The middle rate's int8 exports by `--int8-activations` form."""
+    tome: ToMeExports | None
     pool: np.ndarray
 
     @property
@@ -94,13 +100,16 @@ class Exports:
         return self.models[len(self.models) // 2]
 
     def onnx_files(self) -> dict[str, Path]:
-        return {"dense": self.dense, "masked": self.masked, **{f"dyt@{m.rate:g}": m.dynamic for m in self.models},
-                **{contender(a, self.middle.rate): path for a, path in self.int8.items()}}
+        return {"dense": self.dense, **({"masked": self.masked} if self.masked else {}),
+                **{f"dyt@{m.rate:g}": m.dynamic for m in self.models},
+                **{contender(a, self.middle.rate): path for a, path in self.int8.items()},
+                **(self.tome.onnx_files() if self.tome else {})}
 
 
 def build_exports(args: argparse.Namespace, work: Path) -> Exports:
     """Seeded model, calibrated per rate, public layout, exported; dense, masked and int8 twins
-    at the middle rate (dense ignores the dispatchers, masked costs the same at every rate)."""
+    at the middle rate (dense ignores the dispatchers, masked costs the same at every rate);
+    every checkpoint with ToMe. Only what `--only` asks for besides DyT and dense."""
     # these import torch: here, so that --help and a refused argument stay instant
     from dyt_export.calibrate import image_like
 
@@ -112,13 +121,18 @@ def build_exports(args: argparse.Namespace, work: Path) -> Exports:
     np.save(work / "pool.npy", pool.numpy())
     models = [calibrated(base, rate, work, pool, args.seed) for rate in args.rates]
     middle = models[len(models) // 2]
-    for m in models:  # the re-implemented public path must give the toolkit's answers
-        ref = m.model.trace(pool[:2]).logits.numpy()
-        rel = max_rel(PublicEagerDyT(m.model)(pool.numpy()[:2]), ref)
-        if rel > 1e-4:
-            raise RuntimeError(f"public eager path differs from the toolkit's model at rate {m.rate}: {rel:.2e}")
-    return Exports(models, export_twin(middle.model, "dense", work), export_twin(middle.model, "masked", work),
-                   int8_exports(middle.dynamic, work, base.dyt_config.img_size, args.seed), pool.numpy())
+    if "eager" in args.only:  # the re-implemented public path must give the toolkit's answers
+        for m in models:
+            ref = m.model.trace(pool[:2]).logits.numpy()
+            rel = max_rel(PublicEagerDyT(m.model)(pool.numpy()[:2]), ref)
+            if rel > 1e-4:
+                raise RuntimeError(f"public eager path differs from the toolkit's model at rate {m.rate}: {rel:.2e}")
+    return Exports(models, export_twin(middle.model, "dense", work),
+                   export_twin(middle.model, "masked", work) if "masked" in args.only else None,
+                   int8_exports(middle.dynamic, work, base.dyt_config.img_size, args.seed) if "int8" in args.only else {},
+                   tome_exports({m.rate: m.checkpoint for m in models}, middle.rate, work, pool)
+                   if "tome" in args.only else None,
+                   pool.numpy())
 
 
 def time_all(args: argparse.Namespace, ex: Exports, threads: list[int]) -> tuple[dict, dict]:
@@ -148,6 +162,8 @@ def time_all(args: argparse.Namespace, ex: Exports, threads: list[int]) -> tuple
                                                           settle=runtime in SETTLED_RUNTIMES)
                 del group
             del runners, gemm
+        if "eager" not in args.only:
+            continue
         torch.set_num_threads(t)
         eager = {f"dyt@{m.rate:g}": PublicEagerDyT(m.model) for m in ex.models}
         gemm = matmul_runner("torch", square(GROUP_GEMM_SIZE), t)
@@ -195,7 +211,7 @@ def results_of(ex: Exports, timed: dict, group_gemm: dict, gemm_best: float) -> 
                 dyt_gmacs=float(macs_per_image(cfg, active_counts(masks)).mean()) / 1e9, dense_gmacs=dense_gmacs,
                 dyt_img_s=row(lat[name], batch, t, None).img_per_s, dense_img_s=row(lat["dense"], batch, t, None).img_per_s,
                 eager_img_s=row(eager, batch, t, None).img_per_s if eager else None,
-                masked_img_s=row(lat["masked"], batch, t, None).img_per_s if m is ex.middle else None,
+                masked_img_s=row(lat["masked"], batch, t, None).img_per_s if m is ex.middle and ex.masked else None,
                 gemm_gmac_s=gemm_best, group_gemm_gmac_s=group_gemm[(runtime, t, batch)],
                 paired_speedup=paired_ratio(lat["dense"], lat[name])))
     return results
@@ -217,8 +233,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     _log(f"models: seeded {args.backbone} DyT, calibrated, public layout, exported")
     ex = build_exports(args, work)
     timed, group_gemm = time_all(args, ex, threads)
-    memory = measure_memory(args, ex, work, min(threads))
-    demo_int8 = demo_agreement(work, args.runtimes, min(threads)) if args.demo_int8 else None
+    memory = measure_memory(args, ex, work, min(threads)) if "memory" in args.only else []
+    demo_int8 = demo_agreement(work, args.runtimes, min(threads)) if args.demo_int8 and "int8" in args.only else None
     results = results_of(ex, timed, group_gemm, gemm_rates[best_library])
     rows = [{"runtime": runtime, "threads": t, "model": name, **row(calls, batch, t, None).to_dict()}
             for (runtime, t, batch), lat in timed.items() for name, calls in lat.items()]
@@ -236,6 +252,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "images": args.images,
         "seed": args.seed,
         "backbone": args.backbone,
+        "sections": args.only,
         "gemm": {"size": DEFAULT_SIZE, "by_library": gemm_rates, "library": best_library,
                  "best": gemm_rates[best_library], "in_turns": {f"{k[0]}/{k[1]}/{k[2]}": v for k, v in group_gemm.items()}},
         "models": [{"rate": m.rate, "checkpoint": str(m.checkpoint), "onnx": str(m.dynamic),
@@ -244,63 +261,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "results": [r.to_dict() for r in results],
         "memory": memory,
         "int8": {"rows": int8_rows(timed, ex.middle.rate), "demo": demo_int8},
+        "tome": {"rows": tome_rows(timed, ex.tome, {m.rate: m.masks for m in ex.models}, ex.middle.model.dyt_config,
+                                   ex.middle.rate) if ex.tome else []},
         "_results": results,
     }
-
-
-def _thread_counts(text: str) -> list[int]:
-    """An argparse type: comma-separated thread counts, 'all' for every usable core."""
-    cores = len(os.sched_getaffinity(0))
-    try:
-        counts = {cores if part.strip() == "all" else int(part) for part in text.split(",")}
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected thread counts or 'all', got {text!r}") from None
-    if any(c < 1 for c in counts):
-        raise argparse.ArgumentTypeError(f"expected positive thread counts, got {text!r}")
-    return sorted(counts)
-
-
-def _rates(text: str) -> list[float]:
-    """An argparse type: activation targets strictly between 0 and 1 (calibration needs both
-    kinds of token)."""
-    try:
-        rates = [float(v) for v in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-    if not all(0 < r < 1 for r in rates):
-        raise argparse.ArgumentTypeError(f"expected activation rates between 0 and 1, got {text!r}")
-    return rates
-
-
-def _batches_or_none(text: str) -> tuple[int, ...]:
-    return positive_ints(text) if text.strip() else ()
-
-
-def parser() -> Parser:
-    p = Parser(prog="python -m validation.bench", description=__doc__.splitlines()[0])
-    p.add_argument("--rates", type=_rates, default=[0.3, 0.5, 0.7], help="activation targets (default 0.3,0.5,0.7)")
-    p.add_argument("--batches", type=positive_ints, default=(1, 8, 32))
-    p.add_argument("--eager-batches", type=positive_ints, default=(1, 8, 32), help="batches for eager PyTorch")
-    p.add_argument("--memory-batches", type=_batches_or_none, default=(1, 32), help="batches for peak memory ('' for none)")
-    p.add_argument("--threads", type=_thread_counts, default="2,all", help="comma list; 'all' = every usable core (default 2,all)")
-    p.add_argument("--runtimes", type=names_from(CPU_RUNTIMES, "runtime"), default=list(CPU_RUNTIMES), help="ort-cpu,openvino (default)")
-    p.add_argument("--images", type=number(int, 1), default=32, help="image pool every contender passes over")
-    p.add_argument("--passes", type=number(int, 1), default=1, help="timed passes over the pool per group")
-    p.add_argument("--min-calls", type=number(int, 1), default=3,
-                   help="timed calls per contender at least, in whole passes (default 3: batch 32 makes three passes)")
-    p.add_argument("--pin-ort-batch", dest="ort_fixed_batch", action="store_true",
-                   help="give each batch size an ORT session pinned to it (the fixed_batch lever; measured no faster); "
-                        "the image pool must then be a multiple of every batch size")
-    p.add_argument("--seed", type=number(int, 0, 2**32 - 2), default=0, help="weights and calibration images; timed images use SEED+1")
-    p.add_argument("--no-demo-int8", dest="demo_int8", action="store_false",
-                   help="skip the int8 accuracy check on the demo model (trains it when not cached)")
-    p.add_argument("--backbone", default="vit_base_patch16_224", help="timm ViT name (smaller ones for a smoke run)")
-    p.add_argument("--out", type=Path, default=Path("validation/records/bench"))
-    p.add_argument("--docs", default="docs/performance.md", help="'' to leave the docs alone")
-    p.add_argument("--report", type=Path, metavar="BENCH_JSON",
-                   help="measure nothing: print the tables of an earlier bench.json and rewrite the docs from it")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
-    return p
 
 
 def report_only(path: Path, docs: str) -> int:
@@ -336,7 +300,7 @@ def _refuse_before_work(args: argparse.Namespace) -> None:
     check_output_dir(args.out)
     if args.docs:
         check_output_file(Path(args.docs))
-    require_work_space(args.out / "work", model, len(args.rates))
+    require_work_space(args.out / "work", model, len(args.rates), args.only)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -352,10 +316,11 @@ def main(argv: list[str] | None = None) -> int:
         results = record.pop("_results")
         checks = target_checks([r for r in results if r.threads == record["threads"]], record["memory"])
         checks += int8_checks(record["int8"]["rows"], record["int8"]["demo"], record["threads"])
+        checks += tome_checks(record["tome"]["rows"], record["threads"])
         record["targets"] = checks
         write_json(args.out / "bench.json", record)
         print(results_table(results), targets_table(checks), memory_table(record["memory"]),
-              int8_table(record["int8"]["rows"], record["int8"]["demo"]), sep="\n\n")
+              *section_tables(record).values(), sep="\n\n")
         if args.docs:
             write_docs(Path(args.docs), markdown(record, results, checks))
         _log(f"wrote {args.out / 'bench.json'}{' and ' + args.docs if args.docs else ''}; "

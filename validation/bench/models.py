@@ -17,6 +17,7 @@ import copy
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 import torch
@@ -43,15 +44,17 @@ def meta_model(config: DyTConfig) -> DyTVisionTransformer:
         return DyTVisionTransformer(config)
 
 
-def require_work_space(work: Path, model: DyTVisionTransformer, rates: int) -> None:
+def require_work_space(work: Path, model: DyTVisionTransformer, rates: int, sections: Iterable[str]) -> None:
     """Refuse, before any work, a disk that cannot hold the benchmark's models: a ViT-B/16 run
-    writes 4.6 GB, and a disk that fills at the int8 export loses half an hour of measuring.
+    writes 6 GB, and a disk that fills at the last export loses half an hour of measuring.
 
-    Every file is about the size of the fp32 weights: per rate a checkpoint, an export and its
-    external-data copy; the dense export and its copy; the masked export; the int8 export (a
-    quarter); one more while an export is staged. Files of an earlier run are replaced, so
-    their space counts as free."""
-    needed = parameter_bytes(model) * (3 * rates + 4.25)
+    Every file is about the size of the fp32 weights: per rate a checkpoint and an export,
+    the dense export, one more while an export is staged; with `sections` (`--only`) `memory`
+    per rate and for dense an external-data copy, `masked` its export, `int8` one a quarter
+    the size, `tome` per rate a ToMe export and the dense ToMe export (`eager` writes none).
+    Files of an earlier run are replaced, so their space counts as free."""
+    extra = {"memory": rates + 1, "masked": 1, "int8": 0.25, "eager": 0, "tome": rates + 1}
+    needed = parameter_bytes(model) * (2 * rates + 2 + sum(extra[s] for s in sections))
     existing = next(p for p in [work, *work.parents] if p.exists())
     replaced = sum(f.stat().st_size for f in work.rglob("*") if f.is_file()) if work.is_dir() else 0
     free = shutil.disk_usage(existing).free + replaced

@@ -9,7 +9,9 @@ Definitions (never adjusted to make a number look better):
 * roofline = DyT useful MACs per second (img/s x MACs per image) / the machine's fp32 GEMM
   rate (best library, `validation.bench.gemm`);
 * vs eager = DyT ONNX img/s / eager PyTorch DyT img/s (the public code's path);
-* memory: peak resident set of the DyT export vs the dense export, one process each.
+* memory: peak resident set of the DyT export vs the dense export, one process each;
+* DyT + ToMe: paired speed-ups over DyT alone and over dense, each against its MACs ratio
+  (`validation.bench.tome`).
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from typing import Any
 
 from validation.bench.int8 import int8_table
 from validation.bench.memory import SINGLE_FILE
+from validation.bench.tome import TOME_R, tome_table
 
 TARGETS: dict[str, dict[int, float]] = {
     "efficiency": {1: 0.95, 8: 0.95, 32: 0.95},
@@ -138,7 +141,7 @@ def results_table(results: list[Result]) -> str:
 
 def memory_table(memory: list[dict[str, Any]]) -> str:
     if not memory:
-        return "Peak memory: not measured (`--memory-batches ''`)."
+        return "Peak memory: not measured (`--memory-batches ''`, or `--only` without `memory`)."
     lines = ["| runtime | allocator | weights | batch | model | peak RSS MB | baseline MB | peak - baseline MB |",
              "|---|---|---|---:|---|---:|---:|---:|"]
     for m in memory:
@@ -199,11 +202,20 @@ def markdown(record: dict[str, Any], results: list[Result], checks: list[dict[st
         "",
         memory_table(record["memory"]),
         "",
-        "### int8 (`dyt-export --int8 [--int8-activations dynamic]`)",
-        "",
-        int8_table(record["int8"]["rows"], record["int8"]["demo"]),
-        "",
+        *[line for title, table in section_tables(record).items() for line in (f"### {title}", "", table, "")],
     ])
+
+
+def section_tables(record: dict[str, Any]) -> dict[str, str]:
+    """By title, the tables of the sections `--only` can leave out that this record measured:
+    a section not measured has no table rather than an empty one."""
+    tables = {}
+    if record["int8"]["rows"] or record["int8"]["demo"]:
+        tables["int8 (`dyt-export --int8 [--int8-activations dynamic]`)"] = \
+            int8_table(record["int8"]["rows"], record["int8"]["demo"])
+    if record.get("tome", {}).get("rows"):  # records from before ToMe have no key
+        tables[f"DyT + ToMe (`dyt-export --tome-r {TOME_R}`, docs/tome.md)"] = tome_table(record["tome"]["rows"])
+    return tables
 
 
 def results_from_record(record: dict[str, Any]) -> list[Result]:
