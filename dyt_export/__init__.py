@@ -11,9 +11,9 @@ Owns the first half of the one-way flow, checkpoint -> model -> ONNX: the config
 (`quantize`), analytic MACs (`flops`), calibration and `init` (`calibrate`, `init_model`)
 and the `dyt-export` command (`cli`). May import torch, timm, onnx, onnxscript, safetensors,
 numpy, and ONNX Runtime's quantization tools (`quantize` only); never `runtimes` or
-`validation`: the exporter knows nothing about the runtimes that run its graphs. The one
-exception is the command line's `serve` (`cli.serve_cmd`), the front door to the server in
-`runtimes.serving`, which imports it when it runs.
+`validation`: the exporter knows nothing about the runtimes that run its graphs
+(`dyt-export serve` is the server's own command line, `runtimes.serving.command`, reached
+through an entry point).
 """
 from __future__ import annotations
 

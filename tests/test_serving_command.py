@@ -35,9 +35,9 @@ def model(tmp_path_factory) -> Path:
 
 
 def test_help_names_every_runtime():
-    from dyt_export.cli import _parser
+    from dyt_export.cli import _command, _parser
 
-    assert all(name in _parser("serve").format_help() for name in ONNX_RUNTIMES)
+    assert all(name in _parser("serve", _command("serve")).format_help() for name in ONNX_RUNTIMES)
 
 
 @pytest.mark.parametrize("case", ["missing", "not-onnx", "not-dyt", "same-name", "bad-name", "runtime", "labels",

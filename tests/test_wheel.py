@@ -68,6 +68,7 @@ def test_the_installed_commands_run_from_the_wheel(installed, tmp_path):
     assert where.returncode == 0, where.stderr
     assert all(path.startswith(str(python.parents[1])) for path in where.stdout.split()), where.stdout
     for command, expected in [([str(python.parent / "dyt-export"), "--help"], "usage: dyt-export"),
+                              ([str(python.parent / "dyt-export"), "serve", "--help"], "usage: dyt-export serve"),
                               ([str(python), "-m", "validation", "--help"], "usage: python -m validation"),
                               ([str(python), "-m", "runtimes", "--help"], "usage: python -m runtimes")]:
         result = _run(command, cwd=tmp_path, env=env)

@@ -4,26 +4,36 @@ subcommand. Bad input exits 2 with one line on stderr, a bug exits 1; --debug sh
 Owns the command line and, in `common`, what every command of the toolkit shares: the exit
 codes, one-line errors (`run_guarded`, `run_command`), the argparse `Parser` and the number
 and name argument types (validation's and the benchmarks' commands take them from here too).
-May import everything in `dyt_export`; never `validation`, and `runtimes` only from
-`serve_cmd`, when `dyt-export serve` runs (the server lives in `runtimes.serving`; nothing in
-`runtimes` imports this package, so no circle).
+May import everything in `dyt_export`; never `validation` or `runtimes`. Subcommands that
+live elsewhere (`serve`, in `runtimes.serving.command`) are entry points of the group
+`dyt_export.commands`, loaded by name only when chosen.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+from importlib.metadata import entry_points
 from types import ModuleType
 
 from .. import __version__
-from . import export_cmd, init_cmd, inspect_cmd, serve_cmd
+from . import export_cmd, init_cmd, inspect_cmd
 from .common import Parser, run_guarded
 
-SUBCOMMANDS: dict[str, ModuleType] = {"init": init_cmd, "inspect": inspect_cmd, "serve": serve_cmd}
+SUBCOMMANDS: dict[str, ModuleType] = {"init": init_cmd, "inspect": inspect_cmd}
 """Each module has DESCRIPTION, add_arguments(parser) and run(args) -> exit code."""
+COMMAND_GROUP = "dyt_export.commands"
+"""Entry points naming more such modules: the server's command line lives beside the server."""
 
 
-def _parser(name: str | None) -> Parser:
-    module = SUBCOMMANDS[name] if name else export_cmd
+def _command(name: str | None) -> ModuleType:
+    if name is None:
+        return export_cmd
+    if name in SUBCOMMANDS:
+        return SUBCOMMANDS[name]
+    return entry_points(group=COMMAND_GROUP)[name].load()
+
+
+def _parser(name: str | None, module: ModuleType) -> Parser:
     prog = f"dyt-export {name}" if name else "dyt-export"
     parser = Parser(prog=prog, description=module.DESCRIPTION, epilog=getattr(module, "EXAMPLES", None),
                     formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -37,8 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
 
     def body() -> int:
-        name = argv[0] if argv and argv[0] in SUBCOMMANDS else None
-        args = _parser(name).parse_args(argv[1:] if name else argv)
-        return (SUBCOMMANDS[name] if name else export_cmd).run(args)
+        names = set(SUBCOMMANDS) | set(entry_points(group=COMMAND_GROUP).names)
+        name = argv[0] if argv and argv[0] in names else None
+        module = _command(name)
+        args = _parser(name, module).parse_args(argv[1:] if name else argv)
+        return module.run(args)
 
     return run_guarded(body, debug="--debug" in argv, prog="dyt-export")

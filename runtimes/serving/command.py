@@ -1,8 +1,9 @@
 """`dyt-export serve MODEL.onnx ...`: serve exported models over HTTP on Ray Serve.
 
-The server itself lives in `runtimes.serving` (it builds on the backends); this module is its
-command line. Ray and the runtimes are imported only once the arguments and files are
-checked, so `--help` and a bad argument answer at once.
+The command line of this package's server, registered as the `serve` subcommand of
+`dyt-export` through the `dyt_export.commands` entry point (pyproject.toml), so the
+exporter's command line never imports the runtimes. Ray and the backends are imported only
+once the arguments and files are checked, so `--help` and a bad argument answer at once.
 """
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ import importlib.util
 import os
 from pathlib import Path
 
-from ..errors import UserError
-from ..files import check_input_file
-from .common import number
+from dyt_export.cli.common import number
+from dyt_export.errors import UserError
+from dyt_export.files import check_input_file
+from dyt_export.preprocess import read_labels
 
 DESCRIPTION = ("Serve exported DyT models over HTTP on Ray Serve: the Open Inference Protocol (KServe v2, "
                "Triton's binary tensors) and an image route, with batching across requests.")
@@ -95,9 +97,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("dyt-export serve needs Ray Serve: pip install 'dyt-export[serve]' (make setup installs it)")
 
     from runtimes import ONNX_RUNTIMES, get_backend  # the runtimes, then Ray: seconds, after the cheap checks
-    from runtimes.serving.models import ModelSource, ServeConfig, read_facts
 
-    from ..preprocess import read_labels
+    from .models import ModelSource, ServeConfig, read_facts
 
     if args.runtime not in ONNX_RUNTIMES:
         raise UserError(f"unknown runtime {args.runtime!r}; choose one of {', '.join(ONNX_RUNTIMES)}")
@@ -117,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
                          max_batch=args.max_batch, batch_wait_s=args.batch_wait_ms / 1e3,
                          max_body_bytes=args.max_body << 20)
 
-    from runtimes.serving.launch import serve_models
+    from .launch import serve_models
 
     return serve_models(config, facts, address=args.address, host=args.host, port=args.port,
                         ingress=args.ingress or "proxy", out=lambda line: print(line, flush=True))
