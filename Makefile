@@ -17,7 +17,7 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test,serve]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test,serve,data]'
 	@touch $(STAMP)
 
 test: setup

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from dyt_export.errors import UserError
-from validation.compare import TOLERANCES, Tolerances, accuracy, compare, tolerances_for
+from validation.accuracy import accuracy
+from validation.compare import TOLERANCES, Tolerances, compare, tolerances_for
 
 LAYERS = ["blocks.0.mlp", "blocks.1.mlp"]
 
