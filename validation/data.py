@@ -18,6 +18,9 @@ of timm's augreg ViTs and of the demo model.
 """
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -152,17 +155,24 @@ def folder(path: Path, img_size: int, in_chans: int = 3, spec: PreprocessSpec | 
 def write_digits_folder(out: Path, count: int | None = None, split: str = "test", size: int = 32) -> Path:
     """The digits `split` as PNG files in one folder per class (`out/3/00017.png`), `size` px
     upscaled as the demo model saw them: a labeled folder of real-looking images for dataset
-    validation. `count` above the split's size cycles through it again."""
+    validation. `count` above the split's size cycles through it again. Written beside `out`
+    and renamed into place, so an interrupted call leaves no half folder."""
     from PIL import Image
 
     images, labels = digits_split(split)
     count = len(labels) if count is None else count
     pixels = normalize(images, size, 1)[:, 0] * STD + MEAN  # [N, size, size] in [0, 1]
     out = Path(out)
-    for i in range(count):
-        label = int(labels[i % len(labels)])
-        (out / str(label)).mkdir(parents=True, exist_ok=True)
-        Image.fromarray(np.round(pixels[i % len(labels)] * 255).astype(np.uint8)).save(out / str(label) / f"{i:05d}.png")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        for i in range(count):
+            label = int(labels[i % len(labels)])
+            (stage / str(label)).mkdir(exist_ok=True)
+            Image.fromarray(np.round(pixels[i % len(labels)] * 255).astype(np.uint8)).save(stage / str(label) / f"{i:05d}.png")
+        os.replace(stage, out)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
     return out
 
 

@@ -290,9 +290,9 @@ def validate(opts: Options, log: Callable[[str], None] = lambda _: None) -> Outc
     if opts.out is None:
         check_output_dir(out)
     tolerances = tolerances_for(model.precision, **opts.tolerance_overrides)
-    with steps.step(f"load model ({opts.runtime})"):
-        backend = open_backend(opts.runtime, model.path, threads=opts.threads[0], precision=opts.precision,
-                               **opts.backend_options)
+    with steps.step(f"load model ({opts.runtime})"):  # as the parity run will: here, or on each Ray worker
+        backend = open_backend(opts.runtime, model.path, threads=opts.threads[0] if opts.ray is None else opts.worker_threads,
+                               precision=opts.precision, **opts.backend_options)
     for note in backend.notes():  # e.g. compute ORT left on the CPU (also in the record's runtime_info)
         log(note)
     reference, reference_file, reference_options = _reference(opts, model, steps)
