@@ -11,7 +11,7 @@ OUT     ?=
 CKPT    ?=
 ARGS    ?=
 
-.PHONY: setup test demo serve export validate pictures bench loadtest cpp setup-cuda gpu-check clean
+.PHONY: setup test demo serve export validate pictures bench scale loadtest cpp setup-cuda gpu-check clean
 
 setup: $(STAMP)
 
@@ -48,6 +48,12 @@ validate: setup
 # and the table in docs/performance.md. Run it alone: on shared cores, flock -x /tmp/dyt-bench.lock make bench
 bench: setup
 	DYT_BENCH_FROM_MAKE=1 $(BIN)/python -m validation.bench $(ARGS)
+
+# Dataset validation speed (docs/validation.md): images/s of the parity run on a labeled digits
+# folder, sequential vs Ray Data with 1 and 2 one-thread workers, for the demo model and ViT-B/16;
+# writes validation/records/scale/scale.json. About 5 minutes. Run it alone: flock -x /tmp/dyt-bench.lock make scale
+scale: setup
+	$(BIN)/python -m validation.bench.scale $(ARGS)
 
 # Served throughput and latency (docs/serving.md): the demo model and ViT-B/16 DyT at activation
 # 0.5 behind `dyt-export serve`'s deployment on ORT-CPU and OpenVINO, closed-loop clients at 1, 8

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from dyt_export.errors import UserError
-from validation.accuracy import accuracy
+from validation.accuracy import AccuracyTally
 from validation.compare import TOLERANCES, Tolerances, compare, tolerances_for
 
 LAYERS = ["blocks.0.mlp", "blocks.1.mlp"]
@@ -213,5 +213,10 @@ def test_figures_that_cannot_be_measured_are_none_never_nan():
 
 def test_accuracy_counts_labeled_images_only():
     logits = np.eye(4, dtype=np.float32)
-    assert accuracy(logits, np.array([0, 1, 3, -1])) == pytest.approx(2 / 3)
-    assert accuracy(logits, None) is None and accuracy(logits, np.full(4, -1)) is None
+    summary = AccuracyTally().add(logits, logits, np.array([0, 1, 3, -1])).summary(4)
+    assert summary["images"] == 3 and summary["reference"] == summary["runtime"] == pytest.approx(2 / 3)
+    assert summary["reference_top5"] is None  # 4 classes: every image would be in the top 5
+    assert AccuracyTally().add(logits, logits, None).summary(4) is None
+    assert AccuracyTally().add(logits, logits, np.full(4, -1)).summary(4) is None
+    failed = AccuracyTally().add(logits, None, np.array([0, 1, 3, -1])).summary(10)
+    assert failed["reference"] == pytest.approx(2 / 3) and failed["runtime"] is failed["runtime_top5"] is None

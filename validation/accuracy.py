@@ -15,14 +15,6 @@ import numpy as np
 TOP_K = 5
 
 
-def accuracy(logits: np.ndarray, labels: np.ndarray | None) -> float | None:
-    """Top-1 accuracy over the labeled images (label >= 0), None when there are none."""
-    if labels is None or not (labels >= 0).any():
-        return None
-    known = labels >= 0
-    return float((logits[known].argmax(axis=1) == labels[known]).mean())
-
-
 def _hits(logits: np.ndarray, labels: np.ndarray) -> tuple[int, int]:
     """(top-1 hits, top-5 hits) of `logits` [B, K] on `labels` [B] (all >= 0)."""
     top1 = int((logits.argmax(axis=1) == labels).sum())

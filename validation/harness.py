@@ -215,10 +215,13 @@ def _parity_run(opts: Options, job: Job, store: ShardStore, reference: TorchRefe
                  "shards": len(job.shards()), "shards_resumed": len(finished), "workers": 1,
                  "threads_per_worker": opts.threads[0]}
     done = sum(stop - start for index, start, stop in job.shards() if index in finished)
+    arrivals: list[tuple[float, int]] = []  # (time, images) of each shard as it finished
+    started = time.perf_counter()
     with progress_bar(opts.show) as bar:
         task = bar.add_task(f"{opts.runtime} vs torch", total=len(job.source), completed=done)
 
         def advance(images: int) -> None:
+            arrivals.append((time.perf_counter(), images))
             bar.advance(task, images)
 
         if opts.ray is None:
@@ -234,6 +237,12 @@ def _parity_run(opts: Options, job: Job, store: ShardStore, reference: TorchRefe
                                   advance=advance) if todo else Partial()
     for saved in finished.values():
         part = part.merge(saved)
+    seconds = time.perf_counter() - started
+    ran = sum(images for _, images in arrivals)
+    # After the first shard: the rate once every worker has loaded its models, what a long run sees.
+    steady = ((ran - arrivals[0][1]) / (arrivals[-1][0] - arrivals[0][0])
+              if len(arrivals) > 1 and arrivals[-1][0] > arrivals[0][0] else None)
+    execution.update(seconds=seconds, images_per_s=ran / seconds if ran else None, steady_images_per_s=steady)
     return part, execution
 
 
