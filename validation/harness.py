@@ -41,8 +41,8 @@ from .demo.model import ensure_demo_model
 from .machine import machine_info
 from .models import ModelUnderTest, read_model, twin
 from .record import MASKS_NOT_COMPARED, build_record, write_record
-from .shards import ShardStore
-from .stream import CHUNK, Evaluator, Job, Partial, progress_bar, run_all, run_chunks
+from .shards import ShardStore, run_job
+from .stream import CHUNK, Evaluator, Job, run_all
 from .throughput import ThroughputRow, batches_of, measure
 
 POOL = 512
@@ -204,48 +204,6 @@ def _pool(source: Source) -> np.ndarray:
     return source.chunk(0, POOL).pixel_values
 
 
-def _parity_run(opts: Options, job: Job, store: ShardStore, reference: TorchReference, backend: Any,
-                log: Callable[[str], None]) -> tuple[Partial, dict[str, Any]]:
-    """The merged Partial of every shard (saved ones reused), and how it ran, for the record."""
-    finished = store.finished()
-    todo = [shard for shard in job.shards() if shard[0] not in finished]
-    if finished:
-        log(f"resuming: {len(finished)} of {len(job.shards())} shards already done in {store.directory}")
-    execution = {"mode": "sequential" if opts.ray is None else "ray", "chunk": job.chunk,
-                 "shards": len(job.shards()), "shards_resumed": len(finished), "workers": 1,
-                 "threads_per_worker": opts.threads[0]}
-    done = sum(stop - start for index, start, stop in job.shards() if index in finished)
-    arrivals: list[tuple[float, int]] = []  # (time, images) of each shard as it finished
-    started = time.perf_counter()
-    with progress_bar(opts.show) as bar:
-        task = bar.add_task(f"{opts.runtime} vs torch", total=len(job.source), completed=done)
-
-        def advance(images: int) -> None:
-            arrivals.append((time.perf_counter(), images))
-            bar.advance(task, images)
-
-        if opts.ray is None:
-            evaluate = Evaluator(job, opts.threads[0], reference=reference, backend=backend)
-            part = run_chunks(job, evaluate, todo, store.save, advance)
-        else:
-            from .on_ray import default_workers, ray_session, run_on_ray  # Ray is an extra: imported when asked for
-
-            with ray_session(opts.ray or None):
-                workers = opts.workers or default_workers(opts.worker_threads)
-                execution.update(workers=workers, threads_per_worker=opts.worker_threads)
-                part = run_on_ray(job, todo, workers=workers, threads=opts.worker_threads, save=store.save,
-                                  advance=advance) if todo else Partial()
-    for saved in finished.values():
-        part = part.merge(saved)
-    seconds = time.perf_counter() - started
-    ran = sum(images for _, images in arrivals)
-    # After the first shard: the rate once every worker has loaded its models, what a long run sees.
-    steady = ((ran - arrivals[0][1]) / (arrivals[-1][0] - arrivals[0][0])
-              if len(arrivals) > 1 and arrivals[-1][0] > arrivals[0][0] else None)
-    execution.update(seconds=seconds, images_per_s=ran / seconds if ran else None, steady_images_per_s=steady)
-    return part, execution
-
-
 def _throughput(opts: Options, model: Path, dense: Path, images: np.ndarray, masks: np.ndarray, tokens: list[int],
                 log: Callable[[str], None]) -> tuple[list[ThroughputRow], list[ThroughputRow]]:
     """(DyT rows, dense rows). Each DyT row is timed right before its dense row, so load from
@@ -335,7 +293,9 @@ def validate(opts: Options, log: Callable[[str], None] = lambda _: None) -> Outc
     store = ShardStore(out / "partial" / opts.runtime, job.key(), resume=opts.resume)
     runtime_info = backend.info()
     with steps.step(f"parity run ({opts.runtime})"):
-        total, execution = _parity_run(opts, job, store, reference, backend, log)
+        local = None if opts.ray is not None else Evaluator(job, opts.threads[0], reference=reference, backend=backend)
+        total, execution = run_job(job, store, local, ray=opts.ray, workers=opts.workers,
+                                   worker_threads=opts.worker_threads, show=opts.show, log=log)
     del backend
     if not total.images:
         first = f", e.g. {total.unreadable[0][0]}: {total.unreadable[0][1]}" if total.unreadable else ""

@@ -1,4 +1,5 @@
-"""Finished shards on disk, so a run that is killed loses at most the shards in flight.
+"""Running a job's shards, here or on Ray, with each finished one on disk, so a run that is
+killed loses at most the shards in flight.
 
 Each shard's `Partial` is written atomically (staged, then renamed: `dyt_export.atomic`) to
 `OUT/partial/<runtime>/shard-NNNNN.json` as soon as it finishes, beside `job.json`, the key
@@ -13,13 +14,14 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from dyt_export.atomic import staged_outputs
 from dyt_export.errors import UserError
 
-from .stream import Partial
+from .stream import Evaluator, Job, Partial, progress_bar, run_chunks
 
 KEY_FILE = "job.json"
 
@@ -64,3 +66,45 @@ class ShardStore:
     def _write(path: Path, text: str) -> None:
         with staged_outputs(path) as stage:
             (stage / path.name).write_text(text)
+
+
+def run_job(job: Job, store: ShardStore, local: Evaluator | None, *, ray: str | None, workers: int | None,
+            worker_threads: int, show: bool, log: Callable[[str], None]) -> tuple[Partial, dict[str, Any]]:
+    """The merged Partial of every shard of `job`, saved ones reused, run here by `local` or,
+    when it is None, on Ray (`ray`: '' a local instance, else a cluster's address); and how it
+    ran (the record's `execution`), with its rate over the whole run and after the first shard."""
+    finished = store.finished()
+    todo = [shard for shard in job.shards() if shard[0] not in finished]
+    if finished:
+        log(f"resuming: {len(finished)} of {len(job.shards())} shards already done in {store.directory}")
+    threads = local.backend.threads if local is not None else worker_threads
+    execution: dict[str, Any] = {"mode": "sequential" if local is not None else "ray", "chunk": job.chunk,
+                                 "shards": len(job.shards()), "shards_resumed": len(finished), "workers": 1,
+                                 "threads_per_worker": threads}
+    done = sum(stop - start for index, start, stop in job.shards() if index in finished)
+    arrivals: list[tuple[float, int]] = []  # (time, images) of each shard as it finished
+    started = time.perf_counter()
+    with progress_bar(show) as bar:
+        task = bar.add_task(f"{job.runtime} vs torch", total=len(job.source), completed=done)
+
+        def advance(images: int) -> None:
+            arrivals.append((time.perf_counter(), images))
+            bar.advance(task, images)
+
+        if local is not None:
+            part = run_chunks(job, local, todo, store.save, advance)
+        else:
+            from .on_ray import default_workers, ray_session, run_on_ray  # Ray is an extra: imported when asked for
+
+            with ray_session(ray or None):
+                execution["workers"] = workers = workers or default_workers(worker_threads)
+                part = run_on_ray(job, todo, workers=workers, threads=worker_threads, save=store.save,
+                                  advance=advance) if todo else Partial()
+    for saved in finished.values():
+        part = part.merge(saved)
+    seconds = time.perf_counter() - started
+    ran = sum(images for _, images in arrivals)
+    steady = ((ran - arrivals[0][1]) / (arrivals[-1][0] - arrivals[0][0])
+              if len(arrivals) > 1 and arrivals[-1][0] > arrivals[0][0] else None)
+    execution.update(seconds=seconds, images_per_s=ran / seconds if ran else None, steady_images_per_s=steady)
+    return part, execution

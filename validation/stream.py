@@ -123,7 +123,8 @@ class Job:
                 "masks_model": None if self.masks_model is None else _file_key(self.masks_model),
                 "reference": _file_key(self.reference), "reference_options": repr(sorted(reference.items())),
                 "precision": self.precision, "backend_options": repr(sorted(self.backend_options.items())),
-                "flip_logit": self.flip_logit, "images": self.source.fingerprint(), "chunk": self.chunk}
+                "flip_logit": self.flip_logit, "images": self.source.fingerprint(), "count": len(self.source),
+                "chunk": self.chunk}
 
 
 def _file_key(path: Path) -> str:
