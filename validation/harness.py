@@ -292,11 +292,13 @@ def validate(opts: Options, log: Callable[[str], None] = lambda _: None) -> Outc
               cfg=cfg, flip_logit=tolerances.flip_logit, source=source, chunk=opts.chunk)
     store = ShardStore(out / "partial" / opts.runtime, job.key(), resume=opts.resume)
     runtime_info = backend.info()
+    # On Ray the workers load their own: the session is let go here (a ViT-B/16 one holds ~1 GB).
+    local = None if opts.ray is not None else Evaluator(job, opts.threads[0], reference=reference, backend=backend)
+    del backend
     with steps.step(f"parity run ({opts.runtime})"):
-        local = None if opts.ray is not None else Evaluator(job, opts.threads[0], reference=reference, backend=backend)
         total, execution = run_job(job, store, local, ray=opts.ray, workers=opts.workers,
                                    worker_threads=opts.worker_threads, show=opts.show, log=log)
-    del backend
+    del local
     if not total.images:
         first = f", e.g. {total.unreadable[0][0]}: {total.unreadable[0][1]}" if total.unreadable else ""
         raise UserError(f"no image could be read ({len(total.unreadable)} unreadable{first})")

@@ -97,12 +97,14 @@ class ShardWorker:
 
 
 def _quiet_data() -> None:
-    """Ray Data's own progress bars and execution logs would interleave with ours."""
+    """Ray Data's own progress bars, execution logs and advice (a ViT-B/16 worker's memory)
+    would interleave with ours; errors still reach the user."""
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     context.print_on_execution_start = False
     context.enable_auto_log_stats = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    context.issue_detectors_config.detectors = []
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
 
 
 def run_on_ray(job: Job, shards: list[tuple[int, int, int]], *, workers: int, threads: int,

@@ -49,14 +49,15 @@ def _rows(name: str, model: Path, folder: Path, chunk: int, out: Path, log: Any)
     from ..cli import main
 
     rows, records = [], []
+    out = out / name.replace("/", "")
     for mode, workers in MODES:
         ray = ["--ray", "--workers", str(workers)] if workers else []
-        argv = ["--model", str(model), "--images", str(folder), "--out", str(out / name), "--no-throughput",
+        argv = ["--model", str(model), "--images", str(folder), "--out", str(out), "--no-throughput",
                 "--threads", "1", "--chunk", str(chunk), "--quiet", *ray]
         code = main(argv)
         if code != 0:
             raise RuntimeError(f"validation of {name} ({mode}) exited {code}")
-        record = json.loads((out / name / "ort-cpu.json").read_text())
+        record = json.loads((out / "ort-cpu.json").read_text())
         records.append({k: v for k, v in record.items() if k not in VARIES})
         e = record["execution"]
         rows.append({"model": name, "mode": mode, "workers": e["workers"], "threads_per_worker": e["threads_per_worker"],
