@@ -261,3 +261,23 @@ def test_a_killed_run_resumes_to_the_uninterrupted_record(exported, local_ray, t
     code, uninterrupted, _ = _validate(exported.masks, exported.folder, tmp_path / "whole", *args, capsys=capsys)
     assert code == 0 and uninterrupted["execution"]["shards_resumed"] == 0
     _same(resumed, uninterrupted)
+
+
+def test_the_progress_bar_shows_images_per_second_and_eta():
+    import io
+
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from validation.stream import progress_bar
+
+    assert progress_bar(True).disable and progress_bar(False).disable  # not a terminal: no redraws in logs
+    screen = io.StringIO()
+    with Progress(*progress_bar(True).columns, console=Console(file=screen, force_terminal=True, width=120)) as bar:
+        task = bar.add_task("ort-cpu vs torch", total=1000)
+        for _ in range(3):
+            time.sleep(0.02)
+            bar.advance(task, 100)
+        bar.refresh()
+    shown = screen.getvalue()
+    assert "300/1000" in shown and " img/s" in shown and "ETA" in shown and "- img/s" not in shown.splitlines()[-1]
