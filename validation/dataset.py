@@ -185,7 +185,8 @@ def list_folder(root: Path, spec: PreprocessSpec, num_classes: int | None = None
         raise UserError(f"image folder {root} does not exist or is not a directory")
     entries = sorted((e for e in os.scandir(root) if not e.name.startswith(".")), key=lambda e: e.name)
     loose = [e for e in entries if e.is_file() and Path(e.name).suffix.lower() in IMAGE_SUFFIXES]
-    folders = [e for e in entries if e.is_dir() and _images_in(Path(e.path))]
+    found = {e.name: _images_in(Path(e.path)) for e in entries if e.is_dir()}
+    folders = [e for e in entries if found.get(e.name)]
     if loose and folders:
         raise UserError(f"image folder {root} holds both image files and class folders ({folders[0].name}/); "
                         "use one layout: files only (unlabeled) or one folder per class")
@@ -208,9 +209,8 @@ def list_folder(root: Path, spec: PreprocessSpec, num_classes: int | None = None
                         f"classes{'' if labels_file else ' (folders are numbered in sorted order; --labels FILE maps them)'}")
     files, labels = [], []
     for folder in folders:
-        found = sorted(_images_in(Path(folder.path)), key=lambda e: e.path)
-        files += found
-        labels += [mapping[folder.name]] * len(found)
+        files += sorted(found[folder.name], key=lambda e: e.path)
+        labels += [mapping[folder.name]] * len(found[folder.name])
     relative = [str(Path(e.path).relative_to(root)) for e in files]
     return FolderSource(root, "imagefolder", relative, np.asarray(labels, np.int64),
                         {mapping[name]: name for name in names}, spec, strict, _stamp(root, files))
