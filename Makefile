@@ -11,13 +11,13 @@ OUT     ?=
 CKPT    ?=
 ARGS    ?=
 
-.PHONY: setup test demo serve export validate pictures bench loadtest cpp setup-cuda gpu-check clean
+.PHONY: setup test demo serve export validate pictures bench scale loadtest cpp setup-cuda gpu-check clean
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test,serve]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test,serve,data]'
 	@touch $(STAMP)
 
 test: setup
@@ -49,6 +49,12 @@ validate: setup
 # tables in docs/performance.md. Run it alone: on shared cores, flock -x /tmp/dyt-bench.lock make bench
 bench: setup
 	DYT_BENCH_FROM_MAKE=1 $(BIN)/python -m validation.bench $(ARGS)
+
+# Dataset validation speed (docs/validation.md): images/s of the parity run on a labeled digits
+# folder, sequential vs Ray Data with 1 and 2 one-thread workers, for the demo model and ViT-B/16;
+# writes validation/records/scale/scale.json. About 5 minutes. Run it alone: flock -x /tmp/dyt-bench.lock make scale
+scale: setup
+	$(BIN)/python -m validation.bench.scale $(ARGS)
 
 # Served throughput and latency (docs/serving.md): the demo model and ViT-B/16 DyT at activation
 # 0.5 behind `dyt-export serve`'s deployment on ORT-CPU and OpenVINO, closed-loop clients at 1, 8

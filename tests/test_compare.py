@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from dyt_export.errors import UserError
-from validation.compare import TOLERANCES, Tolerances, accuracy, compare, tolerances_for
+from validation.accuracy import AccuracyTally
+from validation.compare import TOLERANCES, Tolerances, compare, tolerances_for
 
 LAYERS = ["blocks.0.mlp", "blocks.1.mlp"]
 
@@ -176,8 +177,8 @@ def test_partly_flipped_runs_pass_while_half_the_images_are_compared_on_logits(f
     assert 0.05 < parity.max_rel < 0.5 and parity.cosine_min > 0.95
     assert (parity.flip_cosine_min is None) == (flipped == 0)
     if not passed:
-        assert parity.failures == [f"only 3 of 8 image(s) (38%) were compared on logits, fewer than the 50% required: "
-                                   f"5 carry a flip (--logit-share-min lowers the share)"]
+        assert parity.failures == ["only 3 of 8 image(s) (38%) were compared on logits, fewer than the 50% required: "
+                                   "5 carry a flip (--logit-share-min lowers the share)"]
 
 
 def test_default_tolerances_follow_the_precision_and_nan_is_refused():
@@ -212,5 +213,10 @@ def test_figures_that_cannot_be_measured_are_none_never_nan():
 
 def test_accuracy_counts_labeled_images_only():
     logits = np.eye(4, dtype=np.float32)
-    assert accuracy(logits, np.array([0, 1, 3, -1])) == pytest.approx(2 / 3)
-    assert accuracy(logits, None) is None and accuracy(logits, np.full(4, -1)) is None
+    summary = AccuracyTally().add(logits, logits, np.array([0, 1, 3, -1])).summary(4)
+    assert summary["images"] == 3 and summary["reference"] == summary["runtime"] == pytest.approx(2 / 3)
+    assert summary["reference_top5"] is None  # 4 classes: every image would be in the top 5
+    assert AccuracyTally().add(logits, logits, None).summary(4) is None
+    assert AccuracyTally().add(logits, logits, np.full(4, -1)).summary(4) is None
+    failed = AccuracyTally().add(logits, None, np.array([0, 1, 3, -1])).summary(10)
+    assert failed["reference"] == pytest.approx(2 / 3) and failed["runtime"] is failed["runtime_top5"] is None

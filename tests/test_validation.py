@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 import validation.harness
+import validation.stream
 import validation.pictures
 from dyt_export import build_model, export_onnx, load_checkpoint, save
 from dyt_export.errors import UserError
@@ -123,7 +124,12 @@ def test_validation_command_end_to_end(exported, runtime, capsys):
     jsonschema.validate(record, load_schema())
     assert record["passed"] and record["runtime"] == runtime
     assert record["parity"]["top1_agreement"] == 1.0 and record["parity"]["mask_agreement"] == 1.0
-    assert record["inputs"] == {"source": "sklearn-digits/test+scenes", "images": 10, "labeled": 5, "img_size": 32}
+    assert record["inputs"] == {"source": "sklearn-digits/test+scenes", "images": 10, "labeled": 5, "img_size": 32,
+                                "listed": 10, "unreadable": 0, "unreadable_files": []}
+    assert {k: v for k, v in record["execution"].items() if k not in ("seconds", "images_per_s")} == {
+        "mode": "sequential", "chunk": 256, "shards": 1, "shards_resumed": 0, "workers": 1, "threads_per_worker": 1,
+        "steady_images_per_s": None}  # one shard: no rate after the first
+    assert not (out / "partial").exists()  # the shards of a finished run are in its record
     assert record["activation_rate"]["blocks.1.mlp"] == 0.0
     assert record["flops_g"]["dyt"] < record["flops_g"]["dense"]
     assert record["model"]["twins"]["masks"].endswith(".dynamic-masks.onnx")
@@ -150,10 +156,10 @@ def test_a_backend_pinned_to_one_batch_is_validated_in_calls_of_that_batch(expor
     calls = []
     run = pinned.run
     monkeypatch.setattr(pinned, "run", lambda feed: calls.append(len(feed["pixel_values"])) or run(feed))
-    got = validation.harness.run_all(pinned, images, ("logits",))["logits"]
+    got = validation.stream.run_all(pinned, images, ("logits",))["logits"]
     assert calls == [4, 4, 4]
-    np.testing.assert_array_equal(got, validation.harness.run_all(open_backend(runtime, model), images, ("logits",))["logits"])
-    monkeypatch.setattr(validation.harness, "run_all", lambda *a, **k: pytest.fail("work started"))
+    np.testing.assert_array_equal(got, validation.stream.run_all(open_backend(runtime, model), images, ("logits",))["logits"])
+    monkeypatch.setattr(validation.stream, "run_all", lambda *a, **k: pytest.fail("work started"))
     result = _validate("--runtime", runtime, "--model", str(model), "--option", "fixed_batch=4", "--batches", "1,4",
                        "--out", str(root / "pinned"), capsys=capsys)
     assert result.returncode == 2 and len(result.stderr.splitlines()) == 1, result.stderr
@@ -272,7 +278,7 @@ def test_bad_requests_exit_2_with_one_line_before_any_work(exported, args, messa
     root, model, _ = exported
     (root / "a-file").write_text("")
     save(build_model(small_config(embed_dim=64, num_heads=2, mlp_hidden_dim=256, num_classes=7)), root / "seven.safetensors")
-    monkeypatch.setattr(validation.harness, "run_all", lambda *a, **k: pytest.fail("work started"))
+    monkeypatch.setattr(validation.stream, "run_all", lambda *a, **k: pytest.fail("work started"))
     args = [a.format(root=root, model=model) for a in args]
     result = _validate(*args, *(["--out", str(root / "bad")] * ("--out" not in args)), "--no-throughput", capsys=capsys)
     assert result.returncode == 2, result.stderr

@@ -24,6 +24,7 @@ from dyt_export.errors import UserError
 
 from .compare import LIMITS, TOLERANCES, check_tolerance
 from .data import SOURCES
+from .stream import CHUNK
 
 EPILOG = """examples:
   python -m validation --runtime openvino                 # the demo model (trained on first use)
@@ -83,8 +84,7 @@ def parser() -> Parser:
     p.add_argument("--model", type=Path, help="ONNX file exported by dyt-export (default: the demo model)")
     p.add_argument("--ref", type=Path, help="reference checkpoint (default: the source recorded in the model)")
     p.add_argument("--out", type=Path, help="output directory (default: validation/records/<model>/)")
-    p.add_argument("--data", default="digits", choices=SOURCES, help="image-like inputs (default: digits test split)")
-    p.add_argument("--images", type=Path, help="a folder of images added to the inputs")
+    p.add_argument("--data", choices=SOURCES, help="image-like inputs (default: digits test split)")
     p.add_argument("--limit", type=number(int, 1), help="use at most this many images")
     p.add_argument("--batches", type=positive_ints, default=(1, 8, 32), help="batch sizes to time (default 1,8,32)")
     p.add_argument("--threads", type=positive_ints, default=(os.cpu_count() or 1,), help="thread counts (default: all cores)")
@@ -112,6 +112,20 @@ def parser() -> Parser:
     p.add_argument("--trust-checkpoint", action="store_true", help="load foreign pickle globals as inert placeholders")
     p.add_argument("--tome-r", type=parse_tome_r, metavar="R",
                    help="validate the demo model exported with token merging (ToMe), as dyt-export --tome-r R")
+    dataset = p.add_argument_group("datasets (docs/validation.md)")
+    dataset.add_argument("--images", type=Path, metavar="DIR",
+                         help="validate on this image folder instead of --data: image files (unlabeled) or one "
+                              "subfolder per class (labeled: class index = sorted folder names); read in chunks")
+    dataset.add_argument("--labels", type=Path, metavar="FILE",
+                         help="class folder -> class index: JSON {folder: index}, or one folder name per line")
+    dataset.add_argument("--strict", action="store_true", help="an unreadable image ends the run (default: skipped, listed)")
+    dataset.add_argument("--chunk", type=number(int, 1), default=CHUNK,
+                         help=f"images per chunk, the unit run, saved and resumed (default {CHUNK})")
+    dataset.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                         help="shard the run over Ray Data actors: on the Ray cluster at ADDRESS, or a local instance")
+    dataset.add_argument("--workers", type=number(int, 1), help="Ray actors (default: as many as the CPUs hold)")
+    dataset.add_argument("--worker-threads", type=number(int, 1), default=1, help="CPUs (runtime threads) per actor (default 1)")
+    dataset.add_argument("--resume", action="store_true", help="reuse the shards a killed run saved under OUT/partial/")
     p.add_argument("--quiet", action="store_true", help="print only the result line")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
@@ -125,9 +139,13 @@ def main(argv: list[str] | None = None) -> int:
         from .harness import REFERENCE_THREADS, Options, validate
 
         log = (lambda _: None) if args.quiet else (lambda line: print(line, file=sys.stderr))
+        if args.images is not None and args.data is not None:
+            raise UserError("--images DIR and --data are two sources of images: give one")
         overrides = {name: getattr(args, name) for name in LIMITS if getattr(args, name) is not None}
         opts = Options(
-            runtime=args.runtime, model=args.model, ref=args.ref, out=args.out, data=args.data, images=args.images,
+            runtime=args.runtime, model=args.model, ref=args.ref, out=args.out, data=args.data or "digits",
+            images=args.images, labels=args.labels, strict=args.strict, chunk=args.chunk, ray=args.ray,
+            workers=args.workers, worker_threads=args.worker_threads, resume=args.resume,
             limit=args.limit, batches=args.batches, threads=args.threads, iters=args.iters,
             min_seconds=args.min_seconds, warmup=args.warmup, throughput=not args.no_throughput,
             precision=args.precision, tolerance_overrides=overrides, ref_threads=args.ref_threads or REFERENCE_THREADS,

@@ -188,6 +188,225 @@ def row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.where(norms > 0, dots / np.where(norms > 0, norms, 1.0), np.where((a64 == b64).all(axis=1), 1.0, 0.0))
 
 
+Extreme = tuple[float, int]
+"""(value, image): a minimum and the first image that has it, merged by the lower pair."""
+
+
+def _lower(a: Extreme | None, b: Extreme | None) -> Extreme | None:
+    return b if a is None else a if b is None else min(a, b)
+
+
+def _higher(a: float | None, b: float | None) -> float | None:
+    return b if a is None else a if b is None else max(a, b)
+
+
+@dataclass
+class ParityTally:
+    """What the parity rules need to know about a set of images, as counts, extremes and
+    lists that merge exactly: `add` one chunk of images at a time, `merge` tallies of
+    disjoint chunks in any order, then `verdict`. A whole run in one pass, in chunks, or
+    sharded over workers gives the same `Parity`, so a dataset of any size is judged by the
+    rules a small one is, with memory that does not grow with it. Image numbers are the
+    caller's (`ids`: the images' places in the whole input), so flips and failures name the
+    same image however the run was cut. JSON-ready through `to_dict` / `from_dict`, for
+    partial results saved to resume a run."""
+
+    images: int = 0
+    unmeasured: str | None = None
+    """Why nothing could be compared (logits of another shape): every figure is then null."""
+    masks_compared: bool = False
+    mask_shape: str | None = None
+    """The failure when the masks had another shape than the reference's (agreement null)."""
+    mask_differ: int = 0
+    mask_decisions: int = 0
+    flips: list[Flip] = field(default_factory=list)
+    after_flip: int = 0
+    bad_masks: int = 0
+    bad_examples: list[tuple[int, int, int, str]] = field(default_factory=list)
+    """The first _SHOW mask differences that are not flips, as (image, dispatcher, token, text)."""
+    nonfinite: list[int] = field(default_factory=lambda: [0, -1])
+    """[images with NaN/inf runtime logits, the first of them]."""
+    ref_nonfinite: list[int] = field(default_factory=lambda: [0, -1])
+    on_logits: int = 0
+    on_flips: int = 0
+    max_abs: float | None = None
+    scale: float | None = None
+    """max |reference logit| over the images compared on logits: max_rel = max_abs / scale."""
+    cosine_min: Extreme | None = None
+    flip_cosine_min: Extreme | None = None
+    top1_same: int = 0
+    top1_wrong_first: int | None = None
+    top1_wrong_flipped: int = 0
+
+    def add(self, reference: dict[str, np.ndarray], logits: np.ndarray, masks: np.ndarray | None,
+            layers: Sequence[str], flip_logit: float, tokens: Sequence[int] | None = None,
+            ids: np.ndarray | None = None) -> "ParityTally":
+        """Tally one chunk (arguments as for `compare`; `ids`: the images' numbers, default 0..B-1)."""
+        ref = reference["logits"].astype(np.float32)
+        ids = np.arange(len(ref)) if ids is None else np.asarray(ids, np.int64)
+        self.images += len(ref)
+        if logits.shape != ref.shape:  # per image in the message: the same whatever the chunk
+            self.unmeasured = f"logits shape {list(logits.shape[1:])} per image differs from the reference's {list(ref.shape[1:])}"
+            return self
+        finite, ref_finite = np.isfinite(logits).all(axis=1), np.isfinite(ref).all(axis=1)
+        for counter, ok in ((self.nonfinite, finite), (self.ref_nonfinite, ref_finite)):
+            if not ok.all():
+                counter[1] = int(ids[np.argmin(ok)]) if counter[0] == 0 else min(counter[1], int(ids[np.argmin(ok)]))
+                counter[0] += int((~ok).sum())
+        flipped = np.zeros(len(ref), bool)
+        if masks is not None:
+            first_flips = len(self.flips)
+            self._add_masks(reference["token_masks"], reference["dispatch_logits"], masks, layers, flip_logit, tokens, ids)
+            flipped = np.isin(ids, [f.image for f in self.flips[first_flips:]])
+        both = finite & ref_finite
+        on_logits, on_flips = both & ~flipped, both & flipped
+        cosine = np.full(len(ref), np.nan)
+        cosine[both] = row_cosines(logits[both], ref[both])
+        if on_logits.any():
+            self.max_abs = _higher(self.max_abs, float(np.abs(logits[on_logits].astype(np.float64) - ref[on_logits]).max()))
+            self.scale = _higher(self.scale, float(np.abs(ref[on_logits]).max()))
+        for name, rows in (("cosine_min", on_logits), ("flip_cosine_min", on_flips)):
+            if rows.any():
+                low = int(np.nanargmin(np.where(rows, cosine, np.nan)))
+                setattr(self, name, _lower(getattr(self, name), (float(cosine[low]), int(ids[low]))))
+        self.on_logits += int(on_logits.sum())
+        self.on_flips += int(on_flips.sum())
+        same = logits.argmax(axis=1) == ref.argmax(axis=1)
+        self.top1_same += int(same.sum())
+        if not same.all():
+            first = int(ids[np.argmin(same)])
+            self.top1_wrong_first = first if self.top1_wrong_first is None else min(self.top1_wrong_first, first)
+            self.top1_wrong_flipped += int(flipped[~same].sum())
+        return self
+
+    def _add_masks(self, reference_masks: np.ndarray, reference_logits: np.ndarray, masks: np.ndarray,
+                   layers: Sequence[str], flip_logit: float, tokens: Sequence[int] | None, ids: np.ndarray) -> None:
+        self.masks_compared = True
+        if masks.shape != reference_masks.shape:
+            self.mask_shape = (f"token_masks shape {list(masks.shape[1:])} per image differs from the reference's "
+                               f"{list(reference_masks.shape[1:])}")
+            return
+        differ = masks.astype(bool) != reference_masks.astype(bool)
+        seen = np.full(masks.shape[1], masks.shape[2]) if tokens is None else np.asarray(tokens)
+        real = np.arange(masks.shape[2]) < seen[:, None]  # [D, N]
+        self.mask_differ += int(differ[:, real].sum())
+        self.mask_decisions += int(differ[:, real].size)
+        first_flip: dict[int, int] = {}  # image -> dispatcher index of its first flip
+        bad: list[tuple[int, int, int, str]] = []
+        for b, d, n in zip(*np.nonzero(differ)):  # ordered by image, then dispatcher
+            image = int(ids[b])
+            where = f"image {image}, {layers[d]} token {n}"
+            if not real[d, n]:
+                bad.append((image, int(d), int(n), f"{where}: padding (the dispatcher sees {int(seen[d])} tokens) must be False"))
+                continue
+            if b in first_flip and d > first_flip[b]:
+                self.after_flip += 1
+                continue
+            if n == 0:
+                bad.append((image, int(d), int(n), f"{where}: CLS must always be active"))
+                continue
+            logit = float(reference_logits[b, d, n - 1])
+            if np.isfinite(logit) and abs(logit) <= flip_logit:
+                self.flips.append(Flip(image, layers[d], int(n), logit, bool(reference_masks[b, d, n])))
+                first_flip.setdefault(int(b), int(d))
+            else:
+                bad.append((image, int(d), int(n), f"{where}: reference logit {logit:.3g} is not within {flip_logit:g} of 0"))
+        self.bad_masks += len(bad)
+        self.bad_examples = sorted(self.bad_examples + bad[:_SHOW])[:_SHOW]
+
+    def merge(self, other: "ParityTally") -> "ParityTally":
+        """This tally and `other`'s (disjoint images) as one, whatever order they were made in."""
+        counts = ("images", "mask_differ", "mask_decisions", "after_flip", "bad_masks", "on_logits", "on_flips",
+                  "top1_same", "top1_wrong_flipped")
+        merged = ParityTally(**{name: getattr(self, name) + getattr(other, name) for name in counts})
+        merged.unmeasured, merged.mask_shape = self.unmeasured or other.unmeasured, self.mask_shape or other.mask_shape
+        merged.masks_compared = self.masks_compared or other.masks_compared
+        merged.flips = sorted(self.flips + other.flips, key=lambda f: f.image)  # stable: an image's own order stays
+        merged.bad_examples = sorted(self.bad_examples + other.bad_examples)[:_SHOW]
+        for name in ("nonfinite", "ref_nonfinite"):
+            a, b = getattr(self, name), getattr(other, name)
+            firsts = [c[1] for c in (a, b) if c[0]]
+            setattr(merged, name, [a[0] + b[0], min(firsts) if firsts else -1])
+        merged.max_abs, merged.scale = _higher(self.max_abs, other.max_abs), _higher(self.scale, other.scale)
+        merged.cosine_min = _lower(self.cosine_min, other.cosine_min)
+        merged.flip_cosine_min = _lower(self.flip_cosine_min, other.flip_cosine_min)
+        wrong = [w for w in (self.top1_wrong_first, other.top1_wrong_first) if w is not None]
+        merged.top1_wrong_first = min(wrong) if wrong else None
+        return merged
+
+    @property
+    def mask_agreement(self) -> float | None:
+        if not self.masks_compared or self.mask_shape:
+            return None
+        return float(1.0 - self.mask_differ / self.mask_decisions) if self.mask_decisions else 1.0
+
+    def mask_failures(self) -> list[str]:
+        if self.mask_shape:
+            return [self.mask_shape]
+        if self.bad_masks:
+            examples = "; ".join(text for *_, text in self.bad_examples)
+            return [f"{self.bad_masks} token mask difference(s) that are not near-threshold flips, e.g. {examples}"]
+        return []
+
+    def verdict(self, tolerances: Tolerances = Tolerances()) -> Parity:
+        """The `Parity` of every image tallied, judged by `tolerances`."""
+        if self.unmeasured:
+            return unmeasured(self.images, self.unmeasured)
+        failures: list[str] = []
+        if self.nonfinite[0]:
+            failures.append(f"{self.nonfinite[0]} image(s) with NaN/inf logits, first: image {self.nonfinite[1]}")
+        if self.ref_nonfinite[0]:
+            failures.append(f"the reference gives NaN/inf logits for {self.ref_nonfinite[0]} image(s), "
+                            f"first: image {self.ref_nonfinite[1]}")
+        failures += self.mask_failures()
+        max_abs, cosine_min = self.max_abs, self.cosine_min
+        max_rel = None
+        if max_abs is not None and self.scale is not None and cosine_min is not None:
+            max_rel = max_abs / self.scale if self.scale > 0 else (0.0 if max_abs == 0 else None)
+            if max_rel is None:
+                failures.append(f"the reference logits are all 0 and the runtime's differ by up to {max_abs:.3g}")
+            elif max_rel > tolerances.max_rel:
+                failures.append(f"logits max |diff| / max |reference| = {max_rel:.3g} > {tolerances.max_rel:g}")
+            if cosine_min[0] < tolerances.cosine_min:
+                failures.append(f"logits cosine similarity {cosine_min[0]:.6f} < {tolerances.cosine_min} "
+                                f"(image {cosine_min[1]})")
+        if self.flip_cosine_min is not None:
+            bound = min(tolerances.cosine_min, tolerances.flip_cosine_min)  # a flip never tightens the bound
+            if self.flip_cosine_min[0] < bound:
+                failures.append(f"logits cosine similarity {self.flip_cosine_min[0]:.6f} < {bound:g} on image "
+                                f"{self.flip_cosine_min[1]}, which has a flip")
+        agreement = self.top1_same / self.images if self.images else None
+        wrong = self.images - self.top1_same
+        if wrong and agreement is not None and agreement < tolerances.top1_min:
+            with_flips = self.top1_wrong_flipped
+            failures.append(f"top-1 class differs on {wrong} of {self.images} image(s)"
+                            f"{f' ({with_flips} of them with a flip)' if with_flips else ''} "
+                            f"(agreement {agreement:.4f} < {tolerances.top1_min:g}), e.g. image {self.top1_wrong_first}")
+        compared, unfinite = self.on_logits, self.images - self.on_logits - self.on_flips
+        if compared < tolerances.logit_share_min * self.images:
+            failures.append(f"only {compared} of {self.images} image(s) ({compared / self.images:.0%}) were compared on "
+                            f"logits, fewer than the {tolerances.logit_share_min:.0%} required: {self.on_flips} carry a "
+                            f"flip{f' and {unfinite} NaN/inf logits' if unfinite else ''} (--logit-share-min lowers the share)")
+        return Parity(images=self.images, max_abs=max_abs, max_rel=max_rel,
+                      cosine_min=None if cosine_min is None else cosine_min[0], top1_agreement=agreement,
+                      mask_agreement=self.mask_agreement,
+                      flip_cosine_min=None if self.flip_cosine_min is None else self.flip_cosine_min[0],
+                      images_compared_on_logits=compared, images_compared_on_top1_cosine=self.on_flips,
+                      flips=list(self.flips), after_flip=self.after_flip, failures=failures)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ParityTally":
+        tally = cls(**{**data, "flips": [Flip(**f) for f in data["flips"]],
+                       "bad_examples": [tuple(e) for e in data["bad_examples"]]})
+        for name in ("cosine_min", "flip_cosine_min"):
+            value = getattr(tally, name)
+            setattr(tally, name, None if value is None else (float(value[0]), int(value[1])))
+        return tally
+
+
 def compare_masks(reference_masks: np.ndarray, reference_logits: np.ndarray, masks: np.ndarray,
                   layers: Sequence[str], flip_logit: float,
                   tokens: Sequence[int] | None = None) -> tuple[float | None, list[Flip], int, list[str]]:
@@ -198,37 +417,9 @@ def compare_masks(reference_masks: np.ndarray, reference_logits: np.ndarray, mas
     reference_logits: [B, D, N-1]. `tokens` [D]: the tokens each dispatcher sees
     (`cfg.dispatcher_tokens`; fewer than N after ToMe merges, the rest of its row is padding
     that must be False): agreement counts real tokens only, and an active padding slot fails."""
-    if masks.shape != reference_masks.shape:
-        return None, [], 0, [f"token_masks shape {list(masks.shape)} differs from the reference's {list(reference_masks.shape)}"]
-    differ = masks.astype(bool) != reference_masks.astype(bool)
-    seen = np.full(masks.shape[1], masks.shape[2]) if tokens is None else np.asarray(tokens)
-    real = np.arange(masks.shape[2]) < seen[:, None]  # [D, N]
-    agreement = float(1.0 - differ[:, real].mean()) if differ[:, real].size else 1.0
-    flips: list[Flip] = []
-    first_flip: dict[int, int] = {}  # image -> dispatcher index of its first flip
-    after_flip = 0
-    bad: list[str] = []
-    for b, d, n in zip(*np.nonzero(differ)):  # ordered by image, then dispatcher
-        where = f"image {b}, {layers[d]} token {n}"
-        if not real[d, n]:
-            bad.append(f"{where}: padding (the dispatcher sees {int(seen[d])} tokens) must be False")
-            continue
-        if b in first_flip and d > first_flip[b]:
-            after_flip += 1
-            continue
-        if n == 0:
-            bad.append(f"{where}: CLS must always be active")
-            continue
-        logit = float(reference_logits[b, d, n - 1])
-        if np.isfinite(logit) and abs(logit) <= flip_logit:
-            flips.append(Flip(int(b), layers[d], int(n), logit, bool(reference_masks[b, d, n])))
-            first_flip.setdefault(int(b), int(d))
-        else:
-            bad.append(f"{where}: reference logit {logit:.3g} is not within {flip_logit:g} of 0")
-    failures = []
-    if bad:
-        failures.append(f"{len(bad)} token mask difference(s) that are not near-threshold flips, e.g. {'; '.join(bad[:_SHOW])}")
-    return agreement, flips, after_flip, failures
+    tally = ParityTally()
+    tally._add_masks(reference_masks, reference_logits, masks, layers, flip_logit, tokens, np.arange(len(masks)))
+    return tally.mask_agreement, tally.flips, tally.after_flip, tally.mask_failures()
 
 
 def compare(reference: dict[str, np.ndarray], logits: np.ndarray, masks: np.ndarray | None,
@@ -236,81 +427,11 @@ def compare(reference: dict[str, np.ndarray], logits: np.ndarray, masks: np.ndar
             tokens: Sequence[int] | None = None) -> Parity:
     """Judge runtime `logits` [B, K] (and token `masks` [B, D, N] when the runtime produced
     them) against the reference outputs `logits`, `token_masks`, `dispatch_logits`; `tokens`
-    as for `compare_masks`."""
-    ref = reference["logits"].astype(np.float32)
-    if logits.shape != ref.shape:
-        return unmeasured(len(ref), f"logits shape {list(logits.shape)} differs from the reference's {list(ref.shape)}")
-    failures: list[str] = []
-    finite = np.isfinite(logits).all(axis=1)
-    if not finite.all():
-        failures.append(f"{int((~finite).sum())} image(s) with NaN/inf logits, first: image {int(np.argmin(finite))}")
-    ref_finite = np.isfinite(ref).all(axis=1)
-    if not ref_finite.all():
-        failures.append(f"the reference gives NaN/inf logits for {int((~ref_finite).sum())} image(s), "
-                        f"first: image {int(np.argmin(ref_finite))}")
-
-    mask_agreement, flips, after_flip = None, [], 0
-    if masks is not None:
-        mask_agreement, flips, after_flip, mask_failures = compare_masks(
-            reference["token_masks"], reference["dispatch_logits"], masks, layers, tolerances.flip_logit, tokens)
-        failures += mask_failures
-
-    both_finite = finite & ref_finite
-    flipped = np.zeros(len(ref), bool)
-    flipped[[f.image for f in flips]] = True
-    on_logits, on_flips = both_finite & ~flipped, both_finite & flipped
-    cosine = np.full(len(ref), np.nan)
-    cosine[both_finite] = row_cosines(logits[both_finite], ref[both_finite])
-    max_abs = max_rel = cosine_min = flip_cosine_min = None
-    if on_logits.any():
-        max_abs = float(np.abs(logits[on_logits].astype(np.float64) - ref[on_logits]).max())
-        scale = float(np.abs(ref[on_logits]).max())
-        max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else None)
-        cosine_min = float(cosine[on_logits].min())
-        if max_rel is None:
-            failures.append(f"the reference logits are all 0 and the runtime's differ by up to {max_abs:.3g}")
-        elif max_rel > tolerances.max_rel:
-            failures.append(f"logits max |diff| / max |reference| = {max_rel:.3g} > {tolerances.max_rel:g}")
-        if cosine_min < tolerances.cosine_min:
-            failures.append(f"logits cosine similarity {cosine_min:.6f} < {tolerances.cosine_min} "
-                            f"(image {int(np.nanargmin(np.where(on_logits, cosine, np.nan)))})")
-    if on_flips.any():
-        flip_cosine_min = float(cosine[on_flips].min())
-        bound = min(tolerances.cosine_min, tolerances.flip_cosine_min)  # a flip never tightens the bound
-        if flip_cosine_min < bound:
-            failures.append(f"logits cosine similarity {flip_cosine_min:.6f} < {bound:g} on image "
-                            f"{int(np.nanargmin(np.where(on_flips, cosine, np.nan)))}, which has a flip")
-
-    top1_same = logits.argmax(axis=1) == ref.argmax(axis=1)
-    agreement = float(top1_same.mean())
-    wrong_top1 = np.nonzero(~top1_same)[0]
-    if len(wrong_top1) and agreement < tolerances.top1_min:
-        with_flips = int(flipped[wrong_top1].sum())
-        failures.append(f"top-1 class differs on {len(wrong_top1)} of {len(ref)} image(s)"
-                        f"{f' ({with_flips} of them with a flip)' if with_flips else ''} "
-                        f"(agreement {agreement:.4f} < {tolerances.top1_min:g}), e.g. image {int(wrong_top1[0])}")
-
-    compared = int(on_logits.sum())
-    if compared < tolerances.logit_share_min * len(ref):
-        failures.append(f"only {compared} of {len(ref)} image(s) ({compared / len(ref):.0%}) were compared on logits, "
-                        f"fewer than the {tolerances.logit_share_min:.0%} required: {int(on_flips.sum())} carry a flip"
-                        f"{f' and {int((~both_finite).sum())} NaN/inf logits' if not both_finite.all() else ''} "
-                        f"(--logit-share-min lowers the share)")
-    return Parity(images=len(ref), max_abs=max_abs, max_rel=max_rel, cosine_min=cosine_min,
-                  top1_agreement=agreement, mask_agreement=mask_agreement, flip_cosine_min=flip_cosine_min,
-                  images_compared_on_logits=compared, images_compared_on_top1_cosine=int(on_flips.sum()),
-                  flips=flips, after_flip=after_flip, failures=failures)
+    as for `compare_masks`. One pass of `ParityTally`."""
+    return ParityTally().add(reference, logits, masks, layers, tolerances.flip_logit, tokens).verdict(tolerances)
 
 
 def unmeasured(images: int, failure: str) -> Parity:
     """The verdict on `images` when the runtime's answer could not be compared at all (its
     logits have another shape, or the runtime failed while running): every figure null."""
     return Parity(images, None, None, None, None, None, failures=[failure])
-
-
-def accuracy(logits: np.ndarray, labels: np.ndarray | None) -> float | None:
-    """Top-1 accuracy over the labeled images (label >= 0), None when there are none."""
-    if labels is None or not (labels >= 0).any():
-        return None
-    known = labels >= 0
-    return float((logits[known].argmax(axis=1) == labels[known]).mean())

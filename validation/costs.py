@@ -23,13 +23,25 @@ def _patches(masks: np.ndarray, tokens: Sequence[int] | None) -> np.ndarray:
     return (np.full(masks.shape[1], masks.shape[2]) if tokens is None else np.asarray(tokens)) - 1
 
 
+def active_patches(masks: np.ndarray) -> np.ndarray:
+    """[D] active patch tokens (CLS left out) per dispatcher, summed over the images: counts,
+    so those of disjoint chunks add up to the whole run's exactly."""
+    return masks[:, :, 1:].astype(bool).sum(axis=(0, 2))
+
+
+def rates_from_counts(active: np.ndarray, images: int, tokens: Sequence[int]) -> np.ndarray:
+    """[D] activation rates from `active_patches` summed over `images` images; `tokens` as
+    for `activation_rates`."""
+    return np.asarray(active, dtype=np.int64) / ((np.asarray(tokens) - 1) * images)
+
+
 def activation_rates(masks: np.ndarray, tokens: Sequence[int] | None = None) -> np.ndarray:
     """[D] fraction of patch tokens active per dispatcher, over all images. CLS is left out:
     it is always active and would inflate the rate by 1/N. With `tokens` the rate is over the
     tokens the dispatcher really sees, so ToMe's padding never counts."""
     if masks.shape[2] <= 1:
         return np.ones(masks.shape[1])
-    return masks[:, :, 1:].astype(bool).sum(axis=(0, 2)) / (_patches(masks, tokens) * masks.shape[0])
+    return active_patches(masks) / (_patches(masks, tokens) * masks.shape[0])
 
 
 def pooled_rate(masks: np.ndarray, tokens: Sequence[int] | None = None) -> float:
@@ -38,6 +50,14 @@ def pooled_rate(masks: np.ndarray, tokens: Sequence[int] | None = None) -> float
     if masks.shape[1] == 0:
         return 1.0
     return float(masks[:, :, 1:].astype(bool).sum() / (_patches(masks, tokens).sum() * masks.shape[0]))
+
+
+def total_macs(cfg: DyTConfig, masks: np.ndarray) -> int:
+    """Multiply-adds of all images at their masks, as a whole number (per-image counts are
+    whole, so sums of chunks add up exactly, where a mean of floats would not)."""
+    from dyt_export.flops import macs_per_image
+
+    return int(np.asarray(macs_per_image(cfg, active_counts(masks)), dtype=np.float64).sum())
 
 
 def gmacs(cfg: DyTConfig, masks: np.ndarray | None) -> np.ndarray:

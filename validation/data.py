@@ -18,18 +18,22 @@ of timm's augreg ViTs and of the demo model.
 """
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from dyt_export.errors import UserError
-from dyt_export.preprocess import PreprocessSpec, preprocess, read_image
+from dyt_export.preprocess import PreprocessSpec
+
+from .dataset import list_folder
 
 MEAN = 0.5
 STD = 0.5
 SOURCES = ("digits", "scenes", "digits+scenes")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 DIGITS_TEST_FRACTION = 0.25
 SPLIT_SEED = 0
 
@@ -139,23 +143,37 @@ def scenes(count: int, img_size: int, in_chans: int = 3, seed: int = 0) -> Image
 
 
 def folder(path: Path, img_size: int, in_chans: int = 3, spec: PreprocessSpec | None = None) -> ImageSet:
-    """Every image file in `path` (sorted by name), prepared as `spec` says (default: short side
-    resized bicubically to img_size, centre crop, mean/std 0.5), by the function the server's
-    image route uses."""
-    path = Path(path)
-    if not path.is_dir():
-        raise UserError(f"image folder {path} does not exist or is not a directory")
-    files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise UserError(f"image folder {path} holds no {'/'.join(IMAGE_SUFFIXES)} files")
+    """Every image file in `path` (a flat folder, or one subfolder per class: labeled), prepared
+    as `spec` says (default: short side resized bicubically to img_size, centre crop, mean/std
+    0.5) by the function the server's image route uses; an unreadable file is an error."""
     spec = spec or PreprocessSpec(img_size, mean=(MEAN,) * in_chans, std=(STD,) * in_chans)
-    pictures = []
-    for file in files:
-        try:
-            pictures.append(preprocess(read_image(file), spec))
-        except UserError as e:
-            raise UserError(f"cannot read image {file}: {e}") from None
-    return ImageSet(np.stack(pictures), None, f"folder:{path}", [p.name for p in files])
+    source = list_folder(path, spec, strict=True)
+    chunk = source.chunk(0, len(source))
+    return ImageSet(chunk.pixel_values, chunk.labels, f"folder:{path}", [Path(f).name for f in source.files])
+
+
+def write_digits_folder(out: Path, count: int | None = None, split: str = "test", size: int = 32) -> Path:
+    """The digits `split` as PNG files in one folder per class (`out/3/00017.png`), `size` px
+    upscaled as the demo model saw them: a labeled folder of real-looking images for dataset
+    validation. `count` above the split's size cycles through it again. Written beside `out`
+    and renamed into place, so an interrupted call leaves no half folder."""
+    from PIL import Image
+
+    images, labels = digits_split(split)
+    count = len(labels) if count is None else count
+    pixels = normalize(images, size, 1)[:, 0] * STD + MEAN  # [N, size, size] in [0, 1]
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        for i in range(count):
+            label = int(labels[i % len(labels)])
+            (stage / str(label)).mkdir(exist_ok=True)
+            Image.fromarray(np.round(pixels[i % len(labels)] * 255).astype(np.uint8)).save(stage / str(label) / f"{i:05d}.png")
+        os.replace(stage, out)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return out
 
 
 def load_inputs(source: str, img_size: int, in_chans: int = 3, *, limit: int | None = None,

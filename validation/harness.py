@@ -27,23 +27,26 @@ import numpy as np
 
 from dyt_export.atomic import probe_writable
 from dyt_export.errors import UserError
-from dyt_export.preprocess import spec_from_metadata
+from dyt_export.preprocess import PreprocessSpec, labels_from_metadata, spec_from_metadata
 from dyt_export.progress import Steps
-from runtimes import ONNX_RUNTIMES, Backend, BackendError, RuntimeFailure, get_backend, open_backend
+from runtimes import ONNX_RUNTIMES, BackendError, RuntimeFailure, get_backend, open_backend
 from runtimes.base import check_fixed_batch
 from runtimes.torch_ref import TorchReference
 
-from .compare import Parity, accuracy, compare, tolerances_for, unmeasured
-from .costs import activation_rates, gmacs
-from .data import ImageSet, load_inputs
+from .compare import Parity, tolerances_for, unmeasured
+from .costs import gmacs, rates_from_counts
+from .data import load_inputs
+from .dataset import MemorySource, Source, list_folder
 from .demo.model import ensure_demo_model
 from .machine import machine_info
 from .models import ModelUnderTest, read_model, twin
 from .record import MASKS_NOT_COMPARED, build_record, write_record
-from .throughput import ThroughputRow, batches_of, feed, measure
+from .shards import ShardStore, run_job
+from .stream import CHUNK, Evaluator, Job, run_all
+from .throughput import ThroughputRow, batches_of, measure
 
-RUN_CHUNK = 16
-"""Images per call in the parity runs (timing uses the requested batch sizes)."""
+POOL = 512
+"""Images of a folder held in memory for timing (an image set in memory is timed whole)."""
 REFERENCE_THREADS = 1
 """torch threads of the reference (see the module docstring)."""
 GEOMETRY = ("num_classes", "in_chans", "img_size", "patch_size", "dispatcher_names", "tome_r")
@@ -79,6 +82,18 @@ class Options:
     tome_r: int | tuple[int, ...] | None = None
     """With the demo model (model None): validate its export with token merging (ToMe)."""
     show: bool = False
+    labels: Path | None = None
+    """With `images`: a file mapping class folder names to the model's class indices."""
+    strict: bool = False
+    """An unreadable image ends the run (default: it is skipped and listed in the record)."""
+    chunk: int = CHUNK
+    ray: str | None = None
+    """None: run here; '': on a local Ray instance; else the address of a Ray cluster."""
+    workers: int | None = None
+    """Ray actors (None: as many as the cluster's CPUs hold at `worker_threads` each)."""
+    worker_threads: int = 1
+    resume: bool = False
+    """Reuse the shards a killed run of the same job saved under OUT/partial/."""
 
 
 @dataclass
@@ -93,22 +108,6 @@ class Outcome:
     @property
     def passed(self) -> bool:
         return self.record["passed"]
-
-
-def run_all(backend: Backend, images: np.ndarray, names: tuple[str, ...]) -> dict[str, np.ndarray]:
-    """`names` outputs of `backend` over all images, RUN_CHUNK images per call. A backend
-    pinned to one batch size (`fixed_batch`, or a model exported with a static batch) gets
-    calls of exactly that size, the last one filled with repeats of its own images whose
-    outputs are dropped: images do not interact, so the kept outputs are the same."""
-    pinned = backend.input_specs[0].shape[0]
-    chunk = pinned or RUN_CHUNK
-    parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
-    for start in range(0, len(images), chunk):
-        part = images[start:start + chunk]
-        out = backend.run(feed(backend, part[np.arange(chunk) % len(part)] if pinned else part))
-        for n in names:
-            parts[n].append(out[n][:len(part)])
-    return {n: np.concatenate(v) for n, v in parts.items()}
 
 
 def check_output_dir(out: Path) -> None:
@@ -154,29 +153,58 @@ def _check_options(opts: Options) -> None:
         raise UserError(f"need iters >= 1, warmup >= 0 and a finite min_seconds >= 0, got {opts.iters}, "
                         f"{opts.warmup}, {opts.min_seconds}")
     tolerances_for("fp32", **opts.tolerance_overrides)  # a bad override fails now, not after the runs
+    if min(opts.chunk, opts.worker_threads, opts.workers or 1) < 1:
+        raise UserError(f"chunk, workers and worker threads must be >= 1, got {opts.chunk}, {opts.workers}, "
+                        f"{opts.worker_threads}")
+    if opts.ray is None and (opts.workers is not None or opts.worker_threads != 1):
+        raise UserError("--workers and --worker-threads size the Ray workers: add --ray [ADDRESS]")
+    if opts.labels is not None and opts.images is None:
+        raise UserError("--labels maps the class folders of --images DIR; give the folder")
     if opts.tome_r and opts.model is not None:
         raise UserError(f"--tome-r exports the demo model with token merging; {opts.model.name} merges as it was "
                         f"exported (dyt-export --tome-r), so drop --tome-r or --model")
 
 
-def _reference(opts: Options, model: ModelUnderTest, steps: Steps) -> TorchReference:
+def _reference(opts: Options, model: ModelUnderTest, steps: Steps) -> tuple[TorchReference, Path, dict[str, Any]]:
+    """The reference, with the file and keywords it was loaded from (workers load their own)."""
     with steps.step("load reference checkpoint"):
         source = opts.ref or model.path  # an ONNX path makes the reference follow its metadata
         overrides = {k: v for k, v in opts.loader_overrides.items() if v is not None}
         if opts.ref is not None:  # geometry the checkpoint cannot state comes from the ONNX file
             overrides = {"num_heads": model.cfg.num_heads, "adapter_scale": model.cfg.adapter_scale,
                          "img_size": model.cfg.img_size, "tome_r": model.cfg.tome_r or 0, **overrides}
-        reference = TorchReference(source, threads=opts.ref_threads, dispatch=model.dispatch, **overrides)
+        options = {"threads": opts.ref_threads, "dispatch": model.dispatch, **overrides}
+        reference = TorchReference(source, **options)
     ref_cfg = reference.module.dyt_config
     differ = [f"{name} {getattr(ref_cfg, name)} vs {getattr(model.cfg, name)}"
               for name in GEOMETRY if getattr(ref_cfg, name) != getattr(model.cfg, name)]
     if differ:
         raise UserError(f"reference {reference.path.name} and model {model.path.name} disagree on "
                         f"{'; '.join(differ)}: their outputs cannot be compared")
-    return reference
+    return reference, Path(source), options
 
 
-def _throughput(opts: Options, model: Path, dense: Path, images: ImageSet, masks: np.ndarray, tokens: list[int],
+def _source(opts: Options, model: ModelUnderTest, spec: PreprocessSpec) -> Source:
+    """The images: the folder (listed, not read), or the image set in memory, cut to `limit`."""
+    cfg = model.cfg
+    if opts.images is None:
+        images = load_inputs(opts.data, cfg.img_size, cfg.in_chans, limit=opts.limit, spec=spec)
+        return MemorySource(images.pixel_values, images.labels, images.source)
+    folder = list_folder(opts.images, spec, cfg.num_classes, labels_file=opts.labels, strict=opts.strict)
+    if opts.limit is not None:
+        folder = dataclasses.replace(folder, files=folder.files[:opts.limit],
+                                     labels=None if folder.labels is None else folder.labels[:opts.limit])
+    return folder
+
+
+def _pool(source: Source) -> np.ndarray:
+    """The images timing cycles over: an image set in memory whole, a folder's first POOL."""
+    if isinstance(source, MemorySource):
+        return source.pixel_values
+    return source.chunk(0, POOL).pixel_values
+
+
+def _throughput(opts: Options, model: Path, dense: Path, images: np.ndarray, masks: np.ndarray, tokens: list[int],
                 log: Callable[[str], None]) -> tuple[list[ThroughputRow], list[ThroughputRow]]:
     """(DyT rows, dense rows). Each DyT row is timed right before its dense row, so load from
     other processes drifting over the run moves both sides of a speedup alike."""
@@ -185,7 +213,7 @@ def _throughput(opts: Options, model: Path, dense: Path, images: ImageSet, masks
         backends = [open_backend(opts.runtime, path, threads=threads, precision=opts.precision, **opts.backend_options)
                     for path in (model, dense)]
         for batch in opts.batches:
-            row, base = (measure(backend, images.pixel_values, batch, iters=opts.iters, warmup=opts.warmup,
+            row, base = (measure(backend, images, batch, iters=opts.iters, warmup=opts.warmup,
                                  min_seconds=opts.min_seconds, masks=rate_masks, tokens=tokens)
                          for backend, rate_masks in zip(backends, (masks, None)))
             base = dataclasses.replace(base, activation_rate=1.0)  # the dense graph runs every token
@@ -229,19 +257,15 @@ def validate(opts: Options, log: Callable[[str], None] = lambda _: None) -> Outc
     if opts.out is None:
         check_output_dir(out)
     tolerances = tolerances_for(model.precision, **opts.tolerance_overrides)
-    with steps.step(f"load model ({opts.runtime})"):
-        backend = open_backend(opts.runtime, model.path, threads=opts.threads[0], precision=opts.precision,
-                               **opts.backend_options)
+    with steps.step(f"load model ({opts.runtime})"):  # as the parity run will: here, or on each Ray worker
+        backend = open_backend(opts.runtime, model.path, threads=opts.threads[0] if opts.ray is None else opts.worker_threads,
+                               precision=opts.precision, **opts.backend_options)
     for note in backend.notes():  # e.g. compute ORT left on the CPU (also in the record's runtime_info)
         log(note)
-    reference = _reference(opts, model, steps)
+    reference, reference_file, reference_options = _reference(opts, model, steps)
     cfg, layers = model.cfg, model.cfg.dispatcher_names
-
-    with steps.step("prepare inputs"):
-        images = load_inputs(opts.data, cfg.img_size, cfg.in_chans, limit=opts.limit, images_dir=opts.images,
-                             spec=spec_from_metadata(model.props, cfg, model.path))
-    with steps.step("reference (torch)"):
-        ref = run_all(reference, images.pixel_values, ("logits", "token_masks", "dispatch_logits"))
+    with steps.step("list inputs"):
+        source = _source(opts, model, spec_from_metadata(model.props, cfg, model.path))
 
     twins: dict[str, str | None] = {"masks": None, "dense": None}
     twin_dir = out / "twins"
@@ -263,64 +287,63 @@ def validate(opts: Options, log: Callable[[str], None] = lambda _: None) -> Outc
             dense_path, _ = twin(reference.module, model, twin_dir, dispatch="dense", with_masks=False)
         twins["dense"] = str(dense_path)
 
+    job = Job(runtime=opts.runtime, model=model.path, masks_model=masks_path, reference=reference_file,
+              reference_options=reference_options, precision=opts.precision, backend_options=dict(opts.backend_options),
+              cfg=cfg, flip_logit=tolerances.flip_logit, source=source, chunk=opts.chunk)
+    store = ShardStore(out / "partial" / opts.runtime, job.key(), resume=opts.resume)
+    runtime_info = backend.info()
+    # On Ray the workers load their own: the session is let go here (a ViT-B/16 one holds ~1 GB).
+    local = None if opts.ray is not None else Evaluator(job, opts.threads[0], reference=reference, backend=backend)
+    del backend
+    with steps.step(f"parity run ({opts.runtime})"):
+        total, execution = run_job(job, store, local, ray=opts.ray, workers=opts.workers,
+                                   worker_threads=opts.worker_threads, show=opts.show, log=log)
+    del local
+    if not total.images:
+        first = f", e.g. {total.unreadable[0][0]}: {total.unreadable[0][1]}" if total.unreadable else ""
+        raise UserError(f"no image could be read ({len(total.unreadable)} unreadable{first})")
+    for file, reason in total.unreadable:
+        log(f"unreadable, skipped: {file}: {reason}")
     # A runtime that fails while running (RuntimeFailure) still gets its record, holding the error.
     error: dict[str, str] | None = None
-    got: dict[str, Any] = {"logits": None, "token_masks": None}
-    runtime_info = backend.info()
-    try:
-        with steps.step(f"parity run ({opts.runtime})"):
-            outputs = ("logits", "token_masks") if model.has_masks else ("logits",)
-            got.update(run_all(backend, images.pixel_values, outputs))
-            del backend
-            if masks_path is not None and not model.has_masks:
-                mask_backend = open_backend(opts.runtime, masks_path, threads=opts.threads[0], precision=opts.precision,
-                                            **opts.backend_options)
-                got["token_masks"] = run_all(mask_backend, images.pixel_values, ("token_masks",))["token_masks"]
-                del mask_backend
-    except RuntimeFailure as e:
-        error = {"stage": "parity run", "message": str(e)}
-        got["logits"] = None  # a run cut short reports nothing: its record's parity and accuracy say why
-        parity = unmeasured(len(images), f"not compared: the runtime failed during the parity run ({e})")
+    if total.error:
+        error = {"stage": "parity run", "message": total.error}
+        parity = unmeasured(total.images, f"not compared: the runtime failed during the parity run ({total.error})")
     else:
-        parity = compare(ref, got["logits"], got["token_masks"], layers, tolerances, cfg.dispatcher_tokens)
+        parity = total.parity.verdict(tolerances)
     log(f"parity: {'PASS' if parity.passed else 'FAIL'}  {parity.summary()}")
 
     throughput: list[ThroughputRow] = []
     dense: list[ThroughputRow] = []
+    pool_masks = np.zeros((0,))
     if opts.throughput and error is None:
         try:
             with steps.step("throughput"):
-                throughput, dense = _throughput(opts, model.path, dense_path, images, ref["token_masks"],
-                                                cfg.dispatcher_tokens, log)
+                pool = _pool(source)
+                pool_masks = run_all(reference, pool, ("token_masks",))["token_masks"]
+                throughput, dense = _throughput(opts, model.path, dense_path, pool, pool_masks, cfg.dispatcher_tokens, log)
         except RuntimeFailure as e:
             error = {"stage": "throughput", "message": str(e)}
 
-    rates = activation_rates(ref["token_masks"], cfg.dispatcher_tokens)
+    names = source.class_names or dict(enumerate(labels_from_metadata(model.props, cfg, model.path) or []))
     record = build_record(
         runtime=opts.runtime, runtime_info=runtime_info, model=model, twins=twins,
         reference={"backend": "torch", "checkpoint": str(reference.path), "threads": reference.threads,
                    "sha256": ref_sha256, "matches_model_source": is_source},
         machine=machine_info(),
-        inputs={"source": images.source, "images": len(images), "labeled": int((images.labels >= 0).sum())
-                if images.labels is not None else 0, "img_size": cfg.img_size},
-        tolerances=tolerances, parity=parity,
-        accuracy=_accuracy(ref["logits"], got["logits"], images),
-        activation_rate=dict(zip(layers, map(float, rates))),
-        flops_g={"dense": float(gmacs(cfg, None)[0]), "dyt": float(gmacs(cfg, ref["token_masks"]).mean())},
+        inputs={**source.describe(), "images": total.images, "labeled": total.accuracy.images,
+                "img_size": cfg.img_size, "listed": len(source), "unreadable": len(total.unreadable),
+                "unreadable_files": [{"file": file, "reason": reason} for file, reason in total.unreadable]},
+        tolerances=tolerances, parity=parity, accuracy=total.accuracy.summary(cfg.num_classes, names),
+        activation_rate=dict(zip(layers, map(float, rates_from_counts(total.active, total.images,
+                                                                      cfg.dispatcher_tokens)))),
+        flops_g={"dense": float(gmacs(cfg, None)[0]), "dyt": total.macs / total.images / 1e9},
         throughput=throughput, dense_baseline=dense,
-        speedup=_speedups(cfg, throughput, dense, ref["token_masks"], len(images)) if throughput else [],
-        timings={**steps.timings, "total": time.perf_counter() - started}, error=error,
+        speedup=_speedups(cfg, throughput, dense, pool_masks, len(pool_masks)) if throughput else [],
+        timings={**steps.timings, "total": time.perf_counter() - started}, error=error, execution=execution,
     )
     json_path, markdown_path = write_record(record, out)
+    if error is None:
+        store.remove()  # the record holds everything the shards did
     log("steps:\n" + steps.report())
     return Outcome(record, json_path, markdown_path, parity, error)
-
-
-def _accuracy(reference_logits: np.ndarray, logits: np.ndarray | None, images: ImageSet) -> dict[str, Any] | None:
-    """Top-1 accuracy of both on the labeled images; the runtime's None when it gave no logits."""
-    ref_acc = accuracy(reference_logits, images.labels)
-    if ref_acc is None:
-        return None
-    labeled = int((images.labels >= 0).sum())
-    return {"images": labeled, "reference": ref_acc,
-            "runtime": None if logits is None else accuracy(logits, images.labels)}

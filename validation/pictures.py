@@ -104,7 +104,8 @@ def draw(model: Path | None, out: Path, *, prefix: str | None = None, data: str 
     use) on the given images; returns their paths."""
     # both import torch: here, so that --help and a refused argument stay instant
     from .demo.model import ensure_demo_model
-    from .harness import REFERENCE_THREADS, check_output_dir, run_all
+    from .harness import REFERENCE_THREADS, check_output_dir
+    from .stream import run_all
 
     if not isinstance(count, int) or not 1 <= count <= MAX_COUNT:
         raise UserError(f"count must be an integer from 1 to {MAX_COUNT}, got {count!r}")

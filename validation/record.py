@@ -21,7 +21,7 @@ from dyt_export.atomic import staged_outputs
 from .compare import Parity, Tolerances, fmt
 from .throughput import ThroughputRow
 
-SCHEMA_VERSION = "1.3"
+SCHEMA_VERSION = "1.4"
 SCHEMA_PATH = Path(__file__).with_name("record.schema.json")
 FLOPS_CONVENTION = "G multiply-adds per image (the DyT paper's 'FLOPs'; dense ViT-B/16 = 17.58)"
 MASKS_NOT_COMPARED = ("the reference is not the checkpoint the model was exported from (sha256 differs), so a mask "
@@ -46,9 +46,11 @@ def build_record(*, runtime: str, runtime_info: dict[str, Any], model: Any, twin
                  tolerances: Tolerances, parity: Parity, accuracy: dict[str, Any] | None,
                  activation_rate: dict[str, float], flops_g: dict[str, float], throughput: list[ThroughputRow],
                  dense_baseline: list[ThroughputRow], speedup: list[dict[str, Any]],
-                 timings: dict[str, float], error: dict[str, str] | None = None) -> dict[str, Any]:
+                 timings: dict[str, float], error: dict[str, str] | None = None,
+                 execution: dict[str, Any] | None = None) -> dict[str, Any]:
     """The record as a JSON-ready dict (see record.schema.json for every field). `error`:
-    the runtime failed while running ({"stage", "message"}); the record then does not pass."""
+    the runtime failed while running ({"stage", "message"}); the record then does not pass.
+    `execution`: how the parity run was spread (sequential or Ray workers, shards)."""
     rates = list(activation_rate.values())
     return {
         "schema_version": SCHEMA_VERSION,
@@ -76,6 +78,7 @@ def build_record(*, runtime: str, runtime_info: dict[str, Any], model: Any, twin
         "dense_baseline": [r.to_dict() for r in dense_baseline],
         "speedup": speedup,
         "timings_s": timings,
+        "execution": execution,
     }
 
 
@@ -115,10 +118,17 @@ def markdown(record: dict[str, Any]) -> str:
         lines.append(f"- masks not compared: {MASKS_NOT_COMPARED}")
     lines += [f"- flip: image {f['image']}, {f['layer']} token {f['token']}, reference logit {f['logit']:.2e}"
               for f in p["flips"][:20]]
+    if record["inputs"].get("unreadable"):
+        files = record["inputs"]["unreadable_files"]
+        lines += ["", f"Unreadable images, skipped: {len(files)}."] + [f"- `{u['file']}`: {u['reason']}" for u in files[:20]]
     if record["accuracy"]:
         a = record["accuracy"]
         lines += ["", f"Accuracy on {a['images']} labeled images: torch {a['reference']:.4f}, "
-                      f"{record['runtime']} {fmt(a['runtime'], '.4f')}."]
+                      f"{record['runtime']} {fmt(a['runtime'], '.4f')} (top-1); torch {fmt(a.get('reference_top5'), '.4f')}, "
+                      f"{record['runtime']} {fmt(a.get('runtime_top5'), '.4f')} (top-5)."]
+        if a.get("disagreement_by_class"):
+            lines.append("Images whose top-1 differs from torch's, by class: "
+                         + ", ".join(f"{k} {v}" for k, v in a["disagreement_by_class"].items()) + ".")
     rates = ", ".join(f"{k} {v:.3f}" for k, v in record["activation_rate"].items())
     f = record["flops_g"]
     lines += ["", "## Activation and cost", "", f"Activation rate per dispatcher: {rates or 'none'}.",

@@ -19,7 +19,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from dyt_export.cli.common import EXIT_BAD_INPUT, EXIT_OK, EXIT_PARITY, EXIT_RUNTIME_FAILURE, Parser, names_from, run_command
+from dyt_export.cli.common import (EXIT_BAD_INPUT, EXIT_OK, EXIT_PARITY, EXIT_RUNTIME_FAILURE, Parser, names_from, number,
+                                   run_command)
 from dyt_export.errors import UserError
 from runtimes import ONNX_RUNTIMES, BackendError, get_backend
 
@@ -52,6 +53,16 @@ def _table(results: list[tuple[str, dict[str, Any] | None, str]]) -> str:
     return capture.get()
 
 
+def _write_folder(out: Path, count: int | None) -> int:
+    from ..data import write_digits_folder
+
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"{out} exists and is not an empty directory: give a new folder")
+    write_digits_folder(out, count)
+    print(f"wrote {sum(1 for _ in out.rglob('*.png'))} digit images in {len(list(out.iterdir()))} class folders: {out}")
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     p = Parser(prog="python -m validation.demo", description=__doc__.splitlines()[0])
     p.add_argument("--runtimes", type=names_from(ONNX_RUNTIMES, "runtime"), default="ort-cpu,openvino",
@@ -59,9 +70,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--retrain", action="store_true", help="train again even when a cached model exists")
     p.add_argument("--out", type=Path, help="record directory (default validation/records/dyt_digits/)")
     p.add_argument("--no-throughput", action="store_true")
+    p.add_argument("--write-folder", type=Path, metavar="DIR",
+                   help="only write the digits test split as PNG files in one folder per class, then exit: a labeled "
+                        "folder for `python -m validation --images DIR` (docs/validation.md)")
+    p.add_argument("--count", type=number(int, 1), help="with --write-folder: this many images (cycling through the split)")
     p.add_argument("--debug", action="store_true")
 
     def body(args: argparse.Namespace) -> int:
+        if args.write_folder is not None:
+            return _write_folder(args.write_folder, args.count)
         # Both import torch: imported here, so that --help and a refused argument stay instant.
         from ..harness import Options, check_output_dir, validate
         from .model import ensure_demo_model
