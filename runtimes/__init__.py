@@ -7,8 +7,9 @@ when the runtime itself fails while running. Backends are imported lazily, so as
 for ONNX Runtime never imports OpenVINO or torch.
 
 Owns running an ONNX file (ONNX Runtime's sessions and their options in `ort_session`,
-OpenVINO, the CUDA driver and setup) and the C++ library in `cpp/` (built with CMake by
-`make cpp`, not shipped in the wheel). May import onnxruntime, openvino, numpy and
+OpenVINO, the CUDA driver and setup), the server on Ray Serve (`serving/`, `dyt-export
+serve`) and the C++ library in `cpp/` (built with CMake by `make cpp`, not shipped in the
+wheel). May import onnxruntime, openvino, numpy and
 `dyt_export.files` / `dyt_export.errors` (file checks); only the PyTorch reference
 (`torch_ref`) loads a checkpoint through `dyt_export`. Never `validation`: backends know
 nothing about parity, records or DyT's dispatch.
