@@ -282,3 +282,43 @@ def test_the_progress_bar_shows_images_per_second_and_eta():
         bar.refresh()
     shown = screen.getvalue()
     assert "300/1000" in shown and " img/s" in shown and "ETA" in shown and "- img/s" not in shown.splitlines()[-1]
+
+
+def _failing_copy(model: Path, path: Path) -> Path:
+    """`model` with its logits offset by a Gather whose index (5, computed from the input so no
+    optimiser folds it at load) is out of range: it loads, then fails on every run inside the
+    runtime; its dyt.* metadata still names the same reference."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    proto = onnx.load(model)
+    graph = proto.graph
+    producer = next(node for node in graph.node if "logits" in node.output)
+    producer.output[list(producer.output).index("logits")] = "logits_raw"
+    classes = graph.output[0].type.tensor_type.shape.dim[1].dim_value
+    graph.initializer.extend([helper.make_tensor("fail_table", TensorProto.FLOAT, [1, classes], [0.0] * classes),
+                              helper.make_tensor("fail_zero", TensorProto.FLOAT, [], [0.0]),
+                              helper.make_tensor("fail_five", TensorProto.FLOAT, [], [5.0])])
+    graph.node.extend([helper.make_node("ReduceMax", ["pixel_values"], ["fail_max"], keepdims=0),
+                       helper.make_node("Mul", ["fail_max", "fail_zero"], ["fail_nought"]),
+                       helper.make_node("Add", ["fail_nought", "fail_five"], ["fail_float"]),
+                       helper.make_node("Cast", ["fail_float"], ["fail_index"], to=TensorProto.INT64),
+                       helper.make_node("Gather", ["fail_table", "fail_index"], ["fail_row"]),
+                       helper.make_node("Add", ["logits_raw", "fail_row"], ["logits"])])
+    onnx.save(proto, path)
+    return path
+
+
+@pytest.mark.parametrize("ray_args", [(), ("--ray", "--workers", "2")], ids=["sequential", "ray"])
+def test_a_runtime_failure_on_a_shard_exits_4_with_the_record_holding_it(exported, local_ray, tmp_path, capsys,
+                                                                          ray_args):
+    """A kernel error while a shard runs (on a Ray worker or here) is the runtime's failure, not
+    bad input: exit 4, one line, and a record that says so with nothing compared."""
+    model = _failing_copy(exported.masks, tmp_path / "failing.onnx")
+    code, record, err = _validate(model, exported.small, tmp_path / "out", "--chunk", "32", *ray_args, capsys=capsys)
+    assert code == 4, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err and "Gather" in err, err
+    check_record(record)
+    assert not record["passed"] and record["error"]["stage"] == "parity run" and "Gather" in record["error"]["message"]
+    assert record["parity"]["images_compared_on_logits"] == 0 and record["parity"]["max_rel"] is None
+    assert record["execution"]["mode"] == ("ray" if ray_args else "sequential")
