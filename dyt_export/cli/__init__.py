@@ -25,12 +25,13 @@ COMMAND_GROUP = "dyt_export.commands"
 """Entry points naming more such modules: the server's command line lives beside the server."""
 
 
-def _command(name: str | None) -> ModuleType:
-    if name is None:
-        return export_cmd
+def _command(name: str) -> ModuleType | None:
+    """The subcommand called `name`, built in or an entry point; None: `name` is no command
+    (then it is the export's checkpoint argument)."""
     if name in SUBCOMMANDS:
         return SUBCOMMANDS[name]
-    return entry_points(group=COMMAND_GROUP)[name].load()
+    points = entry_points(group=COMMAND_GROUP, name=name)
+    return next(iter(points)).load() if points else None
 
 
 def _parser(name: str | None, module: ModuleType) -> Parser:
@@ -47,9 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
 
     def body() -> int:
-        names = set(SUBCOMMANDS) | set(entry_points(group=COMMAND_GROUP).names)
-        name = argv[0] if argv and argv[0] in names else None
-        module = _command(name)
+        command = _command(argv[0]) if argv else None
+        name = argv[0] if command else None
+        module = command or export_cmd
         args = _parser(name, module).parse_args(argv[1:] if name else argv)
         return module.run(args)
 
