@@ -40,10 +40,9 @@ import numpy as np
 from dyt_export.cli.common import run_command
 from dyt_export.errors import UserError
 from dyt_export.files import check_input_file
-from dyt_export.flops import macs_per_image
 from runtimes import open_backend
 from validation.compare import max_rel
-from validation.costs import active_counts
+from validation.costs import gmacs
 from validation.machine import machine_info
 from validation.throughput import batches_of
 from validation.bench.turns import SETTLED_RUNTIMES, Runner, paired_ratio, row, take_turns
@@ -197,7 +196,7 @@ def measure_memory(args: argparse.Namespace, ex: Exports, work: Path, threads: i
 def results_of(ex: Exports, timed: dict, group_gemm: dict, gemm_best: float) -> list[Any]:
     """One `Result` per runtime, threads, batch and rate, with its baselines from the same turns."""
     cfg = ex.middle.model.dyt_config
-    dense_gmacs = float(macs_per_image(cfg, None)[0]) / 1e9
+    dense_gmacs = float(gmacs(cfg, None)[0])
     results = []
     for (runtime, t, batch), lat in timed.items():
         if runtime == "torch":
@@ -208,7 +207,7 @@ def results_of(ex: Exports, timed: dict, group_gemm: dict, gemm_best: float) -> 
             eager = timed.get(("torch", t, batch), {}).get(name)
             results.append(Result(
                 runtime=runtime, threads=t, batch=batch, rate=m.rate, activation=float(masks[:, :, 1:].mean()),
-                dyt_gmacs=float(macs_per_image(cfg, active_counts(masks)).mean()) / 1e9, dense_gmacs=dense_gmacs,
+                dyt_gmacs=float(gmacs(cfg, masks).mean()), dense_gmacs=dense_gmacs,
                 dyt_img_s=row(lat[name], batch, t, None).img_per_s, dense_img_s=row(lat["dense"], batch, t, None).img_per_s,
                 eager_img_s=row(eager, batch, t, None).img_per_s if eager else None,
                 masked_img_s=row(lat["masked"], batch, t, None).img_per_s if m is ex.middle and ex.masked else None,

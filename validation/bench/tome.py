@@ -22,8 +22,7 @@ from typing import Any
 import numpy as np
 
 from dyt_export.config import DyTConfig
-from dyt_export.flops import macs_per_image
-from validation.costs import active_counts, pooled_rate
+from validation.costs import gmacs, pooled_rate
 from validation.throughput import batches_of
 from validation.bench.turns import paired_ratio, row
 
@@ -85,9 +84,8 @@ def tome_exports(checkpoints: dict[float, Path], middle: float, work: Path, pool
     return ToMeExports(models, dense)
 
 
-def _gmacs(cfg: DyTConfig, masks: np.ndarray | None) -> float:
-    """Mean G multiply-adds per image: at the masks' active tokens, dense when None."""
-    return float(macs_per_image(cfg, None if masks is None else active_counts(masks)).mean()) / 1e9
+def _mean_gmacs(cfg: DyTConfig, masks: np.ndarray | None) -> float:
+    return float(gmacs(cfg, masks).mean())
 
 
 def tome_rows(timed: dict[tuple[str, int, int], dict[str, list[float]]], ex: ToMeExports,
@@ -95,7 +93,7 @@ def tome_rows(timed: dict[tuple[str, int, int], dict[str, list[float]]], ex: ToM
     """Per runtime, threads, batch and rate: DyT + ToMe against DyT alone and against dense,
     and (at the `middle` rate's rows) dense + ToMe against dense, measured and ideal.
     `dyt_masks`: the DyT exports' masks on the pool by rate; `dyt_config`: their config."""
-    dense_gmacs = _gmacs(dyt_config, None)
+    dense_gmacs = _mean_gmacs(dyt_config, None)
     rows = []
     for (runtime, threads, batch), lat in timed.items():
         if DENSE_TOME not in lat:  # eager PyTorch groups have no ToMe
@@ -103,20 +101,20 @@ def tome_rows(timed: dict[tuple[str, int, int], dict[str, list[float]]], ex: ToM
         covered = np.concatenate(batches_of(len(ex.models[0].masks), batch))
         for m in ex.models:
             dyt, tome = lat[f"dyt@{m.rate:g}"], lat[contender(m.rate)]
-            gmacs = {"dyt": _gmacs(dyt_config, dyt_masks[m.rate][covered]), "dyt_tome": _gmacs(m.config, m.masks[covered]),
-                     "dense": dense_gmacs}
-            ratios = {"over_dyt": (paired_ratio(dyt, tome), gmacs["dyt"] / gmacs["dyt_tome"]),
-                      "over_dense": (paired_ratio(lat["dense"], tome), dense_gmacs / gmacs["dyt_tome"])}
+            work = {"dyt": _mean_gmacs(dyt_config, dyt_masks[m.rate][covered]),
+                    "dyt_tome": _mean_gmacs(m.config, m.masks[covered]), "dense": dense_gmacs}
+            ratios = {"over_dyt": (paired_ratio(dyt, tome), work["dyt"] / work["dyt_tome"]),
+                      "over_dense": (paired_ratio(lat["dense"], tome), dense_gmacs / work["dyt_tome"])}
             img_s = {"dyt": dyt, "dyt_tome": tome, "dense": lat["dense"]}
             if m.rate == middle:
-                gmacs["dense_tome"] = _gmacs(m.config, None)
+                work["dense_tome"] = _mean_gmacs(m.config, None)
                 ratios["dense_tome_over_dense"] = (paired_ratio(lat["dense"], lat[DENSE_TOME]),
-                                                   dense_gmacs / gmacs["dense_tome"])
+                                                   dense_gmacs / work["dense_tome"])
                 img_s["dense_tome"] = lat[DENSE_TOME]
             rows.append({"runtime": runtime, "threads": threads, "batch": batch, "rate": m.rate, "tome_r": TOME_R,
                          "activation_dyt": pooled_rate(dyt_masks[m.rate][covered]),
                          "activation_dyt_tome": pooled_rate(m.masks[covered], m.config.dispatcher_tokens),
-                         "gmacs": gmacs,
+                         "gmacs": work,
                          "img_s": {k: row(v, batch, threads, None).img_per_s for k, v in img_s.items()},
                          **{k: {"speedup": s, "ideal": i, "efficiency": s / i} for k, (s, i) in ratios.items()}})
     return rows
@@ -150,10 +148,10 @@ def tome_table(rows: list[dict[str, Any]]) -> str:
              "DyT+ToMe over dense (ideal) | efficiency | dense+ToMe over dense (ideal) | efficiency |",
              "|---|---:|---:|---:|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        ips, gmacs = r["img_s"], r["gmacs"]
+        ips, work = r["img_s"], r["gmacs"]
         img_s = " / ".join(f"{ips[k]:.2f}" if k in ips else "-" for k in ("dyt", "dyt_tome", "dense", "dense_tome"))
         lines.append(f"| {r['runtime']} | {r['threads']} | {r['batch']} | {r['rate']:g} | "
                      f"{r['activation_dyt']:.3f} / {r['activation_dyt_tome']:.3f} | "
-                     f"{gmacs['dyt']:.2f} / {gmacs['dyt_tome']:.2f} | {img_s} | {_ratio(r, 'over_dyt')} | "
+                     f"{work['dyt']:.2f} / {work['dyt_tome']:.2f} | {img_s} | {_ratio(r, 'over_dyt')} | "
                      f"{_ratio(r, 'over_dense')} | {_ratio(r, 'dense_tome_over_dense')} |")
     return "\n".join(lines)
