@@ -84,13 +84,6 @@ class Partial:
                    list(data["active"]), int(data["macs"]), [tuple(u) for u in data["unreadable"]], data["error"])
 
 
-def merge_all(parts: list[Partial]) -> Partial:
-    total = Partial()
-    for part in parts:
-        total = total.merge(part)
-    return total
-
-
 @dataclass(frozen=True)
 class Job:
     """One validation's parity run, picklable: what a worker opens and what a saved shard belongs to."""
