@@ -9,7 +9,8 @@ import pytest
 
 from dyt_export.errors import UserError
 from validation.accuracy import AccuracyTally
-from validation.compare import TOLERANCES, Tolerances, compare, tolerances_for
+from validation.compare import compare
+from validation.tolerances import TOLERANCES, Tolerances, tolerances_for
 
 LAYERS = ["blocks.0.mlp", "blocks.1.mlp"]
 

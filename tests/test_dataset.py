@@ -19,7 +19,8 @@ from dyt_export.preprocess import PreprocessSpec
 from runtimes.torch_ref import TorchReference
 from validation.accuracy import AccuracyTally
 from validation.cli import main
-from validation.compare import ParityTally, Tolerances, compare
+from validation.compare import ParityTally, compare
+from validation.tolerances import Tolerances
 from validation.data import write_digits_folder
 from validation.dataset import list_folder
 from validation.record import check_record

@@ -12,7 +12,7 @@ import validation.demo.model
 from dyt_export import export_onnx, load_checkpoint
 from dyt_export.quantize import calibration_images, quantize_int8
 from runtimes import get_backend
-from validation.compare import TOLERANCES
+from validation.tolerances import TOLERANCES
 from validation.demo import ensure_demo_model
 from validation.harness import Options, validate
 from validation.demo.train import Recipe, activation_loss, gumbel_sigmoid_hard
@@ -41,7 +41,7 @@ def test_demo_accuracy_is_the_same_in_pytorch_and_every_cpu_runtime(tmp_path):
 
 @pytest.mark.slow
 def test_demo_int8_export_passes_the_documented_int8_tolerances(tmp_path):
-    """The int8 defaults in validation/compare.py were measured on this model; an int8 export
+    """The int8 defaults in validation/tolerances.py were measured on this model; an int8 export
     made as `dyt-export --int8` makes it must pass them on both CPU runtimes, its quantization
     noise showing as reported flips within the window, not as failures."""
     demo = ensure_demo_model()

@@ -1,7 +1,7 @@
 """--int8: what gets quantized, what must not be, and that both CPU runtimes run the result.
 
 Every parity assertion here is against the fp32 PyTorch reference (`TorchReference`, the
-model's own `trace`), with the tolerances validation applies (`validation.compare.TOLERANCES`):
+model's own `trace`), with the tolerances validation applies (`validation.tolerances.TOLERANCES`):
 an int8 file agreeing with another int8 run proves nothing about the model it came from."""
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ from dyt_export.export import export_onnx
 from dyt_export.quantize import dispatcher_nodes, quantize_int8
 from runtimes import open_backend
 from runtimes.torch_ref import TorchReference
-from validation.compare import TOLERANCES, compare, compare_masks
+from validation.compare import compare, compare_masks
+from validation.tolerances import TOLERANCES
 
 
 @pytest.fixture(scope="module")

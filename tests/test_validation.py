@@ -22,7 +22,7 @@ from dyt_export.errors import UserError
 from runtimes import get_backend
 from runtimes.base import Availability, Backend, TensorSpec, check_inputs
 from validation.cli import main
-from validation.compare import TOLERANCES
+from validation.tolerances import TOLERANCES
 from validation.models import read_model, twin
 from validation.pictures import draw
 from validation.record import check_record, load_schema, write_record

@@ -33,7 +33,8 @@ from runtimes import ONNX_RUNTIMES, BackendError, RuntimeFailure, get_backend, o
 from runtimes.base import check_fixed_batch
 from runtimes.torch_ref import TorchReference
 
-from .compare import Parity, tolerances_for, unmeasured
+from .compare import Parity, unmeasured
+from .tolerances import tolerances_for
 from .costs import gmacs, rates_from_counts
 from .data import load_inputs
 from .dataset import MemorySource, Source, list_folder
@@ -74,7 +75,7 @@ class Options:
     precision: str = "fp32"
     """The runtime's precision option ('bf16': OpenVINO lowers on purpose)."""
     tolerance_overrides: dict[str, float] = field(default_factory=dict)
-    """Tolerances that replace the defaults of the model's precision (see compare.TOLERANCES)."""
+    """Tolerances that replace the defaults of the model's precision (see tolerances.TOLERANCES)."""
     ref_threads: int = REFERENCE_THREADS
     backend_options: dict[str, Any] = field(default_factory=dict)
     loader_overrides: dict[str, Any] = field(default_factory=dict)

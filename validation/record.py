@@ -18,7 +18,8 @@ from typing import Any
 
 from dyt_export.atomic import staged_outputs
 
-from .compare import Parity, Tolerances, fmt
+from .compare import Parity, fmt
+from .tolerances import Tolerances
 from .throughput import ThroughputRow
 
 SCHEMA_VERSION = "1.4"
