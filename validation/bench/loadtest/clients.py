@@ -26,6 +26,8 @@ class Point:
 
     model: str
     runtime: str
+    threads: int
+    """The replica's runtime threads (the in-process rows it is judged against ran as many)."""
     ingress: str
     """Ray Serve's front door: proxy (its HTTP proxy) or haproxy (its high-throughput mode)."""
     route: str
@@ -33,6 +35,8 @@ class Point:
     """images (the server's cap) or off (one image a call)."""
     cap: str
     concurrency: int
+    images: int
+    """Images per request."""
     requests: int
     errors: int
     seconds: float

@@ -1,8 +1,8 @@
 """The models the loadtest serves and the requests it sends them.
 
 * `demo`: the demo DyT (`make demo`'s, exported with token masks); binary requests carry the
-  450 digits of the test split as the image route prepares them, the image route gets them
-  as 8x8 PNG files.
+  450 digits of the test split as the image route prepares them (one a request, and 16 a
+  request in one extra row), the image route gets them as 8x8 PNG files.
 * `vitb16`: ViT-B/16 DyT built as `make bench` builds it (seeded, dispatchers calibrated to
   activation 0.5 on its seeded image-like pool, public checkpoint layout), exported with token
   masks; binary requests carry that pool (the activation the model was calibrated to), the
@@ -40,15 +40,21 @@ class Workload:
     """Image files for the image route."""
     batches: tuple[int, ...]
     """In-process batch sizes timed."""
+    many: int = 0
+    """Images per request of the extra row whose requests carry several (0: no such row). For a
+    model that runs an image faster than a server handles a request, it shows what the server
+    gives when clients send small batches instead of single images."""
 
-    def binary_requests(self) -> list[Request]:
-        """One-image Open Inference Protocol requests with binary tensors, binary outputs back."""
+    def binary_requests(self, images: int = 1) -> list[Request]:
+        """Open Inference Protocol requests of `images` consecutive pictures each, binary tensors
+        both ways."""
         requests = []
-        for image in self.pixels:
-            header = json.dumps({"inputs": [{"name": "pixel_values", "shape": [1, *image.shape], "datatype": "FP32",
-                                             "parameters": {"binary_data_size": image.nbytes}}],
+        for first in range(0, len(self.pixels), images):
+            tensor = np.take(self.pixels, range(first, first + images), axis=0, mode="wrap")
+            header = json.dumps({"inputs": [{"name": "pixel_values", "shape": list(tensor.shape), "datatype": "FP32",
+                                             "parameters": {"binary_data_size": tensor.nbytes}}],
                                  "parameters": {"binary_data_output": True}}).encode()
-            requests.append((f"/v2/models/{self.name}/infer", header + image.tobytes(),
+            requests.append((f"/v2/models/{self.name}/infer", header + tensor.tobytes(),
                              {HEADER_LENGTH: str(len(header)), "Content-Type": "application/octet-stream"}))
         return requests
 
@@ -74,7 +80,7 @@ def demo() -> Workload:
     spec = read_facts(ModelSource("demo", str(path))).preprocess
     files = _encode(digits_split("test")[0], "PNG")
     pixels = np.stack([preprocess(read_image(data), spec) for data in files])
-    return Workload("demo", path, pixels, files, (1, 8, 32, 64))
+    return Workload("demo", path, pixels, files, (1, 8, 32, 64), many=16)
 
 
 def vitb16(work: Path) -> Workload:
