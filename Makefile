@@ -59,7 +59,7 @@ scale: setup
 # Served throughput and latency (docs/serving.md): the demo model and ViT-B/16 DyT at activation
 # 0.5 behind `dyt-export serve`'s deployment on ORT-CPU and OpenVINO, closed-loop clients at 1, 8
 # and 32 on localhost, beside the in-process backend; writes validation/records/loadtest/.
-# About 35 minutes on 2 quiet cores. Run it alone: flock -x /tmp/dyt-bench.lock make loadtest
+# About 45 minutes on 2 quiet cores. Run it alone: flock -x /tmp/dyt-bench.lock make loadtest
 loadtest: setup
 	$(BIN)/python -m validation.bench.loadtest $(ARGS)
 

@@ -22,9 +22,9 @@ from dyt_export.cli.common import EXIT_OK, EXIT_PARITY, EXIT_RUNTIME_FAILURE, Pa
 from dyt_export.config import parse_tome_r
 from dyt_export.errors import UserError
 
-from .tolerances import LIMITS, TOLERANCES, check_tolerance
 from .data import SOURCES
 from .stream import CHUNK
+from .tolerances import LIMITS, TOLERANCES, check_tolerance
 
 EPILOG = """examples:
   python -m validation --runtime openvino                 # the demo model (trained on first use)

@@ -9,7 +9,7 @@ cap at the backend's best batch, behind each of Ray Serve's front doors (`runtim
 proxy, loaded at 1, 8 and 32 clients on the binary protocol and the image route, and at 32
 with batching off; HAProxy, the same on the binary route. The demo model gets one more row
 at 32 clients whose requests carry 16 images each (`Workload.many`). A benchmark, not a test: run it
-alone, `flock -x /tmp/dyt-bench.lock make loadtest` on shared cores. About 40 minutes on 2
+alone, `flock -x /tmp/dyt-bench.lock make loadtest` on shared cores. About 45 minutes on 2
 cores (a few more the first time, to build ViT-B/16).
 """
 from __future__ import annotations
@@ -76,11 +76,11 @@ def served(workload: Workload, runtime: str, threads: int, rows: list[dict[str, 
     config = ServeConfig(models=(source,), runtime=runtime, replicas=1, threads=threads, max_batch=best)
     binary, images = workload.binary_requests(), workload.image_requests()
     routes = (("binary", binary), ("image", images)) if ingress == "proxy" else (("binary", binary),)
-    loads = [(route, requests, clients, 1) for route, requests in routes for clients in CLIENTS]
+    capped = [(route, requests, clients, 1) for route, requests in routes for clients in CLIENTS]
     if workload.many:
-        loads.append(("binary", workload.binary_requests(workload.many), 32, workload.many))
+        capped.append(("binary", workload.binary_requests(workload.many), 32, workload.many))
     plans = [
-        (CAP, f"{best} images", build_app(config), loads),
+        (CAP, f"{best} images", build_app(config), capped),
         (OFF, "1 image", build_app(replace(config, max_batch=1)), [("binary", binary, 32, 1)]),
     ]
     points = []

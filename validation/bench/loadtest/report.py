@@ -30,10 +30,9 @@ def served_table(points: list[Point]) -> str:
              "p90 ms | p99 ms | errors | mean batch |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for p in points:
-        lines.append(f"| {p.model} | {p.runtime} | {p.threads} | {p.ingress} | {p.route} | {p.cap} | {p.concurrency} | {p.images} | "
-                     f"{_f(p.req_per_s)} | "
-                     f"{_f(p.img_per_s)} | {_f(p.p50_ms)} | {_f(p.p90_ms)} | {_f(p.p99_ms)} | {p.errors} | "
-                     f"{_f(p.mean_batch, 2)} |")
+        lines.append(f"| {p.model} | {p.runtime} | {p.threads} | {p.ingress} | {p.route} | {p.cap} | {p.concurrency} | "
+                     f"{p.images} | {_f(p.req_per_s)} | {_f(p.img_per_s)} | {_f(p.p50_ms)} | {_f(p.p90_ms)} | "
+                     f"{_f(p.p99_ms)} | {p.errors} | {_f(p.mean_batch, 2)} |")
     return "\n".join(lines)
 
 
