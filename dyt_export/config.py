@@ -207,6 +207,11 @@ class DyTConfig:
         return [f"blocks.{i}.{u}" for i in range(self.depth) if self.has_dispatcher(i) for u in self.units]
 
     @property
+    def dispatcher_blocks(self) -> list[int]:
+        """The block of each dispatcher, in `dispatcher_names` order."""
+        return [i for i in range(self.depth) if self.has_dispatcher(i) for _ in self.units]
+
+    @property
     def merge_schedule(self) -> tuple[tuple[int, int], ...]:
         """(tokens entering, tokens merged) of every block. ToMe's cap: at most half of the
         non-CLS tokens, `min(r, (tokens - 1) // 2)`."""

@@ -2,7 +2,9 @@
 
 This is the one backend that knows it runs DyT, because the reference must answer what
 the ONNX file cannot: the token masks and each dispatcher's logits (`dispatch_logits`,
-[B, D, N-1] float32), which tell a near-threshold flip from a real mask error.
+[B, D, N-1] float32), which tell a near-threshold flip from a real mask error, and each
+block's token-merging margin (`merge_margins`, [B, depth], inf without ToMe), which tells a
+merge decided on float noise from a wrong one.
 
 `model` is a checkpoint (any format `dyt_export.load_checkpoint` reads) or an ONNX file
 exported by dyt-export, whose metadata names its source checkpoint and carries the
@@ -21,7 +23,7 @@ import numpy as np
 
 from .base import Availability, Backend, BackendError, TensorSpec, check_inputs, first_line, require_file
 
-OUTPUTS = ["logits", "token_masks", "dispatch_logits"]
+OUTPUTS = ["logits", "token_masks", "dispatch_logits", "merge_margins"]
 
 _THREADS_LOCK = threading.Lock()
 """Held by every call that sets torch's thread count: torch has no per-call setting, and
@@ -140,7 +142,7 @@ class TorchReference(Backend):
         with _torch_threads(self.threads), torch.inference_mode():
             trace = self.module.trace(torch.from_numpy(feed["pixel_values"]), mode=self.dispatch)
         return {"logits": trace.logits.float().numpy(), "token_masks": trace.masks.numpy(),
-                "dispatch_logits": trace.dispatch_logits.float().numpy()}
+                "dispatch_logits": trace.dispatch_logits.float().numpy(), "merge_margins": trace.merge_margins.numpy()}
 
     def info(self) -> dict[str, Any]:
         import torch

@@ -101,6 +101,59 @@ def test_differences_after_a_flip_follow_from_it_but_not_before_or_in_other_imag
     assert not compare(ref, ref["logits"], masks, LAYERS).passed
 
 
+def _with_margins(ref: dict[str, np.ndarray], image: int, block: int, margin: float) -> dict[str, np.ndarray]:
+    """`ref` as a ToMe model's reference (3 blocks, dispatchers in blocks 1 and 2) whose
+    matching at `block` of `image` was `margin` from another decision (elsewhere 0.01)."""
+    ref["merge_margins"] = np.full((len(ref["logits"]), 3), 0.01, np.float32)
+    ref["merge_margins"][image, block] = margin
+    return ref
+
+
+TOME_BLOCKS = (1, 2)
+
+
+def test_a_merge_near_a_tie_excuses_the_differences_from_its_block_on_and_is_reported():
+    ref = _with_margins(_reference(), image=3, block=2, margin=6e-8)
+    masks = ref["token_masks"].copy()
+    masks[3, 1, 2:5] = ~masks[3, 1, 2:5]  # clear decisions at the dispatcher after the tied merge
+    logits = ref["logits"].copy()
+    logits[3] += 0.02 * np.abs(logits).max()  # another merge: far beyond max_rel
+    parity = compare(ref, logits, masks, LAYERS, blocks=TOME_BLOCKS)
+    assert parity.passed, parity.failures
+    assert [(t.image, t.block) for t in parity.merge_ties] == [(3, 2)] and parity.merge_ties[0].margin == pytest.approx(6e-8)
+    assert parity.after_merge_tie == 3 and not parity.flips and parity.mask_agreement < 1
+    assert (parity.images_compared_on_logits, parity.images_compared_on_top1_cosine) == (3, 1)
+    assert parity.max_rel == 0 and "merge ties 1" in parity.summary()
+    assert not compare(ref, logits, masks, LAYERS, Tolerances(merge_tie=1e-8), blocks=TOME_BLOCKS).passed
+    masks[3, 0, 3] = ~masks[3, 0, 3]  # a dispatcher before the tie gets no such pass
+    failures = compare(ref, logits, masks, LAYERS, blocks=TOME_BLOCKS).failures
+    assert len(failures) == 1 and "image 3, blocks.0.mlp token 3: reference logit" in failures[0], failures
+
+
+def test_a_merge_away_from_a_tie_excuses_nothing_and_an_unobserved_tie_keeps_the_image_on_logits():
+    ref = _with_margins(_reference(), image=1, block=1, margin=2e-5)
+    masks = ref["token_masks"].copy()
+    masks[1, 1, 2] = ~masks[1, 1, 2]
+    assert "1 token mask difference(s) that are not near-threshold flips" in \
+        compare(ref, ref["logits"], masks, LAYERS, blocks=TOME_BLOCKS).failures[0]
+    ref["merge_margins"][1, 1] = 1e-6  # a tie whose masks agree: the runtime merged as the reference did
+    parity = compare(ref, ref["logits"], ref["token_masks"], LAYERS, blocks=TOME_BLOCKS)
+    assert parity.passed and not parity.merge_ties and parity.images_compared_on_logits == 4
+
+
+def test_without_runtime_masks_every_image_near_a_merge_tie_is_reported_and_held_to_top1_and_cosine():
+    ref = _with_margins(_reference(), image=0, block=0, margin=0.0)
+    ref["merge_margins"][2, 2] = 9e-6
+    logits = ref["logits"].copy()
+    logits[2] *= 1.01
+    parity = compare(ref, logits, None, LAYERS)
+    assert parity.passed, parity.failures
+    assert [(t.image, t.block, t.margin) for t in parity.merge_ties] == [(0, 0, 0.0), (2, 2, pytest.approx(9e-6))]
+    assert (parity.images_compared_on_logits, parity.images_compared_on_top1_cosine) == (2, 2)
+    with pytest.raises(ValueError, match="need the block of each dispatcher"):
+        compare(ref, logits, ref["token_masks"], LAYERS)
+
+
 def test_cls_must_stay_active():
     ref = _reference()
     masks = ref["token_masks"].copy()

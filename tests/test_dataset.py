@@ -38,11 +38,13 @@ VARIES = ("created", "timings_s", "execution")
 
 def _outputs(images: int, seed: int) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
     """A reference and a runtime answer with every kind of event: flips (with differences
-    after them), a real mask difference, NaN logits on both sides, a changed top-1."""
+    after them), merge ties (ToMe: one block per dispatcher, blocks 0-2) with and without
+    differences after them, a real mask difference, NaN logits on both sides, a changed top-1."""
     rng = np.random.default_rng(seed)
     dispatch = rng.normal(0, 1, (images, 3, 8)).astype(np.float32)
     ref_masks = np.concatenate([np.ones((images, 3, 1), bool), dispatch > 0], axis=2)
-    ref = {"logits": rng.normal(0, 3, (images, 7)).astype(np.float32), "token_masks": ref_masks, "dispatch_logits": dispatch}
+    ref = {"logits": rng.normal(0, 3, (images, 7)).astype(np.float32), "token_masks": ref_masks, "dispatch_logits": dispatch,
+           "merge_margins": rng.uniform(1e-3, 1, (images, 3)).astype(np.float32)}
     logits = ref["logits"] + rng.normal(0, 1e-5, ref["logits"].shape).astype(np.float32)
     masks = ref_masks.copy()
     for image in rng.choice(images, images // 5, replace=False):  # flips, each followed by a consequence
@@ -51,6 +53,12 @@ def _outputs(images: int, seed: int) -> tuple[dict[str, np.ndarray], np.ndarray,
         masks[image, 0, 3] = False
         masks[image, 2, 5] = ~masks[image, 2, 5]
         logits[image] *= 1.01
+    flipped = masks[:, 0] != ref_masks[:, 0]
+    for image in np.flatnonzero(~flipped.any(axis=1))[::9]:  # merge ties, every other one showing
+        ref["merge_margins"][image, 1] = 1e-7
+        if image % 2:
+            masks[image, 1:, 2] = ~masks[image, 1:, 2]
+            logits[image] *= 1.01
     masks[images - 3, 1, 4] = ~masks[images - 3, 1, 4]  # a real difference
     logits[7, 0] = np.nan
     ref["logits"][11, 2] = np.inf
@@ -63,8 +71,9 @@ def test_tallies_merge_exactly_in_any_cut_and_order():
     shard) give the same verdict, failures and flips word for word."""
     ref, logits, masks = _outputs(120, seed=4)
     tolerances = Tolerances(top1_min=0.9)
-    whole = compare(ref, logits, masks, LAYERS, tolerances, (9, 9, 9))
-    assert whole.flips and whole.after_flip and len(whole.failures) == 4, whole.failures
+    whole = compare(ref, logits, masks, LAYERS, tolerances, (9, 9, 9), blocks=(0, 1, 2))
+    assert whole.flips and whole.after_flip and whole.merge_ties and whole.after_merge_tie
+    assert len(whole.failures) == 4, whole.failures
     labels = np.random.default_rng(1).integers(-1, 7, 120)
     accuracy = AccuracyTally().add(ref["logits"], logits, labels)
     rng = random.Random(0)
@@ -74,7 +83,7 @@ def test_tallies_merge_exactly_in_any_cut_and_order():
         for start, stop in zip([0, *cuts], [*cuts, 120]):
             part = Partial(parity=ParityTally().add({k: v[start:stop] for k, v in ref.items()}, logits[start:stop],
                                                     masks[start:stop], LAYERS, tolerances.flip_logit, (9, 9, 9),
-                                                    np.arange(start, stop)),
+                                                    np.arange(start, stop), blocks=(0, 1, 2)),
                            accuracy=AccuracyTally().add(ref["logits"][start:stop], logits[start:stop], labels[start:stop]))
             parts.append(Partial.from_dict(json.loads(json.dumps(part.to_dict()))))
         rng.shuffle(parts)

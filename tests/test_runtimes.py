@@ -217,7 +217,7 @@ def test_torch_reference_follows_the_onnx_metadata(edge):
     reference = TorchReference(path)
     assert reference.path.name == "edge.safetensors"
     out = reference.run({"pixel_values": images[:3]})
-    assert set(out) == {"logits", "token_masks", "dispatch_logits"}
+    assert set(out) == {"logits", "token_masks", "dispatch_logits", "merge_margins"}
     assert out["dispatch_logits"].shape == (3, 3, 16)
     np.testing.assert_array_equal(out["logits"], TorchReference.from_module(model).run({"pixel_values": images[:3]})["logits"])
 

@@ -23,9 +23,10 @@ class Reference(NamedTuple):
     """[classes] float64."""
     masks: list[torch.Tensor]
     """One bool row per dispatcher, as long as the tokens it saw (no padding)."""
-    margin: float
-    """The smallest gap of any merge decision (the r-th vs the (r+1)-th best similarity, and a
-    merging token's best vs second-best partner): how far the run is from a tie."""
+    margins: list[float]
+    """Per block, the smallest gap of any merge decision (the r-th vs the (r+1)-th best
+    similarity, and a merging token's best vs second-best partner): how far that block is from
+    a tie; inf where it merges nothing."""
 
 
 def _adapter(p: dict[str, torch.Tensor], prefix: str, x: torch.Tensor, scale: float, experts: int) -> torch.Tensor:
@@ -66,14 +67,14 @@ def _merge(x: torch.Tensor, size: torch.Tensor, keys: torch.Tensor, r: int) -> t
 
 
 def reference(model, image: torch.Tensor, mode: str = "dynamic") -> Reference:
-    """Logits, masks and merge margin of `image` [C, H, W] under `model`'s weights and config."""
+    """Logits, masks and merge margins of `image` [C, H, W] under `model`'s weights and config."""
     cfg = model.dyt_config
     p = {k: v.double() for k, v in model.state_dict().items()}
     c, heads = cfg.embed_dim, cfg.num_heads
     x = F.conv2d(image[None].double(), p["patch_embed.proj.weight"], p["patch_embed.proj.bias"], stride=cfg.patch_size)
     x = torch.cat([p["cls_token"][0], x.flatten(2)[0].T]) + p["pos_embed"][0]
     size = torch.ones(len(x), dtype=torch.float64)
-    masks, margin = [], math.inf
+    masks, margins = [], []
     for i in range(cfg.depth):
         b = f"blocks.{i}."
         t = len(x)
@@ -83,9 +84,9 @@ def reference(model, image: torch.Tensor, mode: str = "dynamic") -> Reference:
         out = (scores.softmax(dim=-1) @ v).transpose(0, 1).reshape(t, c)
         x = x + F.linear(out, p[b + "attn.proj.weight"], p[b + "attn.proj.bias"])
         r = min((cfg.tome_r or (0,) * cfg.depth)[i], (t - 1) // 2)
+        margins.append(math.inf)
         if r:
-            x, size, gap = _merge(x, size, k.mean(dim=0), r)
-            margin = min(margin, gap)
+            x, size, margins[-1] = _merge(x, size, k.mean(dim=0), r)
         mask = torch.ones(len(x), dtype=torch.bool)
         if cfg.has_dispatcher(i):
             if mode != "dense":
@@ -99,4 +100,4 @@ def reference(model, image: torch.Tensor, mode: str = "dynamic") -> Reference:
         adapter = _adapter(p, b + "adaptmlp.", x, cfg.adapter_scale, cfg.experts) if cfg.bottleneck else 0
         x = x + mask[:, None] * mlp + adapter
     x = F.layer_norm(x, (c,), p["norm.weight"], p["norm.bias"], 1e-6)
-    return Reference(F.linear(x[0], p["head.weight"], p["head.bias"]), masks, margin)
+    return Reference(F.linear(x[0], p["head.weight"], p["head.bias"]), masks, margins)

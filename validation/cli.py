@@ -35,14 +35,16 @@ EPILOG = """examples:
 
 parity rules (see validation/compare.py): a token-mask difference is a flip only when the
 reference dispatcher logit is within --flip-logit of 0 (each flip is reported); any other
-mask difference fails. Images without flips are compared on logits: max|diff|/max|ref| <=
---max-rel and cosine >= --cosine-min. Images with a flip are compared on top-1 and cosine
->= --flip-cosine-min only. The same top-1 class is required on a --top1-min share of ALL
+mask difference fails. With ToMe, an image whose reference merge was within --merge-tie of
+another decision and whose masks differ from that block on is a merge tie (reported).
+Images without either are compared on logits: max|diff|/max|ref| <= --max-rel and cosine
+>= --cosine-min. Images with one are compared on top-1 and cosine >= --flip-cosine-min only. The same top-1 class is required on a --top1-min share of ALL
 images, and at least a --logit-share-min share of the images must be compared on logits,
 or the run fails with that reason. Defaults follow the model's precision (max-rel /
 cosine-min / flip-logit / top1-min):
 {defaults};
-flip-cosine-min {flip_cosine:g} (or --cosine-min when lower) and logit-share-min {share:g} in every precision.
+flip-cosine-min {flip_cosine:g} (or --cosine-min when lower), logit-share-min {share:g} and merge-tie
+{merge_tie:g} in every precision.
 exit codes: 0 pass, 3 parity failure, 4 the runtime failed while running the model (record
 written, with the error), 2 bad input or runtime not available, 1 internal error."""
 
@@ -78,7 +80,8 @@ def parser() -> Parser:
                          for name, t in TOLERANCES.items())
     fp32 = TOLERANCES["fp32"]
     p = Parser(prog="python -m validation", description=__doc__.splitlines()[0],
-               epilog=EPILOG.format(defaults=defaults, flip_cosine=fp32.flip_cosine_min, share=fp32.logit_share_min),
+               epilog=EPILOG.format(defaults=defaults, flip_cosine=fp32.flip_cosine_min, share=fp32.logit_share_min,
+                                    merge_tie=fp32.merge_tie),
                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runtime", default="ort-cpu", help="ort-cpu (default), ort-cuda or openvino")
     p.add_argument("--model", type=Path, help="ONNX file exported by dyt-export (default: the demo model)")
@@ -105,6 +108,8 @@ def parser() -> Parser:
                    help="per-image cosine of the images with a flip (default 0.95, or --cosine-min when lower)")
     p.add_argument("--logit-share-min", type=tolerance("logit_share_min"),
                    help="share of the images that must be compared on logits, i.e. have no flip (default 0.5)")
+    p.add_argument("--merge-tie", type=tolerance("merge_tie"),
+                   help="ToMe matching margin within which a runtime may merge otherwise (default 1e-5)")
     p.add_argument("--option", type=_option, action="append", default=[], metavar="KEY=VALUE",
                    help="backend option, e.g. performance_hint=THROUGHPUT, graph_optimization=basic")
     p.add_argument("--num-heads", type=number(int, 1), help="for a reference checkpoint that cannot state it")

@@ -12,7 +12,14 @@ Rules, in order:
    legitimately differs): it is counted in `after_flip`, not judged. Any other difference,
    including CLS not being active, is a failure. Flips are never absorbed by loosening a
    tolerance.
-2. Logits. An image without a flip is *compared on logits*: max |diff| / max |reference|
+1b. Merge ties (ToMe). Which tokens merge is a ranking of similarities, and the reference
+   gives each block's `merge_margins` (how far its matching was from another decision). An
+   image whose margin at a block is within float noise, <= `merge_tie`, may merge otherwise
+   on a runtime; when its masks then differ at that block's dispatcher or a later one, every
+   such difference is a consequence (`after_merge_tie`) and the image is reported as a
+   *merge tie* (image, block, margin). A runtime without masks shows nothing of its merges,
+   so every image with such a margin is reported. Differences before the tie are judged.
+2. Logits. An image without a flip or merge tie is *compared on logits*: max |diff| / max |reference|
    <= `max_rel` and per-image cosine similarity >= `cosine_min`. An image with a flip runs
    a different computation after that token, so `max_rel` cannot hold it; it is compared
    on top-1 and cosine only, cosine >= `flip_cosine_min` (or `cosine_min` when lower): a
@@ -41,71 +48,16 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .parity import Flip, MergeTie, Parity, unmeasured
 from .tolerances import Tolerances
 
 _SHOW = 3  # failures named per kind
-
-
-@dataclass(frozen=True)
-class Flip:
-    image: int
-    layer: str
-    token: int
-    logit: float
-    reference_active: bool
-
-
-@dataclass
-class Parity:
-    images: int
-    max_abs: float | None
-    max_rel: float | None
-    cosine_min: float | None
-    top1_agreement: float | None
-    mask_agreement: float | None
-    flip_cosine_min: float | None = None
-    """The lowest cosine over the images with a flip (None: no such image)."""
-    images_compared_on_logits: int = 0
-    """Images held to max_rel, cosine_min and top-1: finite on both sides, no flip."""
-    images_compared_on_top1_cosine: int = 0
-    """Images with a flip (finite on both sides), held to top-1 and flip_cosine_min only."""
-    flips: list[Flip] = field(default_factory=list)
-    after_flip: int = 0
-    """Mask differences at dispatchers after an image's first flip: consequences, not judged."""
-    failures: list[str] = field(default_factory=list)
-
-    @property
-    def passed(self) -> bool:
-        return not self.failures
-
-    @property
-    def images_with_flips(self) -> int:
-        return len({f.image for f in self.flips})
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["passed"] = self.passed
-        d["images_with_flips"] = self.images_with_flips
-        return d
-
-    def summary(self) -> str:
-        """One line of the figures people read first."""
-        flipped = self.images_compared_on_top1_cosine
-        return (f"max_rel {fmt(self.max_rel, '.2e')} on {self.images_compared_on_logits}/{self.images} images"
-                f"{f' ({flipped} with a flip: top-1 and cosine only)' if flipped else ''}, "
-                f"top-1 agreement {fmt(self.top1_agreement, '.4f')} on all, "
-                f"mask agreement {fmt(self.mask_agreement, '.6f')}, flips {len(self.flips)}")
 
 
 def max_rel(got: np.ndarray, want: np.ndarray) -> float:
     """max |got - want| / max |want|: how far apart two runs' logits are, on the scale the
     parity rules use, for experiments that compare contenders rather than judge a runtime."""
     return float(np.abs(got - want).max() / np.abs(want).max())
-
-
-def fmt(value: float | None, spec: str) -> str:
-    """`value` formatted, or 'n/a' for a figure that could not be measured."""
-    return "n/a" if value is None else format(value, spec)
 
 
 def row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -119,6 +71,15 @@ def row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 Extreme = tuple[float, int]
 """(value, image): a minimum and the first image that has it, merged by the lower pair."""
+
+
+def first_ties(merge_margins: np.ndarray | None, merge_tie: float, images: int) -> np.ndarray:
+    """[B] the first block whose matching margin is <= `merge_tie`, -1 where none is (or the
+    reference ran no merges)."""
+    if merge_margins is None or not merge_margins.size:
+        return np.full(images, -1)
+    tied = merge_margins <= merge_tie
+    return np.where(tied.any(axis=1), tied.argmax(axis=1), -1)
 
 
 def _lower(a: Extreme | None, b: Extreme | None) -> Extreme | None:
@@ -150,6 +111,8 @@ class ParityTally:
     mask_decisions: int = 0
     flips: list[Flip] = field(default_factory=list)
     after_flip: int = 0
+    merge_ties: list[MergeTie] = field(default_factory=list)
+    after_merge_tie: int = 0
     bad_masks: int = 0
     bad_examples: list[tuple[int, int, int, str]] = field(default_factory=list)
     """The first _SHOW mask differences that are not flips, as (image, dispatcher, token, text)."""
@@ -169,7 +132,8 @@ class ParityTally:
 
     def add(self, reference: dict[str, np.ndarray], logits: np.ndarray, masks: np.ndarray | None,
             layers: Sequence[str], flip_logit: float, tokens: Sequence[int] | None = None,
-            ids: np.ndarray | None = None) -> "ParityTally":
+            ids: np.ndarray | None = None, *, blocks: Sequence[int] | None = None,
+            merge_tie: float = Tolerances.merge_tie) -> "ParityTally":
         """Tally one chunk (arguments as for `compare`; `ids`: the images' numbers, default 0..B-1)."""
         ref = reference["logits"].astype(np.float32)
         ids = np.arange(len(ref)) if ids is None else np.asarray(ids, np.int64)
@@ -182,11 +146,16 @@ class ParityTally:
             if not ok.all():
                 counter[1] = int(ids[np.argmin(ok)]) if counter[0] == 0 else min(counter[1], int(ids[np.argmin(ok)]))
                 counter[0] += int((~ok).sum())
-        flipped = np.zeros(len(ref), bool)
+        margins = reference.get("merge_margins")
+        flips_before, ties_before = len(self.flips), len(self.merge_ties)
         if masks is not None:
-            first_flips = len(self.flips)
-            self.add_masks(reference["token_masks"], reference["dispatch_logits"], masks, layers, flip_logit, tokens, ids)
-            flipped = np.isin(ids, [f.image for f in self.flips[first_flips:]])
+            self.add_masks(reference["token_masks"], reference["dispatch_logits"], masks, layers, flip_logit, tokens,
+                           ids, merge_margins=margins, blocks=blocks, merge_tie=merge_tie)
+        else:  # nothing shows whether the runtime merged otherwise: every image with a tie is one
+            ties = first_ties(margins, merge_tie, len(ref))
+            self.merge_ties += [MergeTie(int(ids[b]), int(k), float(margins[b, k])) for b, k in enumerate(ties) if k >= 0]
+        apart = [f.image for f in self.flips[flips_before:]] + [t.image for t in self.merge_ties[ties_before:]]
+        flipped = np.isin(ids, apart)
         both = finite & ref_finite
         on_logits, on_flips = both & ~flipped, both & flipped
         cosine = np.full(len(ref), np.nan)
@@ -209,9 +178,16 @@ class ParityTally:
         return self
 
     def add_masks(self, reference_masks: np.ndarray, reference_logits: np.ndarray, masks: np.ndarray,
-                  layers: Sequence[str], flip_logit: float, tokens: Sequence[int] | None, ids: np.ndarray) -> None:
-        """Tally the token masks of one chunk (rule 1); `add` calls it, `compare_masks` alone."""
+                  layers: Sequence[str], flip_logit: float, tokens: Sequence[int] | None, ids: np.ndarray, *,
+                  merge_margins: np.ndarray | None = None, blocks: Sequence[int] | None = None,
+                  merge_tie: float = Tolerances.merge_tie) -> None:
+        """Tally the token masks of one chunk (rules 1 and 1b); `add` calls it, `compare_masks`
+        alone. `blocks` [D]: each dispatcher's block (`cfg.dispatcher_blocks`), needed with
+        `merge_margins` [B, depth]."""
         self.masks_compared = True
+        ties = first_ties(merge_margins, merge_tie, len(masks))
+        if (ties >= 0).any() and blocks is None:
+            raise ValueError("merge_margins need the block of each dispatcher (blocks)")
         if masks.shape != reference_masks.shape:
             self.mask_shape = (f"token_masks shape {list(masks.shape[1:])} per image differs from the reference's "
                                f"{list(reference_masks.shape[1:])}")
@@ -222,6 +198,7 @@ class ParityTally:
         self.mask_differ += int(differ[:, real].sum())
         self.mask_decisions += int(differ[:, real].size)
         first_flip: dict[int, int] = {}  # image -> dispatcher index of its first flip
+        tied: set[int] = set()
         bad: list[tuple[int, int, int, str]] = []
         for b, d, n in zip(*np.nonzero(differ)):  # ordered by image, then dispatcher
             image = int(ids[b])
@@ -235,23 +212,29 @@ class ParityTally:
             if n == 0:
                 bad.append((image, int(d), int(n), f"{where}: CLS must always be active"))
                 continue
+            if ties[b] >= 0 and blocks[d] >= ties[b]:
+                self.after_merge_tie += 1
+                tied.add(int(b))
+                continue
             logit = float(reference_logits[b, d, n - 1])
             if np.isfinite(logit) and abs(logit) <= flip_logit:
                 self.flips.append(Flip(image, layers[d], int(n), logit, bool(reference_masks[b, d, n])))
                 first_flip.setdefault(int(b), int(d))
             else:
                 bad.append((image, int(d), int(n), f"{where}: reference logit {logit:.3g} is not within {flip_logit:g} of 0"))
+        self.merge_ties += [MergeTie(int(ids[b]), int(ties[b]), float(merge_margins[b, ties[b]])) for b in sorted(tied)]
         self.bad_masks += len(bad)
         self.bad_examples = sorted(self.bad_examples + bad[:_SHOW])[:_SHOW]
 
     def merge(self, other: "ParityTally") -> "ParityTally":
         """This tally and `other`'s (disjoint images) as one, whatever order they were made in."""
-        counts = ("images", "mask_differ", "mask_decisions", "after_flip", "bad_masks", "on_logits", "on_flips",
-                  "top1_same", "top1_wrong_flipped")
+        counts = ("images", "mask_differ", "mask_decisions", "after_flip", "after_merge_tie", "bad_masks", "on_logits",
+                  "on_flips", "top1_same", "top1_wrong_flipped")
         merged = ParityTally(**{name: getattr(self, name) + getattr(other, name) for name in counts})
         merged.unmeasured, merged.mask_shape = self.unmeasured or other.unmeasured, self.mask_shape or other.mask_shape
         merged.masks_compared = self.masks_compared or other.masks_compared
         merged.flips = sorted(self.flips + other.flips, key=lambda f: f.image)  # stable: an image's own order stays
+        merged.merge_ties = sorted(self.merge_ties + other.merge_ties, key=lambda t: t.image)
         merged.bad_examples = sorted(self.bad_examples + other.bad_examples)[:_SHOW]
         for name in ("nonfinite", "ref_nonfinite"):
             a, b = getattr(self, name), getattr(other, name)
@@ -322,7 +305,8 @@ class ParityTally:
                       mask_agreement=self.mask_agreement,
                       flip_cosine_min=None if self.flip_cosine_min is None else self.flip_cosine_min[0],
                       images_compared_on_logits=compared, images_compared_on_top1_cosine=self.on_flips,
-                      flips=list(self.flips), after_flip=self.after_flip, failures=failures)
+                      flips=list(self.flips), after_flip=self.after_flip, merge_ties=list(self.merge_ties),
+                      after_merge_tie=self.after_merge_tie, failures=failures)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -330,6 +314,7 @@ class ParityTally:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ParityTally":
         tally = cls(**{**data, "flips": [Flip(**f) for f in data["flips"]],
+                       "merge_ties": [MergeTie(**t) for t in data["merge_ties"]],
                        "bad_examples": [tuple(e) for e in data["bad_examples"]]})
         for name in ("cosine_min", "flip_cosine_min"):
             value = getattr(tally, name)
@@ -354,14 +339,11 @@ def compare_masks(reference_masks: np.ndarray, reference_logits: np.ndarray, mas
 
 def compare(reference: dict[str, np.ndarray], logits: np.ndarray, masks: np.ndarray | None,
             layers: Sequence[str], tolerances: Tolerances = Tolerances(),
-            tokens: Sequence[int] | None = None) -> Parity:
+            tokens: Sequence[int] | None = None, blocks: Sequence[int] | None = None) -> Parity:
     """Judge runtime `logits` [B, K] (and token `masks` [B, D, N] when the runtime produced
-    them) against the reference outputs `logits`, `token_masks`, `dispatch_logits`; `tokens`
-    as for `compare_masks`. One pass of `ParityTally`."""
-    return ParityTally().add(reference, logits, masks, layers, tolerances.flip_logit, tokens).verdict(tolerances)
-
-
-def unmeasured(images: int, failure: str) -> Parity:
-    """The verdict on `images` when the runtime's answer could not be compared at all (its
-    logits have another shape, or the runtime failed while running): every figure null."""
-    return Parity(images, None, None, None, None, None, failures=[failure])
+    them) against the reference outputs `logits`, `token_masks`, `dispatch_logits` and, with
+    ToMe, `merge_margins` ([B, depth]; `blocks` [D]: each dispatcher's block); `tokens` as for
+    `compare_masks`. One pass of `ParityTally`."""
+    tally = ParityTally().add(reference, logits, masks, layers, tolerances.flip_logit, tokens, blocks=blocks,
+                              merge_tie=tolerances.merge_tie)
+    return tally.verdict(tolerances)

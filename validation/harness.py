@@ -33,18 +33,18 @@ from runtimes import ONNX_RUNTIMES, BackendError, RuntimeFailure, get_backend, o
 from runtimes.base import check_fixed_batch
 from runtimes.torch_ref import TorchReference
 
-from .compare import Parity, unmeasured
-from .tolerances import tolerances_for
 from .costs import gmacs, rates_from_counts
 from .data import load_inputs
 from .dataset import MemorySource, Source, list_folder
 from .demo.model import ensure_demo_model
 from .machine import machine_info
 from .models import ModelUnderTest, read_model, twin
+from .parity import Parity, unmeasured
 from .record import MASKS_NOT_COMPARED, build_record, write_record
 from .shards import ShardStore, run_job
 from .stream import CHUNK, Evaluator, Job, run_all
 from .throughput import ThroughputRow, batches_of, measure
+from .tolerances import tolerances_for
 
 POOL = 512
 """Images of a folder held in memory for timing (an image set in memory is timed whole)."""
@@ -290,7 +290,8 @@ def validate(opts: Options, log: Callable[[str], None] = lambda _: None) -> Outc
 
     job = Job(runtime=opts.runtime, model=model.path, masks_model=masks_path, reference=reference_file,
               reference_options=reference_options, precision=opts.precision, backend_options=dict(opts.backend_options),
-              cfg=cfg, flip_logit=tolerances.flip_logit, source=source, chunk=opts.chunk)
+              cfg=cfg, flip_logit=tolerances.flip_logit, merge_tie=tolerances.merge_tie, source=source,
+              chunk=opts.chunk)
     store = ShardStore(out / "partial" / opts.runtime, job.key(), resume=opts.resume)
     runtime_info = backend.info()
     # On Ray the workers load their own: the session is let go here (a ViT-B/16 one holds ~1 GB).

@@ -18,11 +18,11 @@ from typing import Any
 
 from dyt_export.atomic import staged_outputs
 
-from .compare import Parity, fmt
-from .tolerances import Tolerances
+from .parity import Parity, fmt
 from .throughput import ThroughputRow
+from .tolerances import Tolerances
 
-SCHEMA_VERSION = "1.4"
+SCHEMA_VERSION = "1.5"
 SCHEMA_PATH = Path(__file__).with_name("record.schema.json")
 FLOPS_CONVENTION = "G multiply-adds per image (the DyT paper's 'FLOPs'; dense ViT-B/16 = 17.58)"
 MASKS_NOT_COMPARED = ("the reference is not the checkpoint the model was exported from (sha256 differs), so a mask "
@@ -96,12 +96,14 @@ def markdown(record: dict[str, Any]) -> str:
         "## Parity",
         "",
     ]
+    ties = f", merge ties at a matching margin <= {t['merge_tie']:g}" if m["config"].get("tome_r") else ""
     if record["error"]:
         e = record["error"]
         lines += [f"RUNTIME FAILURE during the {e['stage']}: {e['message']}", ""]
     lines += [
         f"Compared on logits: {p['images_compared_on_logits']} of {p['images']} images; on top-1 and cosine only "
-        f"(they carry a flip): {p['images_compared_on_top1_cosine']}; top-1 agreement is over all {p['images']}.",
+        f"(they carry a flip or merge tie): {p['images_compared_on_top1_cosine']}; top-1 agreement is over all "
+        f"{p['images']}.",
         "",
         "| max abs | max rel | cosine min | cosine min (flips) | top-1 agreement | mask agreement | flips |",
         "|---|---|---|---|---|---|---|",
@@ -112,13 +114,15 @@ def markdown(record: dict[str, Any]) -> str:
         f"Tolerances ({m['precision']} defaults unless overridden): max rel <= {t['max_rel']:g}, "
         f"cosine >= {t['cosine_min']} (images with a flip: >= {min(t['cosine_min'], t['flip_cosine_min']):g}), "
         f"same top-1 on >= {t['top1_min']:.2%} of all images, >= {t['logit_share_min']:.0%} of the images "
-        f"compared on logits, flip window |logit| <= {t['flip_logit']:g}.",
+        f"compared on logits, flip window |logit| <= {t['flip_logit']:g}{ties}.",
     ]
     lines += [f"- FAIL: {f}" for f in p["failures"]]
     if p["mask_agreement"] is None and record["reference"]["matches_model_source"] is False:
         lines.append(f"- masks not compared: {MASKS_NOT_COMPARED}")
     lines += [f"- flip: image {f['image']}, {f['layer']} token {f['token']}, reference logit {f['logit']:.2e}"
               for f in p["flips"][:20]]
+    lines += [f"- merge tie: image {tie['image']}, block {tie['block']}, reference matching margin {tie['margin']:.2e}"
+              for tie in p["merge_ties"][:20]]
     if record["inputs"].get("unreadable"):
         files = record["inputs"]["unreadable_files"]
         lines += ["", f"Unreadable images, skipped: {len(files)}."] + [f"- `{u['file']}`: {u['reason']}" for u in files[:20]]

@@ -99,6 +99,7 @@ class Job:
     backend_options: dict[str, Any]
     cfg: DyTConfig
     flip_logit: float
+    merge_tie: float
     source: Source
     chunk: int = CHUNK
 
@@ -116,7 +117,7 @@ class Job:
                 "masks_model": None if self.masks_model is None else _file_key(self.masks_model),
                 "reference": _file_key(self.reference), "reference_options": repr(sorted(reference.items())),
                 "precision": self.precision, "backend_options": repr(sorted(self.backend_options.items())),
-                "flip_logit": self.flip_logit, "images": self.source.fingerprint(), "count": len(self.source),
+                "flip_logit": self.flip_logit, "merge_tie": self.merge_tie, "images": self.source.fingerprint(), "count": len(self.source),
                 "chunk": self.chunk}
 
 
@@ -144,7 +145,7 @@ class Evaluator:
         part = Partial(unreadable=list(chunk.unreadable))
         if not len(chunk):
             return part
-        ref = run_all(self.reference, chunk.pixel_values, ("logits", "token_masks", "dispatch_logits"))
+        ref = run_all(self.reference, chunk.pixel_values, ("logits", "token_masks", "dispatch_logits", "merge_margins"))
         part.images = len(chunk)
         part.active = active_patches(ref["token_masks"]).tolist()
         part.macs = total_macs(cfg, ref["token_masks"])
@@ -157,7 +158,8 @@ class Evaluator:
             part.error = str(e)
             part.accuracy.add(ref["logits"], None, chunk.labels)
             return part
-        part.parity.add(ref, got["logits"], masks, cfg.dispatcher_names, job.flip_logit, cfg.dispatcher_tokens, chunk.ids)
+        part.parity.add(ref, got["logits"], masks, cfg.dispatcher_names, job.flip_logit, cfg.dispatcher_tokens, chunk.ids,
+                        blocks=cfg.dispatcher_blocks, merge_tie=job.merge_tie)
         part.accuracy.add(ref["logits"], got["logits"], chunk.labels)
         return part
 

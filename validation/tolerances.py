@@ -25,6 +25,9 @@ need explicit tolerances. `flip_cosine_min` 0.95 and `logit_share_min` 0.5 apply
 precision; docs/validation.md has what a flip does to the logits and the figures measured
 under these rules on 2026-12-02 (int8 as `dyt-export --int8` makes it: 359 of 450 images
 compared on logits, max_rel 0.142, cosine >= 0.994, top-1 0.9978 over all images).
+`merge_tie` 1e-5 applies to ToMe exports, which are fp32 only: of the demo's 21 images with a
+matching margin below it (r = 2), only the one at 6e-8 merged otherwise on either runtime
+(docs/validation.md, "Merge ties").
 """
 from __future__ import annotations
 
@@ -35,7 +38,8 @@ from dyt_export.errors import UserError
 
 LIMITS: dict[str, tuple[float, float]] = {"max_rel": (0.0, math.inf), "cosine_min": (-1.0, 1.0),
                                           "flip_logit": (0.0, math.inf), "top1_min": (0.0, 1.0),
-                                          "flip_cosine_min": (-1.0, 1.0), "logit_share_min": (0.0, 1.0)}
+                                          "flip_cosine_min": (-1.0, 1.0), "logit_share_min": (0.0, 1.0),
+                                          "merge_tie": (0.0, 2.0)}
 """The range each tolerance must lie in (finite, bounds included): NaN would switch its
 check off, since every comparison with NaN is false."""
 
@@ -60,7 +64,9 @@ class Tolerances:
     flip_cosine_min: float = 0.95
     """The cosine an image with a flip must keep (or `cosine_min`, when lower)."""
     logit_share_min: float = 0.5
-    """The share of the images that must be compared on logits (have no flip)."""
+    """The share of the images that must be compared on logits (have no flip or merge tie)."""
+    merge_tie: float = 1e-5
+    """The ToMe matching margin (cosine units) within which a runtime may merge otherwise."""
 
     def __post_init__(self) -> None:
         for name in LIMITS:

@@ -91,16 +91,19 @@ class DyTBlock(Block):
         return x
 
     def forward_merging(self, x: torch.Tensor, size: torch.Tensor | None, r: int, mode: str = "dynamic",
-                        records: list[DispatchRecord] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                        records: list[DispatchRecord] | None = None,
+                        margins: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The block with ToMe between attention and the MLP unit (the paper's placement, MLP
         dispatch only): attention with proportional attention (`+ log(size)` on each key's
         logits), its residual, `r` tokens merged on the keys averaged over heads, then the MLP
         unit (dispatcher, adapter, MLP) on the merged tokens. Returns (x, sizes [B, T, 1] or
-        None while nothing has merged)."""
+        None while nothing has merged); `margins` collects the matching's margin [B]."""
         key_bias = None if size is None else size.log().transpose(1, 2).unsqueeze(1)  # [B, 1, 1, T]
         out, keys = attention_and_keys(self.attn, norm32(self.norm1, x), key_bias)
         x = x + out
         if r:
-            x, size = merge_tokens(x, size, keys, r)
+            x, size = merge_tokens(x, size, keys, r, margins)
+        elif margins is not None:
+            margins.append(torch.full(x.shape[:1], float("inf")))
         x = self._unit("mlp", x, mode, records) if "mlp" in self.units else x + self._mlp_branch(x)
         return x, size

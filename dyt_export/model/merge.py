@@ -28,19 +28,41 @@ class MergePlan(NamedTuple):
     """[B, r] the B token each of them merges into."""
 
 
-def bipartite_matching(metric: torch.Tensor, r: int) -> MergePlan:
-    """ToMe's bipartite soft matching on `metric` [B, T, D]: each A token's most cosine-similar
-    B token; the r A tokens with the highest such similarity merge. CLS (A's first) gets
-    similarity -inf, so it never merges while r < |A| (the caller caps r at (T - 1) // 2)."""
+def similarities(metric: torch.Tensor) -> torch.Tensor:
+    """[B, A, B] cosine similarity of every A token of `metric` [B, T, D] with every B token,
+    float32; CLS's row (A's first) is -inf, so it never merges while r < |A| (the caller caps
+    r at (T - 1) // 2)."""
     metric = metric.float()
     metric = metric / metric.norm(dim=-1, keepdim=True)
-    scores = metric[:, ::2] @ metric[:, 1::2].transpose(-1, -2)            # [B, A, B] cosine
+    scores = metric[:, ::2] @ metric[:, 1::2].transpose(-1, -2)
     is_cls = torch.arange(scores.shape[1], device=scores.device) == 0
-    scores = scores.masked_fill(is_cls[None, :, None], float("-inf"))
+    return scores.masked_fill(is_cls[None, :, None], float("-inf"))
+
+
+def bipartite_matching(scores: torch.Tensor, r: int) -> MergePlan:
+    """ToMe's bipartite soft matching on `scores` [B, A, B] (`similarities`): each A token's
+    most similar B token; the r A tokens with the highest such similarity merge."""
     best, partner = scores.max(dim=-1)
     order = best.argsort(dim=-1, descending=True)
     merged = order[:, :r]
     return MergePlan(order[:, r:].sort(dim=-1).values, merged, partner.gather(1, merged))
+
+
+def matching_margin(scores: torch.Tensor, r: int) -> torch.Tensor:
+    """[B] how close each image's matching came to another decision: the smallest of the gap
+    between the r-th and (r+1)-th best A tokens' similarities (which tokens merge) and, for each
+    merging A token, the gap between its best and second-best B token (where it merges); inf
+    where no other decision existed (`scores` as for `bipartite_matching`, r >= 1). A runtime
+    whose similarities differ from these by less than half the margin merges the same tokens,
+    so parity checks excuse only images whose margin lies within float noise, as they excuse
+    dispatcher logits near 0."""
+    top = scores.topk(min(2, scores.shape[-1]), dim=-1).values               # [B, A, 1 or 2]
+    ranked, order = top[..., 0].sort(dim=-1, descending=True)
+    boundary = ranked[:, r - 1] - ranked[:, r]                                # inf when CLS is next
+    if top.shape[-1] == 1:
+        return boundary
+    partner_gap = (top[..., 0] - top[..., 1]).gather(1, order[:, :r]).min(dim=1).values
+    return torch.minimum(boundary, partner_gap)
 
 
 def merge_sum(x: torch.Tensor, plan: MergePlan) -> torch.Tensor:
@@ -54,11 +76,15 @@ def merge_sum(x: torch.Tensor, plan: MergePlan) -> torch.Tensor:
     return torch.cat([kept, b], dim=1)
 
 
-def merge_tokens(x: torch.Tensor, size: torch.Tensor | None, metric: torch.Tensor,
-                 r: int) -> tuple[torch.Tensor, torch.Tensor]:
+def merge_tokens(x: torch.Tensor, size: torch.Tensor | None, metric: torch.Tensor, r: int,
+                 margins: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(merged x [B, T - r, C], merged sizes [B, T - r, 1] float32) after matching on `metric`.
-    `size` [B, T, 1] counts the original patches each token stands for (None: all 1)."""
-    plan = bipartite_matching(metric, r)
+    `size` [B, T, 1] counts the original patches each token stands for (None: all 1);
+    `margins` collects the matching's margin [B] for parity checks."""
+    scores = similarities(metric)
+    plan = bipartite_matching(scores, r)
+    if margins is not None:
+        margins.append(matching_margin(scores, r))
     if size is None:
         size = torch.ones_like(x[..., :1], dtype=torch.float32)
     total = merge_sum(x.float() * size, plan)

@@ -24,11 +24,13 @@ class Trace(NamedTuple):
     dispatch_logits: [B, D, N-1] float32; NaN where dispatchers were bypassed (dense mode).
     With ToMe a dispatcher sees fewer tokens (`cfg.dispatcher_tokens`): its row holds them in
     merged order, then False (masks) and NaN (logits) up to N.
+    merge_margins: [B, depth] float32, each block's `matching_margin` (inf: no merge).
     """
 
     logits: torch.Tensor
     masks: torch.Tensor
     dispatch_logits: torch.Tensor
+    merge_margins: torch.Tensor
 
 
 class DyTVisionTransformer(VisionTransformer):
@@ -84,7 +86,8 @@ class DyTVisionTransformer(VisionTransformer):
     def compute_dtype(self) -> torch.dtype:
         return self.patch_embed.proj.weight.dtype
 
-    def _run(self, pixel_values: torch.Tensor, mode: str, records: list[DispatchRecord] | None) -> torch.Tensor:
+    def _run(self, pixel_values: torch.Tensor, mode: str, records: list[DispatchRecord] | None,
+             margins: list[torch.Tensor] | None = None) -> torch.Tensor:
         x = self.patch_embed(pixel_values.to(self.compute_dtype))
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
         if self.dyt_config.tome_r is None:
@@ -93,7 +96,7 @@ class DyTVisionTransformer(VisionTransformer):
         else:
             size = None
             for block, (_, merged) in zip(self.blocks, self.dyt_config.merge_schedule):
-                x, size = block.forward_merging(x, size, merged, mode, records)
+                x, size = block.forward_merging(x, size, merged, mode, records, margins)
         x = norm32(self.norm, x)
         return self.head(x[:, 0]).to(self.io_dtype)
 
@@ -109,16 +112,19 @@ class DyTVisionTransformer(VisionTransformer):
         mode = mode or self._dispatch_mode
         check_dispatch_mode(mode)
         records: list[DispatchRecord] = []
-        logits = self._run(pixel_values, mode, records)
+        margins: list[torch.Tensor] = []
+        logits = self._run(pixel_values, mode, records, margins)
         b, n = pixel_values.shape[0], self.dyt_config.num_tokens
+        merge_margins = torch.stack(margins, dim=1) if margins else torch.full((b, len(self.blocks)), float("inf"))
         if not records:  # a model without dispatchers
             empty = torch.zeros(b, 0, n, dtype=torch.bool)
-            return Trace(logits, empty, torch.zeros(b, 0, n - 1))
+            return Trace(logits, empty, torch.zeros(b, 0, n - 1), merge_margins)
         nan = torch.full((b, n - 1), float("nan"))
         return Trace(
             logits,
             torch.stack([padded(r.mask, n, False) for r in records], dim=1),
             torch.stack([nan if r.logits is None else padded(r.logits, n - 1, float("nan")) for r in records], dim=1),
+            merge_margins,
         )
 
 

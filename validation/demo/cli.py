@@ -24,7 +24,7 @@ from dyt_export.cli.common import (EXIT_BAD_INPUT, EXIT_OK, EXIT_PARITY, EXIT_RU
 from dyt_export.errors import UserError
 from runtimes import ONNX_RUNTIMES, BackendError, get_backend
 
-from ..compare import fmt
+from ..parity import fmt
 
 
 def _table(results: list[tuple[str, dict[str, Any] | None, str]]) -> str:
