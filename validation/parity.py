@@ -33,9 +33,9 @@ class Parity:
     top1_agreement: float | None
     mask_agreement: float | None
     flip_cosine_min: float | None = None
-    """The lowest cosine over the images with a flip (None: no such image)."""
+    """The lowest cosine over the images with a flip or merge tie (None: no such image)."""
     images_compared_on_logits: int = 0
-    """Images held to max_rel, cosine_min and top-1: finite on both sides, no flip."""
+    """Images held to max_rel, cosine_min and top-1: finite on both sides, no flip or merge tie."""
     images_compared_on_top1_cosine: int = 0
     """Images with a flip or merge tie (finite on both sides), held to top-1 and flip_cosine_min only."""
     flips: list[Flip] = field(default_factory=list)
