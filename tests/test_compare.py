@@ -245,7 +245,8 @@ def test_default_tolerances_follow_the_precision_and_nan_is_refused():
     assert tolerances_for("int8").flip_cosine_min == tolerances_for("fp32").flip_cosine_min == 0.95
     for bad in ({"max_rel": float("nan")}, {"cosine_min": float("nan")}, {"flip_logit": float("inf")},
                 {"cosine_min": 1.5}, {"top1_min": -0.1}, {"max_rel": -1e-3}, {"logit_share_min": 1.01},
-                {"logit_share_min": float("nan")}, {"flip_cosine_min": -2.0}):
+                {"logit_share_min": float("nan")}, {"flip_cosine_min": -2.0}, {"merge_tie": float("nan")},
+                {"merge_tie": -1e-6}):
         with pytest.raises(UserError, match="must be a finite number"):
             Tolerances(**bad)
 

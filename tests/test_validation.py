@@ -300,6 +300,7 @@ def test_bad_requests_exit_2_with_one_line_before_any_work(exported, args, messa
     (["--logit-share-min", "1.5"], "argument --logit-share-min: tolerance logit_share_min must be a finite number in [0, 1]"),
     (["--logit-share-min", "nan"], "argument --logit-share-min: tolerance logit_share_min must be a finite number"),
     (["--flip-cosine-min", "-2"], "argument --flip-cosine-min: tolerance flip_cosine_min must be a finite number in [-1, 1]"),
+    (["--merge-tie", "3"], "argument --merge-tie: tolerance merge_tie must be a finite number in [0, 2]"),
     (["--bogus"], "unrecognized arguments: --bogus"),
 ])
 def test_bad_arguments_are_one_line_not_a_usage_block(args, message, capsys):
