@@ -130,26 +130,33 @@ def test_a_merge_near_a_tie_excuses_the_differences_from_its_block_on_and_is_rep
     assert len(failures) == 1 and "image 3, blocks.0.mlp token 3: reference logit" in failures[0], failures
 
 
-def test_a_merge_away_from_a_tie_excuses_nothing_and_an_unobserved_tie_keeps_the_image_on_logits():
+def test_a_merge_away_from_a_tie_excuses_nothing_and_a_tie_that_shows_nowhere_stays_on_logits():
     ref = _with_margins(_reference(), image=1, block=1, margin=2e-5)
     masks = ref["token_masks"].copy()
     masks[1, 1, 2] = ~masks[1, 1, 2]
     assert "1 token mask difference(s) that are not near-threshold flips" in \
         compare(ref, ref["logits"], masks, LAYERS, blocks=TOME_BLOCKS).failures[0]
-    ref["merge_margins"][1, 1] = 1e-6  # a tie whose masks agree: the runtime merged as the reference did
+    logits = ref["logits"].copy()
+    logits[1] *= 1.01
+    assert not compare(ref, logits, ref["token_masks"], LAYERS, blocks=TOME_BLOCKS).passed  # beyond max_rel
+    ref["merge_margins"][1, 1] = 1e-6  # a tie whose masks and logits agree: merged as the reference did
     parity = compare(ref, ref["logits"], ref["token_masks"], LAYERS, blocks=TOME_BLOCKS)
     assert parity.passed and not parity.merge_ties and parity.images_compared_on_logits == 4
 
 
-def test_without_runtime_masks_every_image_near_a_merge_tie_is_reported_and_held_to_top1_and_cosine():
+@pytest.mark.parametrize("with_masks", [True, False])
+def test_logits_beyond_max_rel_show_a_merge_tie_the_masks_do_not(with_masks):
     ref = _with_margins(_reference(), image=0, block=0, margin=0.0)
     ref["merge_margins"][2, 2] = 9e-6
     logits = ref["logits"].copy()
-    logits[2] *= 1.01
-    parity = compare(ref, logits, None, LAYERS)
+    logits[2] *= 1.01  # image 2 merged otherwise, with the same masks; image 0 merged as the reference
+    parity = compare(ref, logits, ref["token_masks"].copy() if with_masks else None, LAYERS, blocks=TOME_BLOCKS)
     assert parity.passed, parity.failures
-    assert [(t.image, t.block, t.margin) for t in parity.merge_ties] == [(0, 0, 0.0), (2, 2, pytest.approx(9e-6))]
-    assert (parity.images_compared_on_logits, parity.images_compared_on_top1_cosine) == (2, 2)
+    assert [(t.image, t.block, t.margin) for t in parity.merge_ties] == [(2, 2, pytest.approx(9e-6))]
+    assert (parity.images_compared_on_logits, parity.images_compared_on_top1_cosine) == (3, 1)
+    assert parity.after_merge_tie == 0 and parity.max_rel == 0
+    strict = Tolerances(max_rel=0.02)  # within max_rel of its own logits: nothing shows the tie
+    assert not compare(ref, logits, None, LAYERS, strict).merge_ties
     with pytest.raises(ValueError, match="need the block of each dispatcher"):
         compare(ref, logits, ref["token_masks"], LAYERS)
 

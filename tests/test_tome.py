@@ -251,7 +251,7 @@ def test_python_m_validation_tome_r_validates_a_tome_export_of_the_demo(tmp_path
     ToMe passes on both CPU runtimes with its accuracy, masks compared over the merged tokens.
     Some digits merge on a near tie (on a Xeon with AVX-512, image 62 at a matching margin of
     6e-8 merged otherwise on both runtimes): they must be reported as merge ties, and only
-    they may carry mask differences."""
+    they may carry mask differences or logits beyond the tolerance."""
     for runtime in ("ort-cpu", "openvino"):
         code = validation_main(["--tome-r", "2", "--runtime", runtime, "--no-throughput", "--threads", "1",
                                 "--out", str(tmp_path), "--quiet"])
@@ -261,6 +261,7 @@ def test_python_m_validation_tome_r_validates_a_tome_export_of_the_demo(tmp_path
         parity = record["parity"]
         assert parity["max_rel"] <= ONNX_TOLERANCE and not parity["flips"]
         assert all(t["margin"] <= record["tolerances"]["merge_tie"] for t in parity["merge_ties"])
-        assert (parity["mask_agreement"] == 1.0) == (parity["after_merge_tie"] == 0) == (not parity["merge_ties"])
+        assert (parity["mask_agreement"] < 1.0) == (parity["after_merge_tie"] > 0)  # every mask difference is a tie's
+        assert parity["merge_ties"] or not parity["after_merge_tie"]
         assert parity["images_compared_on_top1_cosine"] == len(parity["merge_ties"])
         assert record["accuracy"]["reference"] >= 0.9 and record["accuracy"]["runtime"] == record["accuracy"]["reference"]

@@ -36,12 +36,13 @@ EPILOG = """examples:
 parity rules (see validation/compare.py): a token-mask difference is a flip only when the
 reference dispatcher logit is within --flip-logit of 0 (each flip is reported); any other
 mask difference fails. With ToMe, an image whose reference merge was within --merge-tie of
-another decision and whose masks differ from that block on is a merge tie (reported).
-Images without either are compared on logits: max|diff|/max|ref| <= --max-rel and cosine
->= --cosine-min. Images with one are compared on top-1 and cosine >= --flip-cosine-min only. The same top-1 class is required on a --top1-min share of ALL
-images, and at least a --logit-share-min share of the images must be compared on logits,
-or the run fails with that reason. Defaults follow the model's precision (max-rel /
-cosine-min / flip-logit / top1-min):
+another decision and whose masks (from that block on) or logits (beyond --max-rel) differ is
+a merge tie (reported). Images without either are compared on logits: max|diff|/max|ref| <=
+--max-rel and cosine >= --cosine-min. Images with one are compared on top-1 and cosine >=
+--flip-cosine-min only. The same top-1 class is required on a --top1-min share of ALL
+images, and at least a --logit-share-min share of the images must be compared on logits, or
+the run fails with that reason. Defaults follow the model's precision (max-rel / cosine-min
+/ flip-logit / top1-min):
 {defaults};
 flip-cosine-min {flip_cosine:g} (or --cosine-min when lower), logit-share-min {share:g} and merge-tie
 {merge_tie:g} in every precision.

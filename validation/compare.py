@@ -15,10 +15,11 @@ Rules, in order:
 1b. Merge ties (ToMe). Which tokens merge is a ranking of similarities, and the reference
    gives each block's `merge_margins` (how far its matching was from another decision). An
    image whose margin at a block is within float noise, <= `merge_tie`, may merge otherwise
-   on a runtime; when its masks then differ at that block's dispatcher or a later one, every
-   such difference is a consequence (`after_merge_tie`) and the image is reported as a
-   *merge tie* (image, block, margin). A runtime without masks shows nothing of its merges,
-   so every image with such a margin is reported. Differences before the tie are judged.
+   on a runtime. When the runtime shows it did, the image is reported as a *merge tie*
+   (image, block, margin): its masks differ at that block's dispatcher or a later one (every
+   such difference is a consequence, `after_merge_tie`), or its logits differ by more than
+   `max_rel` of its own max |reference| (the masks need not show every merge). Differences
+   before the tie are judged; an image near a tie that shows neither merged as the reference.
 2. Logits. An image without a flip or merge tie is *compared on logits*: max |diff| / max |reference|
    <= `max_rel` and per-image cosine similarity >= `cosine_min`. An image with a flip runs
    a different computation after that token, so `max_rel` cannot hold it; it is compared
@@ -133,8 +134,9 @@ class ParityTally:
     def add(self, reference: dict[str, np.ndarray], logits: np.ndarray, masks: np.ndarray | None,
             layers: Sequence[str], flip_logit: float, tokens: Sequence[int] | None = None,
             ids: np.ndarray | None = None, *, blocks: Sequence[int] | None = None,
-            merge_tie: float = Tolerances.merge_tie) -> "ParityTally":
-        """Tally one chunk (arguments as for `compare`; `ids`: the images' numbers, default 0..B-1)."""
+            merge_tie: float = Tolerances.merge_tie, max_rel: float = Tolerances.max_rel) -> "ParityTally":
+        """Tally one chunk (arguments as for `compare`; `ids`: the images' numbers, default 0..B-1;
+        `max_rel`: the bound past which a near-tie image's logits show another merge)."""
         ref = reference["logits"].astype(np.float32)
         ids = np.arange(len(ref)) if ids is None else np.asarray(ids, np.int64)
         self.images += len(ref)
@@ -151,9 +153,8 @@ class ParityTally:
         if masks is not None:
             self.add_masks(reference["token_masks"], reference["dispatch_logits"], masks, layers, flip_logit, tokens,
                            ids, merge_margins=margins, blocks=blocks, merge_tie=merge_tie)
-        else:  # nothing shows whether the runtime merged otherwise: every image with a tie is one
-            ties = first_ties(margins, merge_tie, len(ref))
-            self.merge_ties += [MergeTie(int(ids[b]), int(k), float(margins[b, k])) for b, k in enumerate(ties) if k >= 0]
+        ties = np.where(finite & ref_finite, first_ties(margins, merge_tie, len(ref)), -1)
+        self._add_ties_in_logits(ref, logits, ties, margins, ids, max_rel, ties_before)
         apart = [f.image for f in self.flips[flips_before:]] + [t.image for t in self.merge_ties[ties_before:]]
         flipped = np.isin(ids, apart)
         both = finite & ref_finite
@@ -176,6 +177,18 @@ class ParityTally:
             self.top1_wrong_first = first if self.top1_wrong_first is None else min(self.top1_wrong_first, first)
             self.top1_wrong_flipped += int(flipped[~same].sum())
         return self
+
+    def _add_ties_in_logits(self, ref: np.ndarray, logits: np.ndarray, ties: np.ndarray, margins: np.ndarray | None,
+                            ids: np.ndarray, max_rel: float, ties_before: int) -> None:
+        """Report the near-tie images (`ties` >= 0) whose logits differ by more than `max_rel`
+        of their own max |reference| and whose masks did not already show the tie; then order
+        the chunk's ties by image, as a merge of chunks does."""
+        shown = {t.image for t in self.merge_ties[ties_before:]}
+        for b in np.flatnonzero(ties >= 0):
+            beyond = np.abs(logits[b].astype(np.float64) - ref[b]).max() > max_rel * np.abs(ref[b]).max()
+            if beyond and int(ids[b]) not in shown:
+                self.merge_ties.append(MergeTie(int(ids[b]), int(ties[b]), float(margins[b, ties[b]])))
+        self.merge_ties[ties_before:] = sorted(self.merge_ties[ties_before:], key=lambda t: t.image)
 
     def add_masks(self, reference_masks: np.ndarray, reference_logits: np.ndarray, masks: np.ndarray,
                   layers: Sequence[str], flip_logit: float, tokens: Sequence[int] | None, ids: np.ndarray, *,
@@ -345,5 +358,5 @@ def compare(reference: dict[str, np.ndarray], logits: np.ndarray, masks: np.ndar
     ToMe, `merge_margins` ([B, depth]; `blocks` [D]: each dispatcher's block); `tokens` as for
     `compare_masks`. One pass of `ParityTally`."""
     tally = ParityTally().add(reference, logits, masks, layers, tolerances.flip_logit, tokens, blocks=blocks,
-                              merge_tie=tolerances.merge_tie)
+                              merge_tie=tolerances.merge_tie, max_rel=tolerances.max_rel)
     return tally.verdict(tolerances)

@@ -290,8 +290,8 @@ def validate(opts: Options, log: Callable[[str], None] = lambda _: None) -> Outc
 
     job = Job(runtime=opts.runtime, model=model.path, masks_model=masks_path, reference=reference_file,
               reference_options=reference_options, precision=opts.precision, backend_options=dict(opts.backend_options),
-              cfg=cfg, flip_logit=tolerances.flip_logit, merge_tie=tolerances.merge_tie, source=source,
-              chunk=opts.chunk)
+              cfg=cfg, flip_logit=tolerances.flip_logit, merge_tie=tolerances.merge_tie, max_rel=tolerances.max_rel,
+              source=source, chunk=opts.chunk)
     store = ShardStore(out / "partial" / opts.runtime, job.key(), resume=opts.resume)
     runtime_info = backend.info()
     # On Ray the workers load their own: the session is let go here (a ViT-B/16 one holds ~1 GB).

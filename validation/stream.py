@@ -100,6 +100,8 @@ class Job:
     cfg: DyTConfig
     flip_logit: float
     merge_tie: float
+    max_rel: float
+    """With merge_tie: the logit bound past which a near-tie image shows another merge."""
     source: Source
     chunk: int = CHUNK
 
@@ -117,7 +119,8 @@ class Job:
                 "masks_model": None if self.masks_model is None else _file_key(self.masks_model),
                 "reference": _file_key(self.reference), "reference_options": repr(sorted(reference.items())),
                 "precision": self.precision, "backend_options": repr(sorted(self.backend_options.items())),
-                "flip_logit": self.flip_logit, "merge_tie": self.merge_tie, "images": self.source.fingerprint(), "count": len(self.source),
+                "flip_logit": self.flip_logit, "merge_tie": self.merge_tie, "max_rel": self.max_rel,
+                "images": self.source.fingerprint(), "count": len(self.source),
                 "chunk": self.chunk}
 
 
@@ -159,7 +162,7 @@ class Evaluator:
             part.accuracy.add(ref["logits"], None, chunk.labels)
             return part
         part.parity.add(ref, got["logits"], masks, cfg.dispatcher_names, job.flip_logit, cfg.dispatcher_tokens, chunk.ids,
-                        blocks=cfg.dispatcher_blocks, merge_tie=job.merge_tie)
+                        blocks=cfg.dispatcher_blocks, merge_tie=job.merge_tie, max_rel=job.max_rel)
         part.accuracy.add(ref["logits"], got["logits"], chunk.labels)
         return part
 
