@@ -226,8 +226,8 @@ class DyTConfig:
     def dispatcher_tokens(self) -> list[int]:
         """Tokens (CLS included) each dispatcher sees, in `dispatcher_names` order: `num_tokens`,
         or fewer after ToMe merges. The `token_masks` output pads each row to `num_tokens`."""
-        return [tokens - merged for i, (tokens, merged) in enumerate(self.merge_schedule)
-                if self.has_dispatcher(i) for _ in self.units]
+        schedule = self.merge_schedule
+        return [schedule[i][0] - schedule[i][1] for i in self.dispatcher_blocks]
 
     def replace(self, **changes: Any) -> "DyTConfig":
         return dataclasses.replace(self, **changes)

@@ -153,11 +153,11 @@ class ParityTally:
         if masks is not None:
             self.add_masks(reference["token_masks"], reference["dispatch_logits"], masks, layers, flip_logit, tokens,
                            ids, merge_margins=margins, blocks=blocks, merge_tie=merge_tie)
-        ties = np.where(finite & ref_finite, first_ties(margins, merge_tie, len(ref)), -1)
+        both = finite & ref_finite
+        ties = np.where(both, first_ties(margins, merge_tie, len(ref)), -1)
         self._add_ties_in_logits(ref, logits, ties, margins, ids, max_rel, ties_before)
         apart = [f.image for f in self.flips[flips_before:]] + [t.image for t in self.merge_ties[ties_before:]]
         flipped = np.isin(ids, apart)
-        both = finite & ref_finite
         on_logits, on_flips = both & ~flipped, both & flipped
         cosine = np.full(len(ref), np.nan)
         cosine[both] = row_cosines(logits[both], ref[both])
