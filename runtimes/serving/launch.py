@@ -84,8 +84,9 @@ def _check_http(host: str, port: int) -> None:
 
 
 @contextlib.contextmanager
-def local_ray(ingress: str) -> Iterator[None]:
-    """A Ray instance of this process with `ingress` in front, shut down at the end."""
+def local_ray(ingress: str, num_cpus: int | None = None) -> Iterator[None]:
+    """A Ray instance of this process with `ingress` in front (and `num_cpus` CPUs to place
+    replicas on, default this machine's), shut down at the end."""
     with tempfile.TemporaryDirectory(prefix="dyt-serve-") as workdir:
         environment = ingress_environment(ingress, Path(workdir))
         saved = {key: os.environ.get(key) for key in environment}
@@ -93,7 +94,7 @@ def local_ray(ingress: str) -> Iterator[None]:
         try:
             # "local": a new instance even when RAY_ADDRESS is set or a `ray start` cluster (alive or
             # dead) is recorded on this machine, which address=None would join
-            ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
             yield
         finally:
             ray.shutdown()
@@ -115,7 +116,7 @@ def cluster_ray(address: str) -> Iterator[None]:
 
 
 def serve_models(config: ServeConfig, facts: list[ModelFacts], *, address: str | None, host: str, port: int,
-                 ingress: str = "proxy", out: Callable[[str], None] = print) -> int:
+                 ingress: str, out: Callable[[str], None] = print) -> int:
     """Serve until SIGINT or SIGTERM; 0 after a clean stop."""
     local = address is None
     if local:

@@ -5,9 +5,9 @@ same threads; prints the tables and writes OUT/loadtest.json and .md.
 Per model, runtime and thread setting (`--threads`; default all the machine's cores, and all
 but one, which leaves a core to the front door and the clients): the in-process backend at
 each batch (no server running); then one replica with that many runtime threads and its batch
-cap at the backend's best batch, behind each of Ray Serve's front doors (`runtimes.serving.ingress`): its HTTP
-proxy, loaded at 1, 8 and 32 clients on the binary protocol and the image route, and at 32
-with batching off; HAProxy, the same on the binary route. The demo model gets one more row
+cap at the backend's best batch, behind each of Ray Serve's front doors (`runtimes.serving.ingress`):
+HAProxy, the command's default, loaded at 1, 8 and 32 clients on the binary protocol and the
+image route, and at 32 with batching off; its HTTP proxy, the same on the binary route. The demo model gets one more row
 at 32 clients whose requests carry 16 images each (`Workload.many`). A benchmark, not a test: run it
 alone, `flock -x /tmp/dyt-bench.lock make loadtest` on shared cores. About 45 minutes on 2
 cores (a few more the first time, to build ViT-B/16).
@@ -62,7 +62,8 @@ def _free_port() -> int:
 def served(workload: Workload, runtime: str, threads: int, rows: list[dict[str, Any]], port: int,
            ingress: str) -> list[Point]:
     """Every served point of one model on one runtime behind `ingress` (Ray Serve is running):
-    Ray's proxy with both routes and batching on or off; HAProxy on the binary route."""
+    HAProxy, the default front door, with both routes and batching on or off; Ray's proxy on
+    the binary route."""
     from ray import serve
 
     from runtimes.serving.app import APP_NAME, build_app
@@ -75,7 +76,7 @@ def served(workload: Workload, runtime: str, threads: int, rows: list[dict[str, 
     source = ModelSource(workload.name, str(workload.onnx))
     config = ServeConfig(models=(source,), runtime=runtime, replicas=1, threads=threads, max_batch=best)
     binary, images = workload.binary_requests(), workload.image_requests()
-    routes = (("binary", binary), ("image", images)) if ingress == "proxy" else (("binary", binary),)
+    routes = (("binary", binary), ("image", images)) if ingress == "haproxy" else (("binary", binary),)
     capped = [(route, requests, clients, 1) for route, requests in routes for clients in CLIENTS]
     if workload.many:
         capped.append(("binary", workload.binary_requests(workload.many), 32, workload.many))
