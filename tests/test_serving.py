@@ -6,7 +6,6 @@ from __future__ import annotations
 import http.client
 import io
 import json
-import logging
 import os
 import signal
 import socket
@@ -40,7 +39,7 @@ from runtimes.serving.models import ModelSource, ServeConfig, read_facts  # noqa
 pytestmark = pytest.mark.xdist_group("ray")  # one Ray instance per process: the modules that start Ray share a worker
 MAX_BODY = 1 << 20
 INGRESS = default_ingress()
-"""What `dyt-export serve` puts in front; test_serving_command serves behind each explicitly."""
+"""What `dyt-export serve` puts in front (HAProxy here); test_serving_command also serves behind Ray's proxy."""
 
 
 def free_port() -> int:
