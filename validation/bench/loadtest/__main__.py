@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import socket
 import sys
 import time
 from dataclasses import replace
@@ -51,12 +50,6 @@ def in_process(workload: Workload, runtime: str, threads: int) -> list[dict[str,
         print(f"  in-process {workload.name} {runtime} batch {batch}: {row.img_per_s:.1f} img/s, p50 {row.p50_ms:.1f} ms",
               flush=True)
     return rows
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def served(workload: Workload, runtime: str, threads: int, rows: list[dict[str, Any]], port: int,
@@ -121,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
 
         from runtimes import get_backend
         from runtimes.serving.app import QUIET
-        from runtimes.serving.ingress import INGRESSES
+        from runtimes.serving.ingress import INGRESSES, spare_port
         from runtimes.serving.launch import local_ray
         from validation.machine import machine_info
 
@@ -138,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = {(w.name, rt, t): in_process(w, rt, t) for t in settings for w in workloads for rt in args.runtimes}
         points = []
         for ingress in INGRESSES:
-            port = _free_port()
+            port = spare_port()
             with local_ray(ingress):
                 serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config=QUIET)
                 points += [point for t in settings for w in workloads for rt in args.runtimes
