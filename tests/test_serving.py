@@ -89,14 +89,15 @@ def request(port: int, method: str, path: str, body: bytes | None = None, header
 
 
 CLOSED = 0
-"""The status `outcome` gives a request whose connection closed without an answer."""
+"""The status `outcome` gives a request whose connection closed without a whole answer."""
 
 
 def outcome(call: Callable[[], tuple[int, dict[str, str], bytes]]) -> int:
-    """The status of `call`'s answer, or CLOSED if the server closed the connection without one."""
+    """The status of `call`'s answer, or CLOSED if the server closed the connection without one
+    or partway through it."""
     try:
         return call()[0]
-    except (ConnectionResetError, BrokenPipeError):  # RemoteDisconnected is a ConnectionResetError
+    except (ConnectionResetError, BrokenPipeError, http.client.IncompleteRead):  # RemoteDisconnected is a ConnectionResetError
         return CLOSED
 
 
