@@ -365,6 +365,14 @@ def test_internal_errors_exit_1_without_traceback(monkeypatch, checkpoint, capsy
     assert cli.main([str(checkpoint), "-o", str(tmp_path / "x.onnx"), "--debug"]) == 1
     assert "Traceback" in capsys.readouterr().err
 
+    def remote_failure(*args, **kwargs):  # as Ray reports an actor's failure: its traceback in the message
+        raise RuntimeError("\nray::Manager.ready() (pid=1)\n  File \"x.py\", line 1, in ready\nRuntimeError: crashed")
+
+    monkeypatch.setattr(export, "export_onnx", remote_failure)
+    assert cli.main([str(checkpoint), "-o", str(tmp_path / "x.onnx")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "internal error: RuntimeError: ray::Manager.ready() (pid=1) [...]" in err
+
 
 @pytest.mark.parametrize("failure", ["errno", "rust", "silent"])
 def test_a_full_disk_is_one_line_and_leaves_nothing(failure, monkeypatch, run_cli, checkpoint, tmp_path):

@@ -82,6 +82,24 @@ def test_haproxy_is_the_default_front_door_where_its_binary_is_and_refused_in_on
     assert_refused(run_cli("serve", model, "--ingress", "haproxy"), "--ingress haproxy needs an HAProxy binary")
 
 
+def test_haproxy_that_cannot_start_is_refused_with_its_reason(model, tmp_path):
+    """An HAProxy that fails as a real one does when a port is taken: Ray's manager actor
+    fails with HAProxy's whole output; the command ends on one line naming HAProxy's reason,
+    exit 2 (before it, only Ray's own log lines)."""
+    haproxy = tmp_path / "haproxy"
+    haproxy.write_text("#!/bin/sh\necho '[ALERT]    (7) : Binding [haproxy.cfg:45] for frontend prometheus: "
+                       "cannot bind socket (Address already in use) for [0.0.0.0:1]' >&2\nexit 1\n")
+    haproxy.chmod(0o755)
+    result = subprocess.run([sys.executable, "-m", "dyt_export", "serve", str(model), "--port", str(spare_port())],
+                            env=_env(RAY_SERVE_HAPROXY_BINARY_PATH=str(haproxy)), capture_output=True, text=True,
+                            timeout=240)
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert last == ("dyt-export: error: HAProxy, the front door, could not start: Binding [haproxy.cfg:45] for frontend "
+                    "prometheus: cannot bind socket (Address already in use) for [0.0.0.0:1] (--ingress proxy runs "
+                    "without it)"), last
+
+
 def _env(**extra: str) -> dict[str, str]:
     return {**os.environ, **extra, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
                                                                       os.environ.get("PYTHONPATH")]))}

@@ -50,11 +50,18 @@ def run_guarded(body: Callable[[], int], *, debug: bool, prog: str) -> int:
             where = f" writing {e.filename}" if e.filename else ""
             error, message, code = e, f"error: {e.strerror}{where}; free some space and run again", EXIT_BAD_INPUT
         else:
-            error, message, code = e, f"internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", EXIT_INTERNAL
+            error, message, code = e, f"internal error: {type(e).__name__}: {_first_line(e)} (rerun with --debug for the traceback)", EXIT_INTERNAL
     if debug:
         traceback.print_exception(error)
     print(f"{prog}: {message}", file=sys.stderr)
     return code
+
+
+def _first_line(error: BaseException) -> str:
+    """The message's first line that says anything: Ray's errors carry the remote traceback and
+    the runtimes' their C++ frames, which --debug shows."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return (lines[0] + (" [...]" if len(lines) > 1 else ""))[:300] if lines else ""
 
 
 class Parser(argparse.ArgumentParser):

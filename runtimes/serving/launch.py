@@ -72,6 +72,20 @@ def check_resources(config: ServeConfig) -> None:
         raise UserError(f"ort-cuda replicas take one GPU each; this Ray cluster has {gpus:g} for {config.replicas}")
 
 
+def start_serve(host: str, port: int) -> None:
+    """Serve's controller and front door. HAProxy that cannot start (a port taken, a broken
+    binary) fails inside Ray's manager actor with HAProxy's whole output in the message; its
+    first ALERT line is the reason a user needs."""
+    try:
+        serve.start(http_options={"host": host, "port": port}, logging_config=QUIET)
+    except ray.exceptions.RayTaskError as e:
+        alert = next((line.split("[ALERT]", 1)[1].split(" : ", 1)[-1].strip()
+                      for line in str(e).splitlines() if "[ALERT]" in line), None)
+        if alert is None:
+            raise
+        raise UserError(f"HAProxy, the front door, could not start: {alert[:300]} (--ingress proxy runs without it)") from None
+
+
 def _check_http(host: str, port: int) -> None:
     """Serve already running on a cluster keeps its own HTTP options and ignores ours: say so
     instead of printing a URL nobody listens on."""
@@ -127,7 +141,7 @@ def serve_models(config: ServeConfig, facts: list[ModelFacts], *, address: str |
         deployed = False
         try:
             check_resources(config)
-            serve.start(http_options={"host": host, "port": port}, logging_config=QUIET)
+            start_serve(host, port)
             _check_http(host, port)
             deployed = True
             try:
