@@ -127,6 +127,17 @@ def _infer(client: triton.InferenceServerClient, model: str, x: np.ndarray, bina
     return client.infer(model, [tensor], outputs=outputs if model != "failing" else None)
 
 
+def test_the_local_instance_gives_its_front_door_time_to_start(server):
+    """Ray Serve's controller reads how long a new front door may take to be ready from its
+    own environment (a Ray worker's): the local instance's workers have the patient value."""
+    from runtimes.serving.launch import PATIENT_START
+
+    def environment() -> dict[str, str | None]:
+        return {key: os.environ.get(key) for key in PATIENT_START}
+
+    assert ray.get(ray.remote(num_cpus=0)(environment).remote()) == PATIENT_START
+
+
 def test_health_and_model_metadata(server):
     client = server.client()
     assert client.is_server_live() and client.is_server_ready()
@@ -167,28 +178,35 @@ def _spread_images(backend, count: int) -> np.ndarray:
 
 def test_a_batch_mixing_activations_gives_each_image_its_single_image_answer(server):
     """Eight images from the fewest to the most active tokens, batched within one request and
-    across eight concurrent requests (seven or eight of them in one batch): each gets the
-    logits it gets alone (<= 1e-5 of its largest)."""
+    across eight concurrent requests (in at most two batches): each gets the logits it gets
+    alone (<= 1e-5 of its largest). The concurrent ones go to an application of their own
+    whose batches wait 1 s for company: the first batch takes whatever has arrived when it
+    finds the model idle, and the next, formed while that one runs (PIPELINE), would close on
+    the module's 30 ms with whichever requests a busy machine had delivered by then."""
     backend = open_backend("ort-cpu", server.small, threads=1)
     images = _spread_images(backend, 8)
     alone = [backend.run({"pixel_values": image[None]}) for image in images]
-    client = server.client()
 
     def check(logits: np.ndarray, masks: np.ndarray, i: int) -> None:
         assert np.abs(logits - alone[i]["logits"][0]).max() <= 1e-5 * np.abs(alone[i]["logits"]).max()
         assert np.array_equal(masks, alone[i]["token_masks"][0])
 
-    together = _infer(client, "small", images)
+    together = _infer(server.client(), "small", images)
     for i in range(8):
         check(together.as_numpy("logits")[i], together.as_numpy("token_masks")[i], i)
-    for _ in range(5):  # until the requests met in batches: the first to find the model idle runs
-        with ThreadPoolExecutor(8) as pool:  # alone (it does not wait for company), the rest wait for it
-            results = list(pool.map(lambda i: _infer(server.client(), "small", images[i:i + 1]), range(8)))
-        for i, result in enumerate(results):
-            check(result.as_numpy("logits")[0], result.as_numpy("token_masks")[0], i)
-        if sum(r.get_response()["parameters"]["batch_images"] >= 7 for r in results) >= 7:
-            return
-    pytest.fail("eight concurrent requests never ran batched (at most one alone)")
+    config = ServeConfig(models=(ModelSource("small", str(server.small)),), runtime="ort-cpu", replicas=1, threads=1,
+                         max_batch=16, batch_wait_s=1.0)
+    serve.run(build_app(config), name="mix", route_prefix="/mix")
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(lambda i: _infer(triton.InferenceServerClient(f"127.0.0.1:{server.port}/mix"),
+                                                     "small", images[i:i + 1]), range(8)))
+    finally:
+        serve.delete("mix")
+    for i, result in enumerate(results):
+        check(result.as_numpy("logits")[0], result.as_numpy("token_masks")[0], i)
+    sizes = [r.get_response()["parameters"]["batch_images"] for r in results]
+    assert sum(1 / size for size in sizes) <= 2 + 1e-9, sizes  # a batch of n single-image requests adds n * 1/n
 
 
 def _infer_body(x: np.ndarray, datatype: str = "FP32", name: str = "pixel_values") -> tuple[bytes, dict]:
@@ -358,7 +376,7 @@ def test_a_killed_replica_fails_its_requests_and_is_replaced(server, tmp_path):
             statuses = [outcome(future.result) for future in held]
             assert time.monotonic() - killed < 30 and all(status == CLOSED or status >= 500 for status in statuses), statuses
         status, seconds = alone.result()
-        assert status == 200 and seconds < 1.5  # ran at once: the 2 s batch wait is for requests that overlap
+        assert status == 200 and seconds < 2.0  # ran at once: waiting for company would take the 2 s batch wait alone
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             status = outcome(lambda: request(server.port, "POST", path, body, headers, 60))

@@ -58,8 +58,8 @@ def run_guarded(body: Callable[[], int], *, debug: bool, prog: str) -> int:
 
 
 def _first_line(error: BaseException) -> str:
-    """The message's first line that says anything: Ray's errors carry the remote traceback and
-    the runtimes' their C++ frames, which --debug shows."""
+    """The message's first line that says anything: Ray's errors carry the remote traceback
+    after it, which --debug shows with the rest."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return (lines[0] + (" [...]" if len(lines) > 1 else ""))[:300] if lines else ""
 

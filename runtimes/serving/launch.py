@@ -97,12 +97,19 @@ def _check_http(host: str, port: int) -> None:
                         f"pass --host {http.host} --port {http.port}")
 
 
+PATIENT_START = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60"}
+"""Ray Serve kills a front door (proxy or HAProxy manager) that is not ready 5 s after it was
+created, and `serve.start` then fails with ActorDiedError: on a machine whose cores are busy
+a new Ray worker can take that long just to import Serve (seen with the serving tests beside
+two busy cores, which pass with 60 s)."""
+
+
 @contextlib.contextmanager
 def local_ray(ingress: str, num_cpus: int | None = None) -> Iterator[None]:
     """A Ray instance of this process with `ingress` in front (and `num_cpus` CPUs to place
     replicas on, default this machine's), shut down at the end."""
     with tempfile.TemporaryDirectory(prefix="dyt-serve-") as workdir:
-        environment = ingress_environment(ingress, Path(workdir))
+        environment = {**PATIENT_START, **ingress_environment(ingress, Path(workdir))}
         saved = {key: os.environ.get(key) for key in environment}
         os.environ.update(environment)  # read by the processes Ray starts
         try:
