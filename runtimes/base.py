@@ -18,6 +18,7 @@ from typing import Any, ClassVar, Mapping
 
 import numpy as np
 
+from dyt_export import errors
 from dyt_export.errors import RuntimeFailed, UserError
 from dyt_export.files import external_data_problem
 
@@ -122,9 +123,7 @@ def first_line(error: BaseException) -> str:
     """The cause in one line. Runtimes raise multi-line messages: OpenVINO's start with one
     C++ frame line per call level and state the cause only after them, so the first line
     that is neither empty nor a frame is the one a user needs."""
-    lines = (line.strip() for line in str(error).splitlines())
-    cause = next((line for line in lines if line and not _FRAME.match(line)), "")
-    return cause[:300] or type(error).__name__
+    return errors.first_line(error, _FRAME) or type(error).__name__
 
 
 class Backend(abc.ABC):

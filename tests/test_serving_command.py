@@ -144,7 +144,6 @@ def _binary_infer(port: int, x: np.ndarray) -> tuple[int, np.ndarray | None]:
     return status, result.as_numpy("logits")
 
 
-@pytest.mark.slow
 def test_spare_ports_skip_a_taken_port_and_stay_out_of_the_ports_ray_picks(monkeypatch):
     import runtimes.serving.ingress as ingress
 
@@ -162,6 +161,7 @@ def test_spare_ports_skip_a_taken_port_and_stay_out_of_the_ports_ray_picks(monke
     assert not set(ingress.SPARE_PORTS) & (set(range(low, high + 1)) | set(replicas))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ingress, runtime", [("proxy", "ort-cpu"), (None, "openvino")], ids=["proxy", "default"])
 def test_serve_starts_ray_itself_and_sigterm_lets_requests_in_flight_finish(model, tmp_path, ingress, runtime):
     """The command alone, with either front door (Ray's proxy, and HAProxy by default) and

@@ -16,7 +16,7 @@ from typing import Any, Callable, NoReturn
 
 from ..atomic import FULL_DISK
 from ..config import DyTConfig
-from ..errors import RuntimeFailed, UserError
+from ..errors import RuntimeFailed, UserError, first_line
 
 EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT, EXIT_PARITY, EXIT_RUNTIME_FAILURE = 0, 1, 2, 3, 4
 EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 130, 141
@@ -50,18 +50,12 @@ def run_guarded(body: Callable[[], int], *, debug: bool, prog: str) -> int:
             where = f" writing {e.filename}" if e.filename else ""
             error, message, code = e, f"error: {e.strerror}{where}; free some space and run again", EXIT_BAD_INPUT
         else:
-            error, message, code = e, f"internal error: {type(e).__name__}: {_first_line(e)} (rerun with --debug for the traceback)", EXIT_INTERNAL
+            more = " [...]" if len(str(e).strip().splitlines()) > 1 else ""  # --debug shows the rest
+            error, message, code = e, f"internal error: {type(e).__name__}: {first_line(e)}{more} (rerun with --debug for the traceback)", EXIT_INTERNAL
     if debug:
         traceback.print_exception(error)
     print(f"{prog}: {message}", file=sys.stderr)
     return code
-
-
-def _first_line(error: BaseException) -> str:
-    """The message's first line that says anything: Ray's errors carry the remote traceback
-    after it, which --debug shows with the rest."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return (lines[0] + (" [...]" if len(lines) > 1 else ""))[:300] if lines else ""
 
 
 class Parser(argparse.ArgumentParser):

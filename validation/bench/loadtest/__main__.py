@@ -113,9 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         from ray import serve
 
         from runtimes import get_backend
-        from runtimes.serving.app import QUIET
         from runtimes.serving.ingress import INGRESSES, spare_port
-        from runtimes.serving.launch import local_ray
+        from runtimes.serving.launch import local_ray, start_serve
         from validation.machine import machine_info
 
         for runtime in args.runtimes:
@@ -133,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         for ingress in INGRESSES:
             port = spare_port()
             with local_ray(ingress):
-                serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config=QUIET)
+                start_serve("127.0.0.1", port)
                 points += [point for t in settings for w in workloads for rt in args.runtimes
                            for point in served(w, rt, t, rows[w.name, rt, t], port, ingress)]
                 serve.shutdown()
